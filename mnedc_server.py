@@ -1,0 +1,1429 @@
+#!/usr/bin/env python3
+"""MNEDC relay server: one device in the main NAT that every MNEDC client connects to.
+
+Each client keeps one TCP connection here, proves it knows the network secret, and gets a
+sticky virtual IP from the subnet (the same one on every reconnect, also after a restart).
+The server routes every IP packet it receives to the client that owns the destination
+address. With a TUN interface of its own the server's host joins as the subnet's .1.
+
+Configuration: an INI file with a [server] section (-c), then command-line flags.
+  listen      HOST:PORT to accept clients on            (default 0.0.0.0:3334)
+  subnet      virtual network, /16 to /29               (default 10.0.0.0/24)
+  secret      the network secret, or secret_file = PATH (default: generated in state_dir)
+  tun         yes, no or auto: join as .1 through TUN   (default auto)
+  interface   TUN interface name                        (default mnedc0)
+  mtu         TUN interface MTU                         (default 1500)
+  state_dir   where leases.json and the secret live     (default /var/lib/mnedc)
+  keepalive   seconds without a frame before a client is presumed dead (default 30)
+"""
+
+import argparse
+import configparser
+import errno
+import fcntl
+import heapq
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+# hashlib, hmac and struct are imported by the wire protocol block below.
+
+DEFAULT_PORT = 3334
+DEFAULT_LISTEN = "0.0.0.0:%d" % DEFAULT_PORT
+DEFAULT_SUBNET = "10.0.0.0/24"
+DEFAULT_STATE_DIR = "/var/lib/mnedc"
+DEFAULT_INTERFACE = "mnedc0"
+DEFAULT_MTU = 1500
+DEFAULT_KEEPALIVE_S = 30
+HANDSHAKE_TIMEOUT_S = 10
+CLOSING_LINGER_S = 2            # how long a refused peer gets to read our ERROR frame
+RECV_BYTES = 256 * 1024
+ACCEPTS_PER_WAKEUP = 64
+TUN_PACKETS_PER_WAKEUP = 64
+MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
+LEASE_SAVE_INTERVAL_S = 60
+LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
+
+
+# ==== BEGIN MNEDC WIRE PROTOCOL ====
+# This block is byte-identical in mnedc_server.py and mnedc_client.py (tests/test_shared_blocks.py
+# proves it). Pure code: no sockets, no logging, no globals that change.
+#
+# A relay connection is one TCP stream of frames, each a 4-byte header and a payload:
+#
+#     0       2       3       4
+#     +-------+-------+-------+--------------------------+
+#     |length | type  | flags | payload (length bytes)   |
+#     +-------+-------+-------+--------------------------+
+#     length: payload bytes, u16 big-endian; flags: 0 (reserved)
+#
+# Handshake (client C, server S, network secret K, fresh 16-byte nonces Nc and Ns):
+#     C -> S  HELLO      "MNEDC", version, Nc, device_id
+#     S -> C  CHALLENGE  version, Ns, HMAC-SHA256(K, "mnedc server" | Nc | Ns | device_id)
+#     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
+#     S -> C  WELCOME    virtual address, prefix length, the server's virtual address
+# Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
+# Instead of the next step either side may send ERROR (code, text) and close.
+# After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# The header, the first 7 bytes of HELLO and the ERROR layout never change between versions, so
+# any two versions can tell each other why they refuse.
+
+import hashlib                      # the block imports what it uses, so it runs on its own
+import hmac
+import struct
+
+PROTOCOL_VERSION = 1
+HELLO_MAGIC = b"MNEDC"
+
+FRAME_HEADER = struct.Struct("!HBB")
+MAX_PAYLOAD_BYTES = 65535
+HANDSHAKE_MAX_PAYLOAD_BYTES = 512
+
+FRAME_HELLO = 1
+FRAME_CHALLENGE = 2
+FRAME_AUTH = 3
+FRAME_WELCOME = 4
+FRAME_ERROR = 5
+FRAME_PACKET = 6
+FRAME_PING = 7
+FRAME_PONG = 8
+FRAME_NAMES = {
+    FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
+    FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
+    FRAME_PING: "PING", FRAME_PONG: "PONG",
+}
+
+ERROR_VERSION = 1
+ERROR_AUTH = 2
+ERROR_POOL_FULL = 3
+ERROR_REPLACED = 4
+ERROR_PROTOCOL = 5
+ERROR_SHUTDOWN = 6
+ERROR_TIMEOUT = 7
+ERROR_NAMES = {
+    ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
+    ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
+    ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
+    ERROR_TIMEOUT: "timeout",
+}
+
+NONCE_BYTES = 16
+MAC_BYTES = 32
+MAX_DEVICE_ID_BYTES = 64
+MAX_ERROR_TEXT_BYTES = 400
+MAX_PING_BYTES = 64
+DEVICE_ID_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
+
+HELLO = struct.Struct("!5sHH16sB")       # magic, version, reserved, nonce, device_id length
+CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
+AUTH = struct.Struct("!32s")             # client proof
+WELCOME = struct.Struct("!4sB4s")        # virtual address, prefix length, server virtual address
+ERROR = struct.Struct("!B")              # code, then UTF-8 text
+
+
+class ProtocolError(Exception):
+    """The peer sent something the protocol does not allow: close that connection."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version; peer_version says which."""
+
+    def __init__(self, peer_version):
+        ProtocolError.__init__(
+            self, "protocol version mismatch: peer speaks version %d, this side speaks "
+                  "version %d (update mnedc_server.py and mnedc_client.py together)"
+                  % (peer_version, PROTOCOL_VERSION))
+        self.peer_version = peer_version
+
+
+def encode_frame(frame_type, payload=b""):
+    """One frame as bytes; raises ValueError for a payload the header cannot describe."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD_BYTES))
+    return FRAME_HEADER.pack(len(payload), frame_type, 0) + payload
+
+
+class FrameReader:
+    """Cuts a TCP byte stream into frames, however recv() happened to split it.
+
+    feed() whatever arrived, then take_frames() for the complete ones as (type, payload).
+    max_payload starts at the handshake limit: nobody unauthenticated can make us buffer 64 KB.
+    """
+
+    def __init__(self, max_payload=HANDSHAKE_MAX_PAYLOAD_BYTES):
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+
+    def feed(self, data):
+        self._buffer += data
+
+    def buffered_bytes(self):
+        return len(self._buffer)
+
+    def take_frames(self, limit=1000):
+        """Complete frames in arrival order (at most limit); raises ProtocolError on a bad header."""
+        buffer, offset, frames = self._buffer, 0, []
+        header_size = FRAME_HEADER.size
+        while len(buffer) - offset >= header_size and len(frames) < limit:
+            length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
+            if length > self.max_payload:
+                raise ProtocolError("frame of %d bytes exceeds the limit of %d"
+                                    % (length, self.max_payload))
+            if flags:
+                raise ProtocolError("frame flags 0x%02x are reserved" % flags)
+            end = offset + header_size + length
+            if end > len(buffer):
+                break
+            frames.append((frame_type, bytes(buffer[offset + header_size:end])))
+            offset = end
+        del buffer[:offset]
+        return frames
+
+
+def check_device_id(device_id):
+    """The device_id itself if it is usable on the wire, in logs and in file names; else ValueError."""
+    if not 1 <= len(device_id) <= MAX_DEVICE_ID_BYTES:
+        raise ValueError("device_id must be 1 to %d characters" % MAX_DEVICE_ID_BYTES)
+    if not set(device_id) <= DEVICE_ID_CHARS:
+        raise ValueError("device_id %r may only hold letters, digits and . _ - : @" % device_id)
+    return device_id
+
+
+def encode_hello(nonce, device_id):
+    raw_id = check_device_id(device_id).encode("ascii")
+    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, nonce, len(raw_id)) + raw_id
+
+
+def decode_hello(payload):
+    """(client nonce, device_id); VersionMismatch for another version, ProtocolError for junk."""
+    if len(payload) < 7 or payload[:5] != HELLO_MAGIC:
+        raise ProtocolError("not an MNEDC client (bad HELLO magic)")
+    version = struct.unpack_from("!H", payload, 5)[0]
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(version)
+    if len(payload) < HELLO.size:
+        raise ProtocolError("HELLO of %d bytes is truncated" % len(payload))
+    _, _, _, nonce, id_length = HELLO.unpack_from(payload)
+    raw_id = payload[HELLO.size:]
+    if len(raw_id) != id_length:
+        raise ProtocolError("HELLO device_id length %d does not match its %d bytes"
+                            % (id_length, len(raw_id)))
+    try:
+        return nonce, check_device_id(raw_id.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ProtocolError("bad device_id in HELLO: %s" % error)
+
+
+def server_proof(secret, client_nonce, server_nonce, device_id):
+    message = b"mnedc server" + client_nonce + server_nonce + device_id.encode("ascii")
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def client_proof(secret, client_nonce, server_nonce, device_id):
+    message = b"mnedc client" + server_nonce + client_nonce + device_id.encode("ascii")
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def encode_challenge(server_nonce, proof):
+    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce, proof)
+
+
+def decode_challenge(payload):
+    """(server nonce, server proof)."""
+    if len(payload) >= 2 and struct.unpack_from("!H", payload)[0] != PROTOCOL_VERSION:
+        raise VersionMismatch(struct.unpack_from("!H", payload)[0])
+    if len(payload) != CHALLENGE.size:
+        raise ProtocolError("CHALLENGE of %d bytes, expected %d" % (len(payload), CHALLENGE.size))
+    _, server_nonce, proof = CHALLENGE.unpack(payload)
+    return server_nonce, proof
+
+
+def decode_auth(payload):
+    if len(payload) != AUTH.size:
+        raise ProtocolError("AUTH of %d bytes, expected %d" % (len(payload), AUTH.size))
+    return payload
+
+
+def encode_welcome(address, prefix_length, server_address):
+    """Addresses are 4 packed bytes (socket.inet_aton)."""
+    return WELCOME.pack(address, prefix_length, server_address)
+
+
+def decode_welcome(payload):
+    """(address, prefix length, server address), addresses as 4 packed bytes."""
+    if len(payload) != WELCOME.size:
+        raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size))
+    address, prefix_length, server_address = WELCOME.unpack(payload)
+    if not 1 <= prefix_length <= 30:
+        raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
+    return address, prefix_length, server_address
+
+
+def encode_error(code, text):
+    return ERROR.pack(code) + text.encode("utf-8")[:MAX_ERROR_TEXT_BYTES]
+
+
+def decode_error(payload):
+    """(code, text); never fails on odd text, since it only goes into a log line."""
+    if len(payload) < ERROR.size:
+        raise ProtocolError("empty ERROR frame")
+    text = payload[ERROR.size:ERROR.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
+    return payload[0], "".join(c if c.isprintable() else "?" for c in text)
+
+
+def check_ping(payload):
+    if len(payload) > MAX_PING_BYTES:
+        raise ProtocolError("PING/PONG of %d bytes exceeds %d" % (len(payload), MAX_PING_BYTES))
+    return payload
+
+
+def ipv4_problem(packet):
+    """Why packet is not a well-formed IPv4 packet, or None when it is."""
+    if len(packet) < 20:
+        return "packet of %d bytes is too short for IPv4" % len(packet)
+    if packet[0] >> 4 != 4:
+        return "not an IPv4 packet (version %d)" % (packet[0] >> 4)
+    if (packet[0] & 0x0F) < 5:
+        return "IPv4 header length %d is too short" % (packet[0] & 0x0F)
+    total_length = (packet[2] << 8) | packet[3]
+    if total_length != len(packet):
+        return "IPv4 total length %d but %d bytes arrived" % (total_length, len(packet))
+    return None
+# ==== END MNEDC WIRE PROTOCOL ====
+
+
+# ==== STATE ====
+
+def parse_subnet(text):
+    """(network as int, prefix length) from 'A.B.C.D/N'; ValueError says what is wrong."""
+    try:
+        address, prefix_text = text.strip().split("/")
+        network = struct.unpack("!I", socket.inet_aton(address))[0]
+        prefix_length = int(prefix_text)
+    except (ValueError, OSError):
+        raise ValueError("%r is not a subnet like 10.0.0.0/24" % text)
+    if address.count(".") != 3 or not 16 <= prefix_length <= 29:
+        raise ValueError("%r: the prefix must be from /16 to /29" % text)
+    host_bits = (1 << (32 - prefix_length)) - 1
+    if network & host_bits:
+        fixed = socket.inet_ntoa(struct.pack("!I", network & ~host_bits & 0xFFFFFFFF))
+        raise ValueError("%r has host bits set; did you mean %s/%d?" % (text, fixed, prefix_length))
+    return network, prefix_length
+
+
+def packed_address(number):
+    return struct.pack("!I", number)
+
+
+class PoolExhausted(Exception):
+    """Every client address of the subnet is leased to a device that may come back."""
+
+
+class LeaseTable:
+    """Sticky virtual addresses: device_id -> address, kept in state_dir/leases.json.
+
+    The subnet's first address is the server's; clients get the rest but the broadcast
+    address. A new lease is written to disk before it is handed out, so a device keeps its
+    address across a server crash.
+    """
+
+    def __init__(self, subnet, path, log):
+        self.network, self.prefix_length = subnet
+        self.path = path
+        self.log = log
+        self.server_address = packed_address(self.network + 1)
+        self.first_host = self.network + 2
+        self.last_host = self.network + (1 << (32 - self.prefix_length)) - 2
+        self.leases = {}            # device_id -> {"address": "a.b.c.d", "last_seen": epoch s}
+        self.owner_of = {}          # packed address -> device_id
+        self.dirty = False
+
+    def subnet_text(self):
+        return "%s/%d" % (ipv4_text(packed_address(self.network)), self.prefix_length)
+
+    def capacity(self):
+        return self.last_host - self.first_host + 1
+
+    def load(self):
+        """Read the lease file; a corrupt one is kept aside and reported, never fatal."""
+        try:
+            with open(self.path) as source:
+                stored = json.load(source)
+            entries = stored["leases"].items()
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+            aside = "%s.corrupt-%d" % (self.path, time.time())
+            self.log.error("lease file %s is unreadable (%s); moved it to %s and starting empty"
+                           % (self.path, error, aside))
+            os.replace(self.path, aside)
+            return
+        for device_id, lease in entries:
+            self._restore(device_id, lease)
+
+    def _restore(self, device_id, lease):
+        try:
+            packed = socket.inet_aton(lease["address"])
+            check_device_id(device_id)
+            last_seen = float(lease.get("last_seen", 0))
+        except (OSError, ValueError, TypeError, KeyError):
+            self.log.warning("ignoring malformed lease for %r" % device_id)
+            return
+        number = struct.unpack("!I", packed)[0]
+        if not self.first_host <= number <= self.last_host or packed in self.owner_of:
+            self.log.warning("dropping lease %s -> %s: outside %s or taken"
+                             % (device_id, lease["address"], self.subnet_text()))
+            return
+        self.leases[device_id] = {"address": lease["address"], "last_seen": last_seen}
+        self.owner_of[packed] = device_id
+
+    def save(self):
+        """Write the table atomically: a crash leaves the old file or the new one, never half."""
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as sink:
+            json.dump({"subnet": self.subnet_text(), "leases": self.leases}, sink, indent=1,
+                      sort_keys=True)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.dirty = False
+
+    def lease_for(self, device_id, online, now):
+        """The packed address of device_id, allocating and saving one if it has none.
+
+        online: device_ids connected now, whose addresses are never reclaimed.
+        """
+        lease = self.leases.get(device_id)
+        if lease is None:
+            number = self._free_address(online, now)
+            lease = {"address": ipv4_text(packed_address(number)), "last_seen": now}
+            self.leases[device_id] = lease
+            self.owner_of[packed_address(number)] = device_id
+            self.save()
+        return socket.inet_aton(lease["address"])
+
+    def touch(self, device_id, now):
+        if device_id in self.leases:
+            self.leases[device_id]["last_seen"] = now
+            self.dirty = True
+
+    def _free_address(self, online, now):
+        for number in range(self.first_host, self.last_host + 1):
+            if packed_address(number) not in self.owner_of:
+                return number
+        stale = [(lease["last_seen"], device_id) for device_id, lease in self.leases.items()
+                 if device_id not in online and now - lease["last_seen"] > LEASE_RECLAIM_AFTER_S]
+        if not stale:
+            raise PoolExhausted("address pool %s is full: all %d client addresses are leased"
+                                % (self.subnet_text(), self.capacity()))
+        _, evicted = min(stale)
+        packed = socket.inet_aton(self.leases.pop(evicted)["address"])
+        del self.owner_of[packed]
+        self.log.info("reclaimed %s from %s, offline for more than %d days"
+                      % (ipv4_text(packed), evicted, LEASE_RECLAIM_AFTER_S // 86400))
+        return struct.unpack("!I", packed)[0]
+
+
+class RouteTable:
+    """Which member of the virtual network owns which address: clients and the server's TUN."""
+
+    def __init__(self):
+        self.by_address = {}        # packed address -> member
+        self.by_device = {}         # device_id -> member
+
+    def add(self, member):
+        self.by_address[member.address] = member
+        self.by_device[member.device_id] = member
+
+    def remove(self, member):
+        """Forget member, unless a newer member already took its address or device_id."""
+        if self.by_address.get(member.address) is member:
+            del self.by_address[member.address]
+        if self.by_device.get(member.device_id) is member:
+            del self.by_device[member.device_id]
+
+    def decide(self, packet, sender):
+        """(member to deliver to, None) or (None, drop reason) for a well-formed IPv4 packet."""
+        source, destination = packet[12:16], packet[16:20]
+        if source != sender.address:
+            return None, "spoofed source"
+        target = self.by_address.get(destination)
+        if target is None:
+            return None, "unknown destination"
+        return target, None
+
+
+# ==== CONNECTIONS ====
+#
+# A client connection moves through these stages:
+#
+#   stage        waits for         then
+#   hello        HELLO             send CHALLENGE                         -> auth
+#   auth         AUTH              check proof, lease, send WELCOME       -> established
+#   established  PACKET/PING/...   route packets, answer pings
+#   closing      EOF or 2 s        after ERROR: let the peer read it      -> closed
+#
+# A handshake that takes longer than HANDSHAKE_TIMEOUT_S is refused with ERROR timeout.
+
+class RelayListener:
+    """The listening TCP socket: hands each accepted socket to the server."""
+
+    def __init__(self, server, sock):
+        self.server = server
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:        # EMFILE and friends: log, keep listening
+                self.server.log.limited("accept", "error", "accept failed: %s" % describe_error(error))
+                return
+            self.server.accept(sock, address)
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        self.server.log.info("stopped listening: %s" % reason)
+        self.server.loop.forget(self)
+        self.sock.close()
+
+    def __repr__(self):
+        return "RelayListener(%s:%d)" % self.sock.getsockname()[:2]
+
+
+class ClientConnection:
+    """One client's TCP connection, from HELLO to close; routes what it receives."""
+
+    def __init__(self, server, sock, remote):
+        self.server = server
+        self.sock = sock
+        self.remote = "%s:%d" % remote[:2]
+        self.stage = "hello"
+        self.device_id = None
+        self.address = None
+        self.reader = FrameReader()
+        self.out = bytearray()
+        self.client_nonce = self.server_nonce = None
+        now = time.monotonic()
+        self.deadline = now + HANDSHAKE_TIMEOUT_S
+        self.last_received = self.last_ping = now
+        self.closing_reason = None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
+
+    def name(self):
+        if self.address is not None:
+            return "device %s (%s)" % (self.device_id, ipv4_text(self.address))
+        if self.device_id is not None:
+            return "device %s from %s" % (self.device_id, self.remote)
+        return "connection from %s" % self.remote
+
+    # -- receiving, in the order a frame travels --
+
+    def on_readable(self):
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            self.close("closed by peer" if self.stage != "closing" else self.closing_reason)
+            return
+        if self.stage == "closing":
+            return                  # the peer's last words after our ERROR: ignored
+        self.last_received = time.monotonic()
+        self.reader.feed(data)
+        try:
+            for frame_type, payload in self.reader.take_frames():
+                HANDLERS[self.stage].get(frame_type, ClientConnection.on_unexpected)(self, frame_type, payload)
+                if self.stage in ("closing", "closed"):
+                    return
+        except VersionMismatch as error:
+            self.refuse(ERROR_VERSION, str(error))
+        except ProtocolError as error:
+            self.refuse(ERROR_PROTOCOL, str(error))
+
+    def on_unexpected(self, frame_type, payload):
+        name = FRAME_NAMES.get(frame_type, "unknown frame type %d" % frame_type)
+        if self.stage == "established":
+            raise ProtocolError("%s is not allowed after the handshake" % name)
+        raise ProtocolError("%s before the handshake finished" % name)
+
+    def on_hello(self, frame_type, payload):
+        self.client_nonce, self.device_id = decode_hello(payload)
+        self.server_nonce = os.urandom(NONCE_BYTES)
+        proof = server_proof(self.server.secret, self.client_nonce, self.server_nonce, self.device_id)
+        self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, proof))
+        self.stage = "auth"
+
+    def on_auth(self, frame_type, payload):
+        expected = client_proof(self.server.secret, self.client_nonce, self.server_nonce, self.device_id)
+        if not hmac.compare_digest(decode_auth(payload), expected):
+            self.refuse(ERROR_AUTH, "wrong secret for this network (device %s)" % self.device_id)
+            return
+        try:
+            self.address = self.server.admit(self)
+        except PoolExhausted as error:
+            self.refuse(ERROR_POOL_FULL, str(error))
+            return
+        self.reader.max_payload = MAX_PAYLOAD_BYTES
+        self.stage = "established"
+        self.send_frame(FRAME_WELCOME, encode_welcome(
+            self.address, self.server.leases.prefix_length, self.server.leases.server_address))
+
+    def on_packet(self, frame_type, payload):
+        problem = ipv4_problem(payload)
+        if problem:
+            raise ProtocolError(problem)
+        self.server.route_packet(payload, self)
+
+    def on_ping(self, frame_type, payload):
+        self.send_frame(FRAME_PONG, check_ping(payload))
+
+    def on_pong(self, frame_type, payload):
+        check_ping(payload)
+
+    def on_error(self, frame_type, payload):
+        code, text = decode_error(payload)
+        self.close("peer reported %s: %s" % (ERROR_NAMES.get(code, "error %d" % code), text))
+
+    # -- sending --
+
+    def send_packet(self, packet):
+        """Queue one packet for this client; drop it (as a router would) above the queue cap."""
+        if self.stage != "established":
+            self.server.count_drop("destination not ready", self, packet, "for")
+        elif len(self.out) > self.server.max_queue_bytes:
+            self.server.count_drop("queue full", self, packet, "for")
+        else:
+            self.send_frame(FRAME_PACKET, packet)
+
+    def send_frame(self, frame_type, payload):
+        """Send at once; queue only what the kernel did not take. Failures close self only."""
+        frame = encode_frame(frame_type, payload)
+        if not self.out:
+            try:
+                sent = self.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self.close(describe_error(error))
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self.out += frame
+        self.server.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def on_writable(self):
+        if self.out:
+            sent = self.sock.send(self.out)
+            del self.out[:sent]
+        if not self.out:
+            self.server.loop.set_interest(self, selectors.EVENT_READ)
+            if self.stage == "closing":
+                self.sock.shutdown(socket.SHUT_WR)
+
+    # -- ending --
+
+    def refuse(self, code, text):
+        """Tell the peer why in an ERROR frame, then close once it had a chance to read it."""
+        if self.stage in ("closing", "closed"):
+            return
+        reason = "%s: %s" % (ERROR_NAMES[code], text)
+        self.server.log.warning("refusing %s: %s" % (self.name(), reason))
+        self.send_frame(FRAME_ERROR, encode_error(code, text))
+        if self.stage == "closed":
+            return
+        self.server.withdraw(self)
+        self.stage, self.closing_reason = "closing", reason
+        self.deadline = time.monotonic() + CLOSING_LINGER_S
+        if not self.out:
+            self.on_writable()
+
+    def check_timers(self, now):
+        if self.stage in ("hello", "auth") and now > self.deadline:
+            self.refuse(ERROR_TIMEOUT, "handshake not completed within %d s" % HANDSHAKE_TIMEOUT_S)
+        elif self.stage == "closing" and now > self.deadline:
+            self.close(self.closing_reason)
+        elif self.stage == "established":
+            keepalive = self.server.keepalive_s
+            if now - self.last_received > keepalive:
+                self.close("no frame for %d s: peer presumed dead" % keepalive)
+            elif now - self.last_ping >= keepalive / 3.0:
+                self.last_ping = now
+                self.send_frame(FRAME_PING, struct.pack("!d", now))
+
+    def close(self, reason):
+        """Never raises; safe to call twice."""
+        if self.stage == "closed":
+            return
+        was_established = self.stage == "established"
+        self.stage = "closed"
+        self.server.withdraw(self)
+        self.server.connections.discard(self)
+        try:
+            self.server.loop.forget(self)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+        if was_established:
+            self.server.log.info("%s left: %s" % (self.name(), reason))
+        else:
+            self.server.log.info("%s closed: %s" % (self.name(), reason))
+
+
+HANDLERS = {
+    "hello": {FRAME_HELLO: ClientConnection.on_hello},
+    "auth": {FRAME_AUTH: ClientConnection.on_auth, FRAME_ERROR: ClientConnection.on_error},
+    "established": {
+        FRAME_PACKET: ClientConnection.on_packet, FRAME_PING: ClientConnection.on_ping,
+        FRAME_PONG: ClientConnection.on_pong, FRAME_ERROR: ClientConnection.on_error,
+    },
+}
+
+
+class ServerTun:
+    """The server host's own TUN interface: makes this host the subnet's .1 member."""
+
+    def __init__(self, server, fd, interface):
+        self.server = server
+        self.fd = fd
+        self.interface = interface
+        self.device_id = "(server)"
+        self.address = server.leases.server_address
+        self.closed = False
+
+    def fileno(self):
+        return self.fd
+
+    def __repr__(self):
+        return "ServerTun(%s)" % self.interface
+
+    def name(self):
+        return "server interface %s" % self.interface
+
+    def on_readable(self):
+        for _ in range(TUN_PACKETS_PER_WAKEUP):
+            try:
+                packet = os.read(self.fd, TUN_READ_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            if ipv4_problem(packet):
+                self.server.count_drop("not IPv4", self, packet)
+            else:
+                self.server.route_packet(packet, self)
+
+    def send_packet(self, packet):
+        try:
+            os.write(self.fd, packet)
+        except OSError:
+            self.server.count_drop("TUN write failed", self, packet, "for")
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        """Closing the fd removes the interface. Never raises; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server.routes.remove(self)
+        self.server.loop.forget(self)
+        os.close(self.fd)
+        self.server.log.info("removed interface %s: %s" % (self.interface, reason))
+
+
+# ==== THE RELAY ====
+
+class RelayServer:
+    """Owns the listener, the clients, the leases and the routes."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.loop = EventLoop(log)
+        self.secret = config.secret
+        self.keepalive_s = config.keepalive
+        self.max_queue_bytes = MAX_QUEUE_BYTES
+        self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
+        self.routes = RouteTable()
+        self.connections = set()
+        self.drops = {}
+        self.listener = self.tun = None
+        self.last_lease_save = time.monotonic()
+
+    def start(self):
+        """Load leases, bind, open TUN; raises OSError with a clear message if it cannot."""
+        self.leases.load()
+        self.log.info("subnet %s: %d client addresses, %d leased"
+                      % (self.leases.subnet_text(), self.leases.capacity(), len(self.leases.leases)))
+        self.listener = RelayListener(self, self._bind(self.config.listen))
+        self.loop.set_interest(self.listener, selectors.EVENT_READ)
+        host, port = self.listener.sock.getsockname()[:2]
+        self.log.info("listening on %s:%d" % (host, port))
+        if self.config.tun != "no":
+            self._open_tun()
+        self.loop.call_every(1.0, self.tick)
+        self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self.on_stop_signal)
+
+    def _bind(self, listen):
+        host, port = listen
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            sock.close()
+            raise OSError(error.errno, "cannot listen on %s:%d: %s" % (host, port, describe_error(error)))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    def _open_tun(self):
+        address = ipv4_text(self.leases.server_address)
+        try:
+            fd, interface = open_tun(self.config.interface)
+        except OSError as error:
+            if self.config.tun == "yes":
+                raise OSError(error.errno, "cannot create TUN interface %s: %s (run as root with "
+                              "/dev/net/tun, or set tun = no)" % (self.config.interface,
+                                                                  describe_error(error)))
+            self.log.warning("no TUN interface (%s): this host is not reachable as %s"
+                             % (describe_error(error), address))
+            return
+        self.tun = ServerTun(self, fd, interface)
+        try:
+            configure_interface(interface, address, self.leases.prefix_length, self.config.mtu, self.log)
+        except OSError:
+            self.tun.close("configuration failed")
+            raise
+        self.routes.add(self.tun)
+        self.loop.set_interest(self.tun, selectors.EVENT_READ)
+        self.log.info("this host is %s/%d on interface %s" % (address, self.leases.prefix_length, interface))
+
+    def run(self):
+        self.loop.run()
+
+    # -- membership --
+
+    def accept(self, sock, remote):
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        connection = ClientConnection(self, sock, remote)
+        self.connections.add(connection)
+        self.loop.set_interest(connection, selectors.EVENT_READ)
+        self.log.debug("accepted connection from %s" % connection.remote)
+
+    def admit(self, connection):
+        """The packed address of an authenticated connection, which now owns it."""
+        device_id = connection.device_id
+        now = time.time()
+        online = set(self.routes.by_device)
+        address = self.leases.lease_for(device_id, online, now)
+        self.leases.touch(device_id, now)
+        previous = self.routes.by_device.get(device_id)
+        connection.address = address
+        if previous is not None:
+            self.log.info("device %s reconnected from %s; closing its old connection from %s"
+                          % (device_id, connection.remote, previous.remote))
+            previous.refuse(ERROR_REPLACED, "replaced by a new connection for %s from %s"
+                            % (device_id, connection.remote))
+        self.routes.add(connection)
+        self.log.info("device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
+        return address
+
+    def withdraw(self, connection):
+        """Stop routing to connection (it is closing); safe to call twice."""
+        if connection.address is None:
+            return
+        if self.routes.by_device.get(connection.device_id) is connection:
+            self.leases.touch(connection.device_id, time.time())
+        self.routes.remove(connection)
+
+    # -- the data path --
+
+    def route_packet(self, packet, sender):
+        target, reason = self.routes.decide(packet, sender)
+        if target is None:
+            self.count_drop(reason, sender, packet)
+        else:
+            target.send_packet(packet)
+
+    def count_drop(self, reason, member, packet, direction="from"):
+        """Count a dropped packet; log it, rate-limited per reason and member."""
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        detail = ""
+        if len(packet) >= 20:
+            detail = " %s -> %s" % (ipv4_text(packet[12:16]), ipv4_text(packet[16:20]))
+        self.log.limited(("drop", reason, member.device_id), "info",
+                         "dropped packet %s %s: %s%s (%d dropped for this reason so far)"
+                         % (direction, member.name(), reason, detail, self.drops[reason]))
+
+    # -- housekeeping --
+
+    def tick(self):
+        now = time.monotonic()
+        for connection in list(self.connections):
+            connection.check_timers(now)
+        if self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S:
+            self.save_leases()
+
+    def save_leases(self):
+        self.last_lease_save = time.monotonic()
+        try:
+            self.leases.save()
+        except OSError as error:
+            self.log.error("cannot save leases to %s: %s" % (self.leases.path, describe_error(error)))
+
+    def on_stop_signal(self, signum):
+        self.log.info("received %s: shutting down" % signal.Signals(signum).name)
+        for connection in list(self.connections):
+            if connection.stage == "established":
+                connection.send_frame(FRAME_ERROR, encode_error(ERROR_SHUTDOWN, "the relay is restarting"))
+            connection.close("server shutting down")
+        if self.tun is not None:
+            self.tun.close("server shutting down")
+        self.listener.close("server shutting down")
+        self.save_leases()
+        self.loop.stop()
+
+
+# ==== BEGIN MNEDC RUNTIME ====
+# The log, the event loop and the TUN glue. Byte-identical in both scripts, like the wire
+# protocol block, because each script is copied alone onto a board.
+
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LOG_REPEAT_WINDOW_S = 60.0
+
+
+class Log:
+    """Timestamped lines on stderr; limited() keeps a flapping peer from flooding a board's flash."""
+
+    def __init__(self, level="info", stream=None):
+        self.threshold = LOG_LEVELS[level]
+        self.stream = stream or sys.stderr
+        self._windows = {}          # key -> [window start, lines suppressed]
+
+    def write(self, level, message):
+        if LOG_LEVELS[level] < self.threshold:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            self.stream.write("%s %s %s\n" % (stamp, level.upper(), message))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass                    # a closed stderr must not take the relay down
+
+    def debug(self, message):
+        self.write("debug", message)
+
+    def info(self, message):
+        self.write("info", message)
+
+    def warning(self, message):
+        self.write("warning", message)
+
+    def error(self, message):
+        self.write("error", message)
+
+    def limited(self, key, level, message):
+        """Log message at most once per window per key; the next line says how many were held back."""
+        now = time.monotonic()
+        window = self._windows.get(key)
+        if window is not None and now - window[0] < LOG_REPEAT_WINDOW_S:
+            window[1] += 1
+            return
+        if window is not None and window[1]:
+            message += " (%d more in the last %d s)" % (window[1], now - window[0])
+        self._windows[key] = [now, 0]
+        self.write(level, message)
+
+
+class Timer:
+    """A callback due at a monotonic deadline; cancel() is safe at any time."""
+
+    def __init__(self, deadline, callback):
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __lt__(self, other):
+        return self.deadline < other.deadline
+
+
+class EventLoop:
+    """One selectors loop for every socket and TUN fd, with timers in a heap.
+
+    Handlers offer fileno(), on_readable(), on_writable() and close(reason). An OSError or
+    ProtocolError raised by a handler closes that handler with the reason; anything else is
+    logged with a traceback and closes only that handler.
+    """
+
+    def __init__(self, log):
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self._interest = {}         # handler -> events it is registered for
+        self._timers = []
+        self._running = False
+        self._signal_handlers = {}
+        self._pending_signals = []
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self.selector.register(self._wakeup_reader, selectors.EVENT_READ, None)
+
+    def set_interest(self, handler, events):
+        """Watch handler for events (0 = not at all); touches the kernel only on a change."""
+        current = self._interest.get(handler, 0)
+        if events == current:
+            return
+        if not events:
+            self.selector.unregister(handler)
+            del self._interest[handler]
+        elif not current:
+            self.selector.register(handler, events, handler)
+            self._interest[handler] = events
+        else:
+            self.selector.modify(handler, events, handler)
+            self._interest[handler] = events
+
+    def forget(self, handler):
+        """Stop watching handler; call before closing its fd."""
+        self.set_interest(handler, 0)
+
+    def call_later(self, delay_s, callback):
+        timer = Timer(time.monotonic() + delay_s, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_every(self, interval_s, callback):
+        """callback() every interval_s until the loop stops."""
+        def tick():
+            self.call_later(interval_s, tick)
+            callback()
+        return self.call_later(interval_s, tick)
+
+    def on_signals(self, signums, callback):
+        """callback(signum) runs inside the loop, never inside the signal handler."""
+        signal.set_wakeup_fd(self._wakeup_writer.fileno())
+        for signum in signums:
+            self._signal_handlers[signum] = callback
+            signal.signal(signum, self._note_signal)
+
+    def _note_signal(self, signum, frame):
+        self._pending_signals.append(signum)
+
+    def stop(self):
+        self._running = False
+
+    def run(self):
+        self._running = True
+        while self._running:
+            for key, events in self.selector.select(self._seconds_to_next_timer()):
+                if key.data is None:
+                    self._drain_wakeups()
+                else:
+                    self._dispatch(key.data, events)
+            self._run_due_timers()
+            self._run_signal_handlers()
+
+    def _seconds_to_next_timer(self):
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0].deadline - time.monotonic())
+
+    def _run_due_timers(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0].deadline <= now:
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._guarded(None, timer.callback)
+
+    def _run_signal_handlers(self):
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            self._guarded(None, self._signal_handlers[signum], signum)
+
+    def _drain_wakeups(self):
+        try:
+            while self._wakeup_reader.recv(512):
+                pass
+        except OSError:
+            pass
+
+    def _dispatch(self, handler, events):
+        if events & selectors.EVENT_READ:
+            self._guarded(handler, handler.on_readable)
+        if events & selectors.EVENT_WRITE and handler in self._interest:
+            self._guarded(handler, handler.on_writable)
+
+    def _guarded(self, handler, function, *args):
+        """Run function; a failure closes handler (if any) and never stops the loop."""
+        try:
+            function(*args)
+        except (OSError, ProtocolError) as error:
+            if handler is None:
+                self.log.error("%s failed: %s" % (getattr(function, "__name__", function), error))
+            else:
+                handler.close(describe_error(error))
+        except Exception:
+            self.log.error("internal error in %r:\n%s" % (handler or function, traceback.format_exc()))
+            if handler is not None:
+                handler.close("internal error")
+
+
+def describe_error(error):
+    """One readable phrase for an exception, e.g. 'connection refused'."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return os.strerror(error.errno).lower()
+    return str(error) or error.__class__.__name__
+
+
+# Platform glue: TUN devices (linux/if_tun.h) and interface setup (linux/sockios.h).
+# The ioctl encoding differs by architecture (../shared/PLATFORMS.md); every ifreq we pass is the
+# full 40 bytes, since Python 3.14 refuses to let the kernel write past a shorter buffer.
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_UP = 0x1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+TUNSETIFF_WRITE_HIGH = 0x800454CA    # _IOW where the "write" direction bit is the high one
+TUNSETIFF_WRITE_LOW = 0x400454CA     # _IOW on x86, arm, aarch64, riscv64, s390x
+HIGH_WRITE_BIT_MACHINES = ("mips", "ppc", "powerpc", "sparc", "alpha", "parisc")
+IFNAMSIZ = 16
+TUN_READ_BYTES = 65536
+
+
+def tunsetiff_numbers():
+    """This machine's TUNSETIFF number first, the other encoding second."""
+    if os.uname().machine.startswith(HIGH_WRITE_BIT_MACHINES):
+        return TUNSETIFF_WRITE_HIGH, TUNSETIFF_WRITE_LOW
+    return TUNSETIFF_WRITE_LOW, TUNSETIFF_WRITE_HIGH
+
+
+def open_tun(name):
+    """(non-blocking fd, interface name) of a new TUN interface carrying bare IP packets."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        request = struct.pack("16sH22x", name.encode("ascii"), IFF_TUN | IFF_NO_PI)
+        reply = None
+        for number in tunsetiff_numbers():
+            try:
+                reply = fcntl.ioctl(fd, number, request)
+                break
+            except OSError as error:
+                if error.errno != errno.EBADFD:   # EBADFD: the other encoding; anything else is real
+                    raise
+        if reply is None:
+            raise OSError(errno.EBADFD, "TUNSETIFF refused in both ioctl encodings")
+        os.set_blocking(fd, False)
+        return fd, reply[:IFNAMSIZ].rstrip(b"\0").decode("ascii")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def configure_interface(name, address, prefix_length, mtu, log):
+    """Give interface name address/prefix_length and mtu, and bring it up.
+
+    ioctls first (no tools needed); `ip` where the ioctls are refused, as in some containers.
+    """
+    disable_ipv6(name)
+    try:
+        configure_with_ioctls(name, address, prefix_length, mtu)
+        return "ioctl"
+    except OSError as ioctl_error:
+        log.debug("interface ioctls failed (%s); trying ip" % describe_error(ioctl_error))
+        try:
+            configure_with_ip(name, address, prefix_length, mtu)
+            return "ip"
+        except (OSError, subprocess.CalledProcessError) as ip_error:
+            raise OSError(errno.EPERM, "cannot configure %s: ioctl: %s; ip: %s" % (
+                name, describe_error(ioctl_error), ip_error))
+
+
+def configure_with_ioctls(name, address, prefix_length, mtu):
+    raw_name = name.encode("ascii")
+    netmask = struct.pack("!I", (0xFFFFFFFF << (32 - prefix_length)) & 0xFFFFFFFF)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
+        fd = control.fileno()
+        fcntl.ioctl(fd, SIOCSIFADDR, struct.pack("16sH2x4s16x", raw_name, socket.AF_INET,
+                                                 socket.inet_aton(address)))
+        fcntl.ioctl(fd, SIOCSIFNETMASK, struct.pack("16sH2x4s16x", raw_name, socket.AF_INET,
+                                                    netmask))
+        fcntl.ioctl(fd, SIOCSIFMTU, struct.pack("16si20x", raw_name, mtu))
+        reply = fcntl.ioctl(fd, SIOCGIFFLAGS, struct.pack("16sh22x", raw_name, 0))
+        flags = struct.unpack("16sh22x", reply)[1]
+        fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sh22x", raw_name, flags | IFF_UP))
+
+
+def configure_with_ip(name, address, prefix_length, mtu):
+    ip = shutil.which("ip") or "/sbin/ip"
+    commands = (
+        [ip, "addr", "flush", "dev", name],
+        [ip, "addr", "add", "%s/%d" % (address, prefix_length), "dev", name],
+        [ip, "link", "set", "dev", name, "mtu", str(mtu), "up"],
+    )
+    for command in commands:
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=10)
+
+
+def disable_ipv6(name):
+    """The relay carries IPv4 only: stop the kernel sending IPv6 chatter into the tunnel."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/%s/disable_ipv6" % name, "w") as switch:
+            switch.write("1")
+    except OSError:
+        pass
+
+
+def ipv4_text(packed):
+    return socket.inet_ntoa(packed)
+
+
+# Configuration helpers: each raises ValueError with a phrase fit for 'FILE: [section] key: ...'.
+MIN_SECRET_CHARS = 12
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot work; the text names the file, section and key."""
+
+
+def parse_host_port(text, default_port):
+    """(host, port) from HOST, HOST:PORT or :PORT."""
+    host, _, port_text = text.strip().rpartition(":") if ":" in text else (text.strip(), "", "")
+    if not port_text:
+        return host or "0.0.0.0", default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("%r: the port must be a number from 0 to 65535" % text)
+    return host or "0.0.0.0", int(port_text)
+
+
+def parse_int(text, low, high):
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("%r is not a whole number" % text)
+    if not low <= value <= high:
+        raise ValueError("%d is outside %d..%d" % (value, low, high))
+    return value
+
+
+def parse_choice(text, choices):
+    value = text.strip().lower()
+    aliases = {"true": "yes", "on": "yes", "1": "yes", "false": "no", "off": "no", "0": "no"}
+    value = aliases.get(value, value)
+    if value not in choices:
+        raise ValueError("%r is not one of %s" % (text, ", ".join(choices)))
+    return value
+
+
+def read_secret_file(path):
+    with open(path) as source:
+        secret = source.read().strip()
+    if not secret:
+        raise ValueError("%s is empty" % path)
+    return secret
+
+
+def check_secret(secret):
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ValueError("the secret must have at least %d characters" % MIN_SECRET_CHARS)
+    return secret.encode("utf-8")
+
+
+def check_interface_name(text):
+    name = text.strip()
+    if not 1 <= len(name) < IFNAMSIZ or not all(c.isalnum() or c in "_-." for c in name):
+        raise ValueError("%r is not an interface name (1 to 15 letters, digits, _ - .)" % text)
+    return name
+
+
+def read_ini(path, section, known_keys):
+    """{key: (value, where)} of section in path; unknown keys and a missing file are errors."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as source:
+            parser.read_file(source)
+    except OSError as error:
+        raise ConfigError("%s: cannot read: %s" % (path, describe_error(error)))
+    except configparser.Error as error:
+        raise ConfigError("%s: not a valid INI file: %s" % (path, " ".join(str(error).split())))
+    if not parser.has_section(section):
+        raise ConfigError("%s: no [%s] section" % (path, section))
+    values = {}
+    for key, value in parser.items(section):
+        if key not in known_keys:
+            raise ConfigError("%s: [%s] %s: unknown key (known: %s)"
+                              % (path, section, key, ", ".join(sorted(known_keys))))
+        values[key] = value
+    return values
+# ==== END MNEDC RUNTIME ====
+
+
+# ==== CONFIG ====
+
+class ServerConfig:
+    """Validated server settings: INI values first, command-line flags over them."""
+
+    def __init__(self):
+        self.listen = ("0.0.0.0", DEFAULT_PORT)
+        self.subnet = parse_subnet(DEFAULT_SUBNET)
+        self.secret = None
+        self.secret_source = None
+        self.tun = "auto"
+        self.interface = DEFAULT_INTERFACE
+        self.mtu = DEFAULT_MTU
+        self.state_dir = DEFAULT_STATE_DIR
+        self.keepalive = DEFAULT_KEEPALIVE_S
+
+
+SERVER_KEYS = {
+    "listen": lambda config, text: setattr(config, "listen", parse_host_port(text, DEFAULT_PORT)),
+    "subnet": lambda config, text: setattr(config, "subnet", parse_subnet(text)),
+    "secret": lambda config, text: setattr(config, "secret", check_secret(text.strip())),
+    "secret_file": None,            # resolved relative to the INI file, below
+    "tun": lambda config, text: setattr(config, "tun", parse_choice(text, ("yes", "no", "auto"))),
+    "interface": lambda config, text: setattr(config, "interface", check_interface_name(text)),
+    "mtu": lambda config, text: setattr(config, "mtu", parse_int(text, 576, 65535)),
+    "state_dir": lambda config, text: setattr(config, "state_dir", text.strip()),
+    "keepalive": lambda config, text: setattr(config, "keepalive", parse_int(text, 3, 3600)),
+}
+
+
+def load_server_config(args):
+    """ServerConfig from -c FILE and the flags; ConfigError names what is wrong."""
+    config = ServerConfig()
+    values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
+    where = "%s: [server] " % args.config
+    if "secret" in values and "secret_file" in values:
+        raise ConfigError(where + "secret_file: set secret or secret_file, not both")
+    for key, text in values.items():
+        try:
+            if key == "secret_file":
+                path = os.path.join(os.path.dirname(os.path.abspath(args.config)), text.strip())
+                config.secret, config.secret_source = check_secret(read_secret_file(path)), path
+            else:
+                SERVER_KEYS[key](config, text)
+        except (ValueError, OSError) as error:
+            raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
+    flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
+             ("tun", "no" if args.no_tun else None))
+    for key, text in flags:
+        if text is not None:
+            try:
+                SERVER_KEYS[key](config, text)
+            except ValueError as error:
+                raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
+    return config
+
+
+def ensure_secret(config, log):
+    """Use the configured secret, or the one in state_dir, or generate one there and say so."""
+    if config.secret is not None:
+        return
+    path = os.path.join(config.state_dir, "secret")
+    if os.path.exists(path):
+        config.secret, config.secret_source = check_secret(read_secret_file(path)), path
+        return
+    secret = os.urandom(24).hex()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as sink:
+        sink.write(secret + "\n")
+    config.secret, config.secret_source = secret.encode("ascii"), path
+    log.info("generated a new network secret in %s. Put these lines in each device's "
+             "client-config.ini:\n\n[client]\nserver = %s:%d\nsecret = %s\n"
+             % (path, reachable_address(config.listen[0]), config.listen[1], secret))
+
+
+def reachable_address(listen_host):
+    """The address clients should dial: the listen address, or this host's main address."""
+    if listen_host not in ("0.0.0.0", ""):
+        return listen_host
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))   # a route lookup only: UDP connect sends nothing
+        return probe.getsockname()[0]
+    except OSError:
+        return "ADDRESS-OF-THIS-HOST"
+    finally:
+        probe.close()
+
+
+# ==== CLI ====
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mnedc_server.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", metavar="FILE", help="INI file with a [server] section")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="accept clients here (default %s)" % DEFAULT_LISTEN)
+    parser.add_argument("--subnet", metavar="CIDR", help="virtual network (default %s)" % DEFAULT_SUBNET)
+    parser.add_argument("--no-tun", action="store_true", help="do not join the network as .1 through TUN")
+    parser.add_argument("--state-dir", metavar="DIR", help="leases and generated secret (default %s)" % DEFAULT_STATE_DIR)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    return parser
+
+
+def cmd_run(args):
+    log = Log("debug" if args.verbose else "info")
+    try:
+        config = load_server_config(args)
+    except ConfigError as error:
+        log.error(str(error))
+        return 2
+    try:
+        os.makedirs(config.state_dir, exist_ok=True)
+        ensure_secret(config, log)
+    except (OSError, ValueError) as error:
+        log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
+        return 2
+    server = RelayServer(config, log)
+    try:
+        server.start()
+    except OSError as error:
+        log.error(str(error))
+        return 1
+    log.info("MNEDC server ready (protocol %d, secret from %s)" % (PROTOCOL_VERSION, config.secret_source or "config"))
+    server.run()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

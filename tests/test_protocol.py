@@ -1,0 +1,145 @@
+"""The wire protocol block: framing, handshake messages, proofs, and fuzzed decoders."""
+
+import os
+import random
+import struct
+
+import pytest
+
+import mnedc_client as wire
+
+
+def test_frames_survive_any_split_of_the_stream():
+    frames = [(wire.FRAME_PING, b""), (wire.FRAME_PACKET, bytes(range(256)) * 3),
+              (wire.FRAME_PONG, b"12345678")]
+    stream = b"".join(wire.encode_frame(t, p) for t, p in frames)
+    for cut in range(len(stream) + 1):
+        reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES)
+        reader.feed(stream[:cut])
+        got = reader.take_frames()
+        reader.feed(stream[cut:])
+        got += reader.take_frames()
+        assert got == frames
+        assert reader.buffered_bytes() == 0
+
+
+def test_byte_by_byte_feeding_gives_the_same_frames():
+    payload = os.urandom(1000)
+    reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES)
+    got = []
+    for byte in wire.encode_frame(wire.FRAME_PACKET, payload):
+        reader.feed(bytes([byte]))
+        got += reader.take_frames()
+    assert got == [(wire.FRAME_PACKET, payload)]
+
+
+def test_oversized_frame_is_refused_before_it_is_buffered():
+    reader = wire.FrameReader()           # handshake limit
+    reader.feed(struct.pack("!HBB", wire.HANDSHAKE_MAX_PAYLOAD_BYTES + 1, wire.FRAME_HELLO, 0))
+    with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
+        reader.take_frames()
+
+
+def test_reserved_flags_are_refused():
+    reader = wire.FrameReader()
+    reader.feed(struct.pack("!HBB", 0, wire.FRAME_PING, 1))
+    with pytest.raises(wire.ProtocolError, match="reserved"):
+        reader.take_frames()
+
+
+def test_payload_too_big_for_the_header_cannot_be_encoded():
+    with pytest.raises(ValueError):
+        wire.encode_frame(wire.FRAME_PACKET, bytes(wire.MAX_PAYLOAD_BYTES + 1))
+
+
+def test_hello_round_trip_and_version_mismatch():
+    nonce = os.urandom(wire.NONCE_BYTES)
+    assert wire.decode_hello(wire.encode_hello(nonce, "pi-kitchen.1")) == (nonce, "pi-kitchen.1")
+    future = bytearray(wire.encode_hello(nonce, "x"))
+    future[5:7] = struct.pack("!H", 99)
+    with pytest.raises(wire.VersionMismatch) as raised:
+        wire.decode_hello(bytes(future))
+    assert raised.value.peer_version == 99
+    assert "version 99" in str(raised.value) and "version %d" % wire.PROTOCOL_VERSION in str(raised.value)
+
+
+@pytest.mark.parametrize("bad_id", ["", "a b", "x" * 65, "tab\t", "caf\u00e9", "semi;colon"])
+def test_unusable_device_ids_are_refused(bad_id):
+    with pytest.raises(ValueError):
+        wire.check_device_id(bad_id)
+
+
+def test_hello_with_lying_id_length_is_a_protocol_error():
+    hello = bytearray(wire.encode_hello(bytes(16), "abc"))
+    hello[wire.HELLO.size - 1] = 10
+    with pytest.raises(wire.ProtocolError, match="length"):
+        wire.decode_hello(bytes(hello))
+
+
+def test_proofs_bind_secret_nonces_device_and_direction():
+    secret, nc, ns = b"s" * 16, os.urandom(16), os.urandom(16)
+    server = wire.server_proof(secret, nc, ns, "dev")
+    client = wire.client_proof(secret, nc, ns, "dev")
+    assert server != client                         # a proof from one side never fits the other
+    assert wire.server_proof(b"t" * 16, nc, ns, "dev") != server
+    assert wire.server_proof(secret, nc, os.urandom(16), "dev") != server
+    assert wire.client_proof(secret, nc, ns, "other") != client
+    assert len(server) == wire.MAC_BYTES
+
+
+def test_challenge_welcome_error_round_trips():
+    ns, proof = os.urandom(16), os.urandom(32)
+    assert wire.decode_challenge(wire.encode_challenge(ns, proof)) == (ns, proof)
+    welcome = wire.encode_welcome(bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
+    assert wire.decode_welcome(welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
+    code, text = wire.decode_error(wire.encode_error(wire.ERROR_AUTH, "wrong secret"))
+    assert (code, text) == (wire.ERROR_AUTH, "wrong secret")
+    assert wire.decode_error(bytes([9]) + b"\x1b[31mred\xff")[1] == "?[31mred\ufffd"
+
+
+def test_ipv4_problem_accepts_real_packets_only():
+    header = bytearray(20)
+    header[0], header[2:4] = 0x45, struct.pack("!H", 20)
+    assert wire.ipv4_problem(bytes(header)) is None
+    assert "too short" in wire.ipv4_problem(b"\x45" * 10)
+    assert "version 6" in wire.ipv4_problem(b"\x60" + bytes(39))
+    assert "total length" in wire.ipv4_problem(bytes(header) + b"extra")
+
+
+DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth, wire.decode_welcome,
+            wire.decode_error, wire.check_ping)
+
+
+def test_fuzzed_decoders_only_ever_raise_protocol_error():
+    rng = random.Random(20261123)
+    valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16), bytes(32)),
+             bytes(32), wire.encode_welcome(bytes(4), 24, bytes(4)), wire.encode_error(1, "x")]
+    for _ in range(5000):
+        if rng.random() < 0.5:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
+        else:
+            data = bytearray(rng.choice(valid))
+            for _ in range(rng.randrange(1, 4)):
+                if data:
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+            data = bytes(data[:rng.randrange(len(data) + 1)])
+        for decode in DECODERS:
+            try:
+                result = decode(data)
+            except wire.ProtocolError:
+                continue
+            assert result is not None
+
+
+def test_fuzzed_stream_never_breaks_the_frame_reader():
+    rng = random.Random(7)
+    for _ in range(300):
+        reader = wire.FrameReader()
+        try:
+            for _ in range(20):
+                reader.feed(bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64))))
+                for frame_type, payload in reader.take_frames():
+                    assert len(payload) <= wire.HANDSHAKE_MAX_PAYLOAD_BYTES
+        except wire.ProtocolError:
+            pass
+        assert reader.buffered_bytes() < 4 + wire.HANDSHAKE_MAX_PAYLOAD_BYTES + 64

@@ -1,0 +1,251 @@
+"""The real relay server as a process on loopback, driven by scripted peers (no root needed).
+
+Covers joining, sticky addresses, routing, anti-spoofing, bad input of every kind, the address
+pool, takeover, slow clients, keepalive and shutdown.
+"""
+
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.wire_peer import Refused, WirePeer, ipv4_packet, start_server
+import mnedc_client as wire
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc, port, secret = start_server(tmp_path / "state")
+    yield proc, port, secret
+    proc.stop()
+
+
+def join(port, secret, device_id, **kw):
+    peer = WirePeer(port, **kw)
+    peer.handshake(secret, device_id)
+    return peer
+
+
+def address_text(peer):
+    return socket.inet_ntoa(peer.address)
+
+
+def test_devices_get_sticky_addresses_across_reconnects_and_restarts(tmp_path):
+    state = tmp_path / "state"
+    proc, port, secret = start_server(state)
+    try:
+        first = join(port, secret, "pi-one")
+        second = join(port, secret, "pi-two")
+        assert (address_text(first), address_text(second)) == ("198.18.0.2", "198.18.0.3")
+        first.close()
+        assert address_text(join(port, secret, "pi-one")) == "198.18.0.2"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.stop()
+    proc, port, secret = start_server(state)        # after a SIGKILL: leases were on disk
+    try:
+        assert address_text(join(port, secret, "pi-two")) == "198.18.0.3"
+        assert address_text(join(port, secret, "pi-one")) == "198.18.0.2"
+        assert address_text(join(port, secret, "pi-three")) == "198.18.0.4"
+    finally:
+        proc.stop()
+
+
+def test_packets_are_routed_by_destination_address(server):
+    proc, port, secret = server
+    alice, bob = join(port, secret, "alice"), join(port, secret, "bob")
+    to_bob = ipv4_packet(alice.address, bob.address, os.urandom(1000))
+    alice.send_packet(to_bob)
+    assert bob.recv_packet() == to_bob
+    to_alice = ipv4_packet(bob.address, alice.address, b"reply")
+    bob.send_packet(to_alice)
+    assert alice.recv_packet() == to_alice
+
+
+def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(server):
+    proc, port, secret = server
+    alice, bob, mallory = (join(port, secret, name) for name in ("alice", "bob", "mallory"))
+    mallory.send_packet(ipv4_packet(alice.address, bob.address, b"forged"))
+    mallory.send_packet(ipv4_packet(mallory.address, "198.18.0.200", b"nobody"))
+    proc.wait_for(r"dropped packet from device mallory .*: spoofed source 198\.18\.0\.2 -> 198\.18\.0\.3")
+    proc.wait_for(r"dropped packet from device mallory .*: unknown destination .*-> 198\.18\.0\.200")
+    honest = ipv4_packet(mallory.address, bob.address, b"honest")
+    mallory.send_packet(honest)
+    assert bob.recv_packet() == honest                # the forged one never arrived before it
+
+
+def test_wrong_secret_is_refused_with_a_clear_reason(server):
+    proc, port, secret = server
+    with pytest.raises(AssertionError, match="server proof wrong"):
+        WirePeer(port).handshake(b"not-the-network-secret", "intruder")
+    peer = WirePeer(port)
+    nonce = os.urandom(16)
+    peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "intruder"))
+    server_nonce, _ = wire.decode_challenge(peer.recv_frame()[1])
+    peer.send_frame(wire.FRAME_AUTH, wire.client_proof(b"wrong-secret!!", nonce, server_nonce, "intruder"))
+    code, text = peer.expect_error()
+    assert code == wire.ERROR_AUTH and "wrong secret" in text
+    assert peer.closed_within(5)
+    proc.wait_for(r"refusing device intruder from 127\.0\.0\.1:\d+: authentication failed: wrong secret")
+
+
+@pytest.mark.parametrize("garbage, logged", [
+    (b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n", r"exceeds the limit"),
+    (wire.encode_frame(wire.FRAME_HELLO, b"HELLO, not MNEDC"), r"bad HELLO magic"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"\x45" + bytes(19)), r"PACKET before the handshake"),
+    (wire.encode_frame(wire.FRAME_AUTH, bytes(32)), r"AUTH before the handshake"),
+    (struct.pack("!HBB", 10, wire.FRAME_HELLO, 0x80), r"reserved"),
+])
+def test_garbage_before_the_handshake_closes_only_that_connection(server, garbage, logged):
+    proc, port, secret = server
+    bystander = join(port, secret, "bystander")
+    start = len(proc.lines())
+    peer = WirePeer(port)
+    peer.send_raw(garbage)
+    code, text = peer.expect_error()
+    assert code == wire.ERROR_PROTOCOL
+    assert peer.closed_within(5)
+    proc.wait_for(r"closed: protocol error: .*" + logged, start=start)
+    assert address_text(join(port, secret, "newcomer")).startswith("198.18.0.")
+    bystander.send_packet(ipv4_packet(bystander.address, bystander.address, b"still here"))
+    assert bystander.recv_packet().endswith(b"still here")
+
+
+def test_truncated_frame_then_hangup_is_logged(server):
+    proc, port, secret = server
+    peer = WirePeer(port)
+    peer.send_raw(wire.encode_frame(wire.FRAME_HELLO, wire.encode_hello(bytes(16), "half"))[:9])
+    peer.close()
+    proc.wait_for(r"connection from 127\.0\.0\.1:\d+ closed: closed by peer")
+
+
+@pytest.mark.parametrize("frame, logged", [
+    (wire.encode_frame(99, b"?"), r"unknown frame type 99"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"\x60" + bytes(39)), r"not an IPv4 packet"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"tiny"), r"too short"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"\x45\x00\x00\x64" + bytes(36)), r"total length 100 but 40"),
+    (wire.encode_frame(wire.FRAME_HELLO, wire.encode_hello(bytes(16), "again")), r"HELLO is not allowed"),
+])
+def test_bad_frames_after_the_handshake_close_that_connection(server, frame, logged):
+    proc, port, secret = server
+    peer = join(port, secret, "sloppy")
+    peer.send_raw(frame)
+    code, text = peer.expect_error()
+    assert code == wire.ERROR_PROTOCOL
+    proc.wait_for(r"refusing device sloppy .*: protocol error: .*" + logged)
+    assert address_text(join(port, secret, "sloppy")) == address_text(peer)
+
+
+def test_protocol_version_mismatch_is_named_on_both_sides(server):
+    proc, port, secret = server
+    peer = WirePeer(port)
+    hello = bytearray(wire.encode_hello(bytes(16), "future"))
+    hello[5:7] = struct.pack("!H", 7)
+    peer.send_frame(wire.FRAME_HELLO, bytes(hello))
+    code, text = peer.expect_error()
+    assert code == wire.ERROR_VERSION
+    assert "peer speaks version 7" in text and "version %d" % wire.PROTOCOL_VERSION in text
+    proc.wait_for(r"refusing connection .*: version mismatch: protocol version mismatch")
+
+
+def test_a_stalled_handshake_is_cut_after_10_seconds(server):
+    proc, port, secret = server
+    peer = WirePeer(port, timeout=20)
+    peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(bytes(16), "staller"))
+    assert peer.recv_frame()[0] == wire.FRAME_CHALLENGE
+    started = time.monotonic()
+    code, text = peer.expect_error(timeout=15)
+    waited = time.monotonic() - started
+    assert code == wire.ERROR_TIMEOUT and "10 s" in text
+    assert 8 <= waited <= 13, waited
+    proc.wait_for(r"refusing device staller from .*: timeout: handshake not completed within 10 s")
+
+
+def test_an_exhausted_pool_refuses_newcomers_and_keeps_serving(tmp_path):
+    proc, port, secret = start_server(tmp_path / "state", subnet="198.18.0.0/29")
+    try:
+        members = [join(port, secret, "d%d" % n) for n in range(5)]
+        assert sorted(address_text(m) for m in members) == ["198.18.0.%d" % n for n in range(2, 7)]
+        with pytest.raises(Refused) as refused:
+            join(port, secret, "one-too-many")
+        assert refused.value.code == wire.ERROR_POOL_FULL and "198.18.0.0/29 is full" in refused.value.text
+        proc.wait_for(r"refusing device one-too-many .*address pool full")
+        packet = ipv4_packet(members[0].address, members[4].address, b"ok")
+        members[0].send_packet(packet)
+        assert members[4].recv_packet() == packet
+    finally:
+        proc.stop()
+
+
+def test_a_second_connection_with_the_same_device_id_takes_over(server):
+    proc, port, secret = server
+    old = join(port, secret, "twin")
+    new = join(port, secret, "twin")
+    assert new.address == old.address
+    code, text = old.expect_error()
+    assert code == wire.ERROR_REPLACED and "replaced by a new connection for twin" in text
+    assert old.closed_within(5)
+    other = join(port, secret, "other")
+    packet = ipv4_packet(other.address, new.address, b"to the new one")
+    other.send_packet(packet)
+    assert new.recv_packet() == packet
+
+
+def test_a_client_that_stops_reading_never_stalls_the_others(server):
+    proc, port, secret = server
+    stalled = join(port, secret, "stalled", rcvbuf=4096)
+    sender, echo = join(port, secret, "sender"), join(port, secret, "echo")
+    flood = ipv4_packet(sender.address, stalled.address, bytes(60000))
+    deadline = time.monotonic() + 20
+    for _ in range(200):                             # 12 MB at a reader that reads nothing
+        sender.send_packet(flood)
+        assert time.monotonic() < deadline
+    proc.wait_for(r"dropped packet for device stalled .*: queue full")
+    for n in range(20):
+        probe = ipv4_packet(sender.address, echo.address, b"probe %d" % n)
+        started = time.monotonic()
+        sender.send_packet(probe)
+        assert echo.recv_packet(timeout=2) == probe
+        assert time.monotonic() - started < 1.0
+    rss_kb = int([l for l in open("/proc/%d/status" % proc.pid) if l.startswith("VmRSS")][0].split()[1])
+    assert rss_kb < 64 * 1024, "server RSS %d kB after the flood" % rss_kb
+
+
+def test_a_silent_peer_is_presumed_dead_after_keepalive(tmp_path):
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nkeepalive = 3\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config))
+    try:
+        peer = join(port, secret, "mute")
+        frame_type, _ = peer.recv_frame(timeout=3, skip_pings=False)
+        assert frame_type == wire.FRAME_PING            # the server probes at keepalive / 3
+        started = time.monotonic()
+        assert peer.closed_within(8)                     # we never answered
+        assert time.monotonic() - started < 6
+        proc.wait_for(r"device mute \(198\.18\.0\.2\) left: no frame for 3 s: peer presumed dead")
+        lively = join(port, secret, "lively")
+        time.sleep(0.1)
+        for _ in range(6):                               # answering pings keeps it up for 6 s
+            frame_type, payload = lively.recv_frame(timeout=3, skip_pings=False)
+            if frame_type == wire.FRAME_PING:
+                lively.send_frame(wire.FRAME_PONG, payload)
+        assert not lively.closed_within(0.5)
+    finally:
+        proc.stop()
+
+
+def test_sigterm_tells_clients_and_saves_leases(tmp_path):
+    state = tmp_path / "state"
+    proc, port, secret = start_server(state)
+    try:
+        peer = join(port, secret, "watcher")
+        proc.send_signal(15)
+        code, text = peer.expect_error()
+        assert code == wire.ERROR_SHUTDOWN
+        assert proc.wait(10) == 0
+        assert "watcher" in (state / "leases.json").read_text()
+    finally:
+        proc.stop()

@@ -1,0 +1,140 @@
+"""A blocking, scriptable MNEDC peer for tests: speaks the wire protocol over a real socket.
+
+It uses the wire protocol block of mnedc_client.py, so a test can do what a client does, or do
+it wrong on purpose (bad secret, garbage, oversized frames, silence).
+"""
+
+import os
+import socket
+import struct
+import sys
+import time
+
+from tests.conftest import ROOT
+from tests.nettopo import Proc
+import mnedc_client as wire
+
+SERVER = os.path.join(ROOT, "mnedc_server.py")
+CLIENT = os.path.join(ROOT, "mnedc_client.py")
+
+
+class Refused(Exception):
+    """The server answered with an ERROR frame."""
+
+    def __init__(self, code, text):
+        Exception.__init__(self, "%s: %s" % (wire.ERROR_NAMES.get(code, code), text))
+        self.code, self.text = code, text
+
+
+class WirePeer:
+    def __init__(self, port, host="127.0.0.1", timeout=5.0, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        self.reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES)
+        self.pending = []
+        self.address = None
+
+    def close(self):
+        self.sock.close()
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_frame(self, frame_type, payload=b""):
+        self.sock.sendall(wire.encode_frame(frame_type, payload))
+
+    def recv_frame(self, timeout=5.0, skip_pings=True):
+        """The next frame; EOFError when the server closed; socket.timeout past the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.pending:
+                frame_type, payload = self.pending.pop(0)
+                if skip_pings and frame_type == wire.FRAME_PING:
+                    self.send_frame(wire.FRAME_PONG, payload)
+                    continue
+                return frame_type, payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no frame within %.1f s" % timeout)
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.reader.feed(data)
+            self.pending.extend(self.reader.take_frames())
+
+    def expect_error(self, timeout=5.0):
+        """(code, text) of the ERROR frame the server sends before closing."""
+        frame_type, payload = self.recv_frame(timeout)
+        assert frame_type == wire.FRAME_ERROR, "expected ERROR, got %s" % wire.FRAME_NAMES.get(frame_type)
+        return wire.decode_error(payload)
+
+    def closed_within(self, timeout):
+        """True once the server closed (EOF or reset) within timeout; frames are discarded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except ConnectionError:
+                return True
+        return False
+
+    def handshake(self, secret, device_id):
+        """Join; the packed virtual address. Refused if the server sends ERROR instead."""
+        nonce = os.urandom(wire.NONCE_BYTES)
+        self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id))
+        frame_type, payload = self.recv_frame()
+        if frame_type == wire.FRAME_ERROR:
+            raise Refused(*wire.decode_error(payload))
+        server_nonce, proof = wire.decode_challenge(payload)
+        assert proof == wire.server_proof(secret, nonce, server_nonce, device_id), "server proof wrong"
+        self.send_frame(wire.FRAME_AUTH, wire.client_proof(secret, nonce, server_nonce, device_id))
+        frame_type, payload = self.recv_frame()
+        if frame_type == wire.FRAME_ERROR:
+            raise Refused(*wire.decode_error(payload))
+        assert frame_type == wire.FRAME_WELCOME
+        self.address = wire.decode_welcome(payload)[0]
+        return self.address
+
+    def send_packet(self, packet):
+        self.send_frame(wire.FRAME_PACKET, packet)
+
+    def recv_packet(self, timeout=5.0):
+        frame_type, payload = self.recv_frame(timeout)
+        assert frame_type == wire.FRAME_PACKET, "expected PACKET, got %s" % wire.FRAME_NAMES.get(frame_type)
+        return payload
+
+
+def ipv4_packet(source, destination, payload=b"", protocol=17):
+    """A minimal IPv4 packet; source and destination packed or dotted."""
+    if isinstance(source, str):
+        source = socket.inet_aton(source)
+    if isinstance(destination, str):
+        destination = socket.inet_aton(destination)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0,
+                         source, destination)
+    return header + payload
+
+
+def start_server(state_dir, *extra, **kw):
+    """(Proc, port, secret) of a --no-tun server on loopback with an ephemeral port."""
+    python = kw.get("python", sys.executable)
+    argv = [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
+            "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir)] + list(extra)
+    proc = Proc.start(argv)
+    try:
+        port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout=15).group(1))
+        proc.wait_for(r"MNEDC server ready", timeout=10)
+        with open(os.path.join(str(state_dir), "secret")) as source:
+            secret = source.read().strip().encode()
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port, secret
