@@ -631,6 +631,7 @@ class TunClient:
 
     def retry_later(self, reason):
         delay = self.next_backoff_s()
+        self.log.debug("attempt %d failed; next in %.1f s" % (self.failures, delay))
         if reason:
             self.log.limited("retry", "warning", "cannot join the relay: %s; retrying in %.1f s" % (reason, delay))
         else:

@@ -6,3 +6,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_sessionstart(session):
+    """In CI (CI=true, as root) a missing namespace/TUN capability is an error, not a skip."""
+    if os.environ.get("CI") == "true":
+        from tests.nettopo import have_netns_support
+        ok, why = have_netns_support()
+        if not ok:
+            import pytest
+            pytest.exit("CI must run the root tests, but: %s" % why, returncode=3)

@@ -1,0 +1,74 @@
+"""An MNEDC network running in a Topology: the real server and real TUN clients as processes.
+
+Shared by the end-to-end tests and the demo, so the demo shows exactly what the tests prove.
+"""
+
+import os
+import re
+import sys
+
+from tests.conftest import ROOT
+
+SERVER = os.path.join(ROOT, "mnedc_server.py")
+CLIENT = os.path.join(ROOT, "mnedc_client.py")
+JOINED = r"connected to relay \S+ as (\d+\.\d+\.\d+\.\d+)/(\d+)"
+
+
+class RelayNetwork:
+    """Starts, restarts and stops MNEDC processes inside topo's namespaces.
+
+    vip[name] is the virtual IP each client reported when it joined.
+    """
+
+    def __init__(self, topo, workdir, python=sys.executable, subnet="198.18.0.0/24",
+                 keepalive=None, secret=None):
+        self.topo = topo
+        self.workdir = str(workdir)
+        self.python = python
+        self.subnet = subnet
+        self.keepalive = keepalive
+        self.server = None
+        self.clients = {}
+        self.vip = {}
+        self.server_vip = re.sub(r"\.0/\d+$", ".1", subnet)
+        self.secret_path = os.path.join(self.workdir, "network.secret")
+        with open(self.secret_path, "w") as sink:
+            sink.write((secret or os.urandom(16).hex()) + "\n")
+
+    def write_config(self, name, section, values):
+        path = os.path.join(self.workdir, "%s.ini" % name)
+        with open(path, "w") as sink:
+            sink.write("[%s]\n" % section)
+            for key, value in values.items():
+                if value is not None:
+                    sink.write("%s = %s\n" % (key, value))
+        return path
+
+    def start_server(self, extra=()):
+        config = self.write_config("server", "server", {
+            "listen": "0.0.0.0:3334", "subnet": self.subnet, "secret_file": self.secret_path,
+            "state_dir": os.path.join(self.workdir, "server-state"), "keepalive": self.keepalive,
+            "tun": "yes"})
+        self.server = self.topo.spawn("srv", [self.python, "-u", SERVER, "-c", config] + list(extra))
+        self.server.wait_for(r"MNEDC server ready", timeout=20)
+        return self.server
+
+    def start_client(self, name, device_id=None, secret_path=None, interface=None, wait=True, extra=(),
+                     label=None):
+        """A TUN client in namespace name, known as clients[label or name]."""
+        label = label or name
+        config = self.write_config("client-" + label, "client", {
+            "server": self.topo.server_ip, "secret_file": secret_path or self.secret_path,
+            "device_id": device_id or "device-" + name, "keepalive": self.keepalive,
+            "interface": interface})
+        proc = self.topo.spawn(name, [self.python, "-u", CLIENT, "-c", config] + list(extra))
+        self.clients[label] = proc
+        if wait:
+            self.vip[label] = proc.wait_for(JOINED, timeout=30).group(1)
+        return proc
+
+    def start(self, names=None):
+        self.start_server()
+        for name in names or self.topo.clients:
+            self.start_client(name)
+        return self

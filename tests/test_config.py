@@ -1,0 +1,77 @@
+"""Configuration is validated at start: a bad value exits 2 naming file, section, key and why."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.wire_peer import CLIENT, SERVER
+
+
+def run(script, *args, **kw):
+    return subprocess.run([sys.executable, script] + list(args), capture_output=True, text=True,
+                          timeout=20, cwd=kw.get("cwd"))
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ("[server]\nsubnet = 198.18.0.1/24\n", r"\[server\] subnet: '198.18.0.1/24' has host bits set"),
+    ("[server]\nlisten = 0.0.0.0:99999\n", r"\[server\] listen: .*port must be"),
+    ("[server]\nkeepalive = soon\n", r"\[server\] keepalive: 'soon' is not a whole number"),
+    ("[server]\ntun = maybe\n", r"\[server\] tun: 'maybe' is not one of yes, no, auto"),
+    ("[server]\nsecret = short\n", r"\[server\] secret: the secret must have at least 12"),
+    ("[server]\nsecret_file = missing.txt\n", r"\[server\] secret_file: no such file"),
+    ("[server]\ncolour = blue\n", r"\[server\] colour: unknown key"),
+    ("[server]\nsecret = aaaaaaaaaaaaaaaa\nsecret_file = s\n", r"set secret or secret_file, not both"),
+    ("[client]\nserver = x\n", r"no \[server\] section"),
+    ("not an ini file\n", r"not a valid INI file"),
+])
+def test_server_refuses_bad_configuration(tmp_path, body, complaint):
+    config = tmp_path / "server.ini"
+    config.write_text(body)
+    result = run(SERVER, "-c", str(config), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2, result.stderr
+    assert str(config) in result.stderr
+    assert re.search(complaint, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_refuses_bad_flags(tmp_path):
+    result = run(SERVER, "--subnet", "198.18.0.0/8", "--state-dir", str(tmp_path))
+    assert result.returncode == 2 and "--subnet: '198.18.0.0/8': the prefix must be from /16 to /29" in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = run(SERVER, "-c", str(tmp_path / "nope.ini"))
+    assert result.returncode == 2 and "nope.ini: cannot read: no such file" in result.stderr
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ("[client]\nsecret = aaaaaaaaaaaaaaaa\n", "no server configured"),
+    ("[client]\nserver = 192.0.2.1\n", "no secret configured"),
+    ("[client]\nserver = 192.0.2.1:0\nsecret = aaaaaaaaaaaaaaaa\n", "[client] server: '192.0.2.1:0': give the server's address"),
+    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\nmtu = 70000\n", "[client] mtu: 70000 is outside 576..65535"),
+    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ndevice_id = my pi\n", "[client] device_id: device_id 'my pi' may only hold"),
+    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ninterface = much-too-long-name\n", "[client] interface: 'much-too-long-name' is not an interface name"),
+])
+def test_client_refuses_bad_configuration(tmp_path, body, complaint):
+    config = tmp_path / "client.ini"
+    config.write_text(body)
+    result = run(CLIENT, "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert complaint in result.stderr and "Traceback" not in result.stderr
+
+
+def test_client_secret_file_is_relative_to_its_config(tmp_path):
+    (tmp_path / "net.secret").write_text("short\n")
+    config = tmp_path / "client.ini"
+    config.write_text("[client]\nserver = 192.0.2.1\nsecret_file = net.secret\n")
+    result = run(CLIENT, "-c", str(config), cwd="/")
+    assert result.returncode == 2 and "secret_file: the secret must have at least 12" in result.stderr
+
+
+def test_the_shipped_client_config_is_valid_but_asks_for_a_server(tmp_path):
+    result = run(CLIENT, "-c", os.path.join(ROOT, "client-config.ini"))
+    assert result.returncode == 2 and "no server configured" in result.stderr

@@ -1,0 +1,151 @@
+"""End to end, as root: the real server and TUN clients across real nested NAT in namespaces.
+
+    srv (relay, 198.18.0.1)  <-  natA  <-  a
+                             <-  natB  <-  b
+                                      <-  natC  <-  c      (c is behind two NATs)
+"""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.nettopo import Topology, have_netns_support
+from tests.relaynet import JOINED, RelayNetwork
+
+SUPPORTED, WHY_NOT = have_netns_support()
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
+KEEPALIVE_S = 6
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    with Topology() as topo:
+        yield RelayNetwork(topo, tmp_path_factory.mktemp("e2e"), keepalive=KEEPALIVE_S).start()
+
+
+def wait_listening(topo, name, port, timeout=10):
+    """Wait until a TCP socket listens on port inside name (nc has no readiness line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if topo.run(name, ["ss", "-Hltn", "sport = :%d" % port]).stdout.strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError("nothing listens on port %d in %s after %d s" % (port, name, timeout))
+
+
+def test_the_server_cannot_reach_the_clients_real_addresses(net):
+    for name in ("a", "b", "c"):
+        assert not net.topo.ping("srv", net.topo.addr(name), timeout_s=1), name
+        assert net.topo.ping(name, net.topo.server_ip), name
+
+
+def test_every_device_reaches_every_other_by_virtual_ip(net):
+    addresses = dict(net.vip, srv=net.server_vip)
+    assert len(set(addresses.values())) == 4
+    for source in addresses:
+        for target, address in addresses.items():
+            if source != target:
+                assert net.topo.ping(source, address, count=2), "%s -> %s (%s)" % (source, target, address)
+
+
+def test_a_20_mb_tcp_transfer_from_c_to_a_arrives_byte_identical(net, tmp_path):
+    original = tmp_path / "original.bin"
+    original.write_bytes(os.urandom(20 * 1000 * 1000))
+    received = tmp_path / "received.bin"
+    sink = net.topo.spawn("a", ["sh", "-c", "exec nc -l 5001 > %s" % received])
+    wait_listening(net.topo, "a", 5001)
+    started = time.monotonic()
+    net.topo.run("c", ["sh", "-c", "nc -N %s 5001 < %s" % (net.vip["a"], original)], timeout=120)
+    sink.wait(30)
+    seconds = time.monotonic() - started
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+    assert received.stat().st_size == original.stat().st_size
+    assert digest(received) == digest(original)
+    print("20 MB c -> a through two NATs and the relay in %.2f s" % seconds)
+
+
+def test_after_a_server_sigkill_every_device_keeps_its_address_and_tcp_survives(net):
+    listener = net.topo.spawn("a", ["nc", "-l", "5002"])
+    wait_listening(net.topo, "a", 5002)
+    talker = net.topo.spawn("c", ["nc", net.vip["a"], "5002"], stdin=subprocess.PIPE)
+    talker.stdin.write(b"before the crash\n")
+    talker.stdin.flush()
+    listener.wait_for(r"before the crash", timeout=10)
+
+    clients = {name: net.clients[name] for name in net.topo.clients}
+    marks = {name: len(proc.lines()) for name, proc in clients.items()}
+    net.server.send_signal(signal.SIGKILL)
+    net.server.wait(10)
+    for name, proc in clients.items():
+        proc.wait_for(r"relay connection lost", timeout=10, start=marks[name])
+    net.start_server()
+    for name, proc in clients.items():
+        again = proc.wait_for(JOINED, timeout=30, start=marks[name])
+        assert again.group(1) == net.vip[name], "%s came back as %s" % (name, again.group(1))
+
+    talker.stdin.write(b"after the restart\n")
+    talker.stdin.flush()
+    listener.wait_for(r"after the restart", timeout=30)
+    assert talker.alive() and listener.alive()
+    talker.stop()
+    listener.stop()
+
+
+def test_a_dropped_nat_mapping_is_detected_on_both_sides_and_healed(net):
+    client, server = net.clients["a"], net.server
+    client_mark, server_mark = len(client.lines()), len(server.lines())
+    drop = ["iptables", "-I", "FORWARD", "-s", net.topo.addr("a"), "-j", "DROP"]
+    net.topo.run("natA", drop)
+    started = time.monotonic()
+    try:
+        client.wait_for(r"relay connection lost: no frame from the server for %d s" % KEEPALIVE_S,
+                        timeout=KEEPALIVE_S + 5, start=client_mark)
+        server.wait_for(r"device device-a \(%s\) left: no frame for %d s" % (re.escape(net.vip["a"]), KEEPALIVE_S),
+                        timeout=KEEPALIVE_S + 5, start=server_mark)
+        detected = time.monotonic() - started
+    finally:
+        net.topo.run("natA", ["iptables", "-D"] + drop[2:])
+    assert detected < KEEPALIVE_S + 4
+    again = client.wait_for(JOINED, timeout=45, start=client_mark)
+    assert again.group(1) == net.vip["a"]
+    assert net.topo.ping("a", net.vip["c"], count=2)
+
+
+def test_a_client_with_the_wrong_secret_is_told_so_and_exits(net, tmp_path):
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("this-is-not-the-secret\n")
+    mark = len(net.server.lines())
+    intruder = net.start_client("b", device_id="intruder", secret_path=str(wrong), interface="mnedc9",
+                                wait=False, label="intruder")
+    intruder.wait_for(r"authentication failed: the server at .* does not know this network's secret")
+    assert intruder.wait(10) == 1
+    net.server.wait_for(r"device intruder from .*(proof is wrong|wrong secret)", start=mark)
+
+
+def test_sigterm_removes_the_interface_and_the_device_rejoins_with_its_address(net):
+    old = net.clients["b"]
+    old.send_signal(signal.SIGTERM)
+    assert old.wait(10) == 0
+    assert "removed interface mnedc0" in old.output()
+    links = net.topo.run("b", ["ip", "-o", "link"]).stdout
+    assert "mnedc0" not in links
+    address = net.vip["b"]
+    net.start_client("b")
+    assert net.vip["b"] == address
+
+
+def test_server_sigterm_removes_its_interface_tells_clients_and_saves_leases(net):
+    marks = {name: len(net.clients[name].lines()) for name in net.topo.clients}
+    net.server.send_signal(signal.SIGTERM)
+    assert net.server.wait(10) == 0
+    assert "removed interface mnedc0: server shutting down" in net.server.output()
+    assert "mnedc0" not in net.topo.run("srv", ["ip", "-o", "link"]).stdout
+    leases = open(os.path.join(net.workdir, "server-state", "leases.json")).read()
+    for name in net.topo.clients:
+        assert '"address": "%s"' % net.vip[name] in leases
+        net.clients[name].wait_for(r"server shutting down: the relay is restarting", start=marks[name])

@@ -1,0 +1,111 @@
+"""Server state: subnets, the persistent lease table, and routing decisions."""
+
+import io
+import json
+import socket
+
+import pytest
+
+import mnedc_server as server
+from tests.wire_peer import ipv4_packet
+
+
+def quiet_log():
+    return server.Log("error", stream=io.StringIO())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("198.18.0.0/24", (0xC6120000, 24)), ("198.18.0.0/16", (0xC6120000, 16)),
+    (" 198.18.4.8/29 ", (0xC6120408, 29)),
+])
+def test_parse_subnet_accepts(text, expected):
+    assert server.parse_subnet(text) == expected
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("198.18.0.1/24", "did you mean 198.18.0.0/24"), ("198.18.0.0/30", "/16 to /29"),
+    ("198.18.0.0/15", "/16 to /29"), ("198.18.0.0", "not a subnet"), ("banana/24", "not a subnet"),
+    ("198.18.0/24", "/16 to /29"),
+])
+def test_parse_subnet_refuses_with_a_reason(text, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        server.parse_subnet(text)
+
+
+def table(tmp_path, subnet="198.18.0.0/24"):
+    return server.LeaseTable(server.parse_subnet(subnet), str(tmp_path / "leases.json"), quiet_log())
+
+
+def test_leases_are_sticky_and_survive_a_reload(tmp_path):
+    leases = table(tmp_path)
+    first = leases.lease_for("alpha", set(), 1000.0)
+    second = leases.lease_for("beta", set(), 1000.0)
+    assert (socket.inet_ntoa(first), socket.inet_ntoa(second)) == ("198.18.0.2", "198.18.0.3")
+    assert leases.lease_for("alpha", set(), 2000.0) == first
+    reloaded = table(tmp_path)
+    reloaded.load()                         # no save() call: lease_for saved on allocation
+    assert reloaded.lease_for("beta", set(), 3000.0) == second
+    assert socket.inet_ntoa(reloaded.lease_for("gamma", set(), 3000.0)) == "198.18.0.4"
+
+
+def test_the_pool_excludes_server_and_broadcast_and_runs_out(tmp_path):
+    leases = table(tmp_path, "198.18.0.0/29")
+    got = [socket.inet_ntoa(leases.lease_for("d%d" % n, set(), 0.0)) for n in range(5)]
+    assert got == ["198.18.0.%d" % n for n in range(2, 7)]
+    assert leases.server_address == socket.inet_aton("198.18.0.1")
+    with pytest.raises(server.PoolExhausted, match="all 5 client addresses"):
+        leases.lease_for("late", set(), 1.0)
+
+
+def test_only_long_offline_devices_lose_their_address_to_a_newcomer(tmp_path):
+    leases = table(tmp_path, "198.18.0.0/29")
+    for n in range(5):
+        leases.lease_for("d%d" % n, set(), 0.0)
+    month = 30 * 24 * 3600.0
+    leases.touch("d0", month - 3600)        # d0 seen an hour ago: kept
+    online = {"d1"}                         # d1 connected now: kept whatever its age
+    taken = leases.lease_for("newcomer", online, month)
+    assert socket.inet_ntoa(taken) == "198.18.0.4"     # d2, the oldest of d2..d4
+    assert "d2" not in leases.leases and "d0" in leases.leases
+
+
+def test_a_corrupt_lease_file_is_kept_aside_not_fatal(tmp_path):
+    (tmp_path / "leases.json").write_text("{not json")
+    leases = table(tmp_path)
+    leases.load()
+    assert leases.leases == {}
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+
+
+def test_leases_outside_a_changed_subnet_are_dropped(tmp_path):
+    (tmp_path / "leases.json").write_text(json.dumps({"leases": {
+        "in": {"address": "198.18.0.9", "last_seen": 1}, "out": {"address": "198.19.0.9", "last_seen": 1},
+        "bad id!": {"address": "198.18.0.10"}, "dup": {"address": "198.18.0.9"}}}))
+    leases = table(tmp_path)
+    leases.load()
+    assert sorted(leases.leases) == ["in"]
+
+
+class Member:
+    def __init__(self, address, device_id):
+        self.address, self.device_id = socket.inet_aton(address), device_id
+
+
+def test_route_decisions():
+    routes = server.RouteTable()
+    alice, bob = Member("198.18.0.2", "alice"), Member("198.18.0.3", "bob")
+    routes.add(alice)
+    routes.add(bob)
+    assert routes.decide(ipv4_packet("198.18.0.2", "198.18.0.3"), alice) == (bob, None)
+    assert routes.decide(ipv4_packet("198.18.0.3", "198.18.0.3"), alice) == (None, "spoofed source")
+    assert routes.decide(ipv4_packet("198.18.0.2", "198.18.0.99"), alice) == (None, "unknown destination")
+    assert routes.decide(ipv4_packet("198.18.0.2", "198.18.0.255"), alice) == (None, "unknown destination")
+
+
+def test_a_stale_member_never_removes_its_successor():
+    routes = server.RouteTable()
+    old, new = Member("198.18.0.2", "alice"), Member("198.18.0.2", "alice")
+    routes.add(old)
+    routes.add(new)
+    routes.remove(old)
+    assert routes.by_address[new.address] is new and routes.by_device["alice"] is new
