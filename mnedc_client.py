@@ -23,6 +23,7 @@ import configparser
 import errno
 import fcntl
 import heapq
+import json
 import os
 import random
 import selectors
@@ -48,6 +49,8 @@ RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
 LOW_WATER_BYTES = 128 * 1024    # ... and read it again once the queue drained below this
+STREAM_WINDOW_BYTES = 256 * 1024   # credit we grant each stream: the most we buffer for it
+PENDING_LOCAL_S = 20            # how long a local connection may wait for the relay
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -70,6 +73,21 @@ LOW_WATER_BYTES = 128 * 1024    # ... and read it again once the queue drained b
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
+# which never takes over the device's address, so one device may run many of them.
+#
+# Streams (TCP carried over the relay; the server pairs the two ends and relays the frames):
+#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms)
+#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted;
+#                                         server -> listener: name says who is calling
+#     ACCEPT     id, window               the listener took the stream
+#     DATA       id, bytes                at most the credit the receiver granted
+#     WINDOW     id, increment            the receiver consumed bytes: more credit
+#     EOF        id                       no more DATA this way (half-close)
+#     RESET      id, code, text           the stream is over, abnormally
+#     SERVICES / SERVICE_LIST             who is online and which services exist (JSON)
+# Each side numbers the streams it opens: clients odd ids, the server even ones. A sender that
+# exceeds its window is cut off, so every byte in flight is one the receiver has room for.
 # The header, the first 7 bytes of HELLO and the ERROR layout never change between versions, so
 # any two versions can tell each other why they refuse.
 
@@ -92,11 +110,25 @@ FRAME_ERROR = 5
 FRAME_PACKET = 6
 FRAME_PING = 7
 FRAME_PONG = 8
+FRAME_LISTEN = 9
+FRAME_LISTENING = 10
+FRAME_OPEN = 11
+FRAME_ACCEPT = 12
+FRAME_DATA = 13
+FRAME_WINDOW = 14
+FRAME_EOF = 15
+FRAME_RESET = 16
+FRAME_SERVICES = 17
+FRAME_SERVICE_LIST = 18
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
-    FRAME_PING: "PING", FRAME_PONG: "PONG",
+    FRAME_PING: "PING", FRAME_PONG: "PONG", FRAME_LISTEN: "LISTEN",
+    FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
+    FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
+    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST",
 }
+HELLO_STREAMS = 0x0001
 
 ERROR_VERSION = 1
 ERROR_AUTH = 2
@@ -105,11 +137,24 @@ ERROR_REPLACED = 4
 ERROR_PROTOCOL = 5
 ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
+ERROR_PORT_TAKEN = 8
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
-    ERROR_TIMEOUT: "timeout",
+    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken",
+}
+
+RESET_REFUSED = 1           # nothing listens there, or the forward target refused
+RESET_UNKNOWN_PEER = 2      # no device, address or service by that name
+RESET_UNREACHABLE = 3       # the peer is known but not connected
+RESET_ABORTED = 4           # one end failed or was killed mid-stream
+RESET_RELAY_LOST = 5        # the relay connection of one end went down
+RESET_LIMIT = 6             # too many streams
+RESET_NAMES = {
+    RESET_REFUSED: "connection refused", RESET_UNKNOWN_PEER: "unknown peer",
+    RESET_UNREACHABLE: "peer unreachable", RESET_ABORTED: "aborted",
+    RESET_RELAY_LOST: "relay connection lost", RESET_LIMIT: "too many streams",
 }
 
 NONCE_BYTES = 16
@@ -120,11 +165,20 @@ MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
 
-HELLO = struct.Struct("!5sHH16sB")       # magic, version, reserved, nonce, device_id length
+MAX_NAME_BYTES = 64
+MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
+
+HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4s")        # virtual address, prefix length, server virtual address
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
+LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
+OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
+ACCEPT = struct.Struct("!II")            # stream id, window
+STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
+WINDOW = struct.Struct("!II")            # stream id, increment
+RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 
 
 class ProtocolError(Exception):
@@ -195,13 +249,13 @@ def check_device_id(device_id):
     return device_id
 
 
-def encode_hello(nonce, device_id):
+def encode_hello(nonce, device_id, flags=0):
     raw_id = check_device_id(device_id).encode("ascii")
-    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, nonce, len(raw_id)) + raw_id
+    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, flags, nonce, len(raw_id)) + raw_id
 
 
 def decode_hello(payload):
-    """(client nonce, device_id); VersionMismatch for another version, ProtocolError for junk."""
+    """(client nonce, device_id, flags); VersionMismatch for another version, ProtocolError for junk."""
     if len(payload) < 7 or payload[:5] != HELLO_MAGIC:
         raise ProtocolError("not an MNEDC client (bad HELLO magic)")
     version = struct.unpack_from("!H", payload, 5)[0]
@@ -209,13 +263,15 @@ def decode_hello(payload):
         raise VersionMismatch(version)
     if len(payload) < HELLO.size:
         raise ProtocolError("HELLO of %d bytes is truncated" % len(payload))
-    _, _, _, nonce, id_length = HELLO.unpack_from(payload)
+    _, _, flags, nonce, id_length = HELLO.unpack_from(payload)
+    if flags & ~HELLO_STREAMS:
+        raise ProtocolError("HELLO flags 0x%04x are not defined" % flags)
     raw_id = payload[HELLO.size:]
     if len(raw_id) != id_length:
         raise ProtocolError("HELLO device_id length %d does not match its %d bytes"
                             % (id_length, len(raw_id)))
     try:
-        return nonce, check_device_id(raw_id.decode("ascii"))
+        return nonce, check_device_id(raw_id.decode("ascii")), flags
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError("bad device_id in HELLO: %s" % error)
 
@@ -283,6 +339,100 @@ def check_ping(payload):
     return payload
 
 
+def decode_name(raw, what):
+    """A device_id, service or peer name from the wire, or ProtocolError."""
+    try:
+        return check_device_id(raw.decode("ascii")) if raw else ""
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ProtocolError("bad %s: %s" % (what, error))
+
+
+def encode_listen(port, service=""):
+    return LISTEN.pack(port) + (check_device_id(service).encode("ascii") if service else b"")
+
+
+def decode_listen(payload):
+    """(port, service name or '')."""
+    if len(payload) < LISTEN.size or len(payload) > LISTEN.size + MAX_NAME_BYTES:
+        raise ProtocolError("LISTEN of %d bytes" % len(payload))
+    return LISTEN.unpack_from(payload)[0], decode_name(payload[LISTEN.size:], "service name")
+
+
+def encode_open(stream_id, port, window, name):
+    return OPEN.pack(stream_id, port, window) + name.encode("ascii")
+
+
+def decode_open(payload):
+    """(stream id, port, window, peer name)."""
+    if len(payload) < OPEN.size or len(payload) > OPEN.size + 2 * MAX_NAME_BYTES + 3:
+        raise ProtocolError("OPEN of %d bytes" % len(payload))
+    stream_id, port, window = OPEN.unpack_from(payload)
+    raw = payload[OPEN.size:]
+    try:
+        name = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("OPEN peer name is not ASCII")
+    if not name or not set(name) <= DEVICE_ID_CHARS | frozenset(" ()"):
+        raise ProtocolError("OPEN peer name %r is not usable" % name)
+    return stream_id, port, window, name
+
+
+def encode_accept(stream_id, window):
+    return ACCEPT.pack(stream_id, window)
+
+
+def decode_accept(payload):
+    """(stream id, window)."""
+    if len(payload) != ACCEPT.size:
+        raise ProtocolError("ACCEPT of %d bytes" % len(payload))
+    return ACCEPT.unpack(payload)
+
+
+def encode_data(stream_id, data):
+    return STREAM_ID.pack(stream_id) + data
+
+
+def decode_data(payload):
+    """(stream id, bytes)."""
+    if len(payload) < STREAM_ID.size:
+        raise ProtocolError("DATA of %d bytes" % len(payload))
+    return STREAM_ID.unpack_from(payload)[0], payload[STREAM_ID.size:]
+
+
+def encode_window(stream_id, increment):
+    return WINDOW.pack(stream_id, increment)
+
+
+def decode_window(payload):
+    """(stream id, increment)."""
+    if len(payload) != WINDOW.size:
+        raise ProtocolError("WINDOW of %d bytes" % len(payload))
+    return WINDOW.unpack(payload)
+
+
+def encode_eof(stream_id):
+    return STREAM_ID.pack(stream_id)
+
+
+def decode_eof(payload):
+    if len(payload) != STREAM_ID.size:
+        raise ProtocolError("EOF of %d bytes" % len(payload))
+    return STREAM_ID.unpack(payload)[0]
+
+
+def encode_reset(stream_id, code, text):
+    return RESET.pack(stream_id, code) + text.encode("utf-8")[:MAX_ERROR_TEXT_BYTES]
+
+
+def decode_reset(payload):
+    """(stream id, code, text)."""
+    if len(payload) < RESET.size:
+        raise ProtocolError("RESET of %d bytes" % len(payload))
+    stream_id, code = RESET.unpack_from(payload)
+    text = payload[RESET.size:RESET.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
+    return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
+
+
 def ipv4_problem(packet):
     """Why packet is not a well-formed IPv4 packet, or None when it is."""
     if len(packet) < 20:
@@ -314,7 +464,11 @@ FATAL_SERVER_ERRORS = (ERROR_AUTH, ERROR_VERSION)
 
 
 class RelayLink:
-    """The TCP connection to the relay server, from connect() to close."""
+    """The TCP connection to the relay server, from connect() to close.
+
+    It runs the handshake and the keepalive itself and hands every other frame to its owner
+    (a TunClient or a StreamClient) through owner.on_frame().
+    """
 
     def __init__(self, client, sock, server_label):
         self.client = client
@@ -346,8 +500,11 @@ class RelayLink:
         self.reader.feed(data)
         try:
             for frame_type, payload in self.reader.take_frames():
-                handler = LINK_HANDLERS[self.stage].get(frame_type, RelayLink.on_unexpected)
-                handler(self, frame_type, payload)
+                handler = LINK_HANDLERS[self.stage].get(frame_type)
+                if handler is None and self.stage == "established":
+                    self.client.on_frame(frame_type, payload)
+                else:
+                    (handler or RelayLink.on_unexpected)(self, frame_type, payload)
                 if self.stage == "closed":
                     return
         except ProtocolError as error:
@@ -383,12 +540,6 @@ class RelayLink:
         self.client.on_server_error(code, text)
         self.close("the server refused: %s: %s" % (ERROR_NAMES.get(code, "error %d" % code), text))
 
-    def on_packet(self, frame_type, payload):
-        problem = ipv4_problem(payload)
-        if problem:
-            raise ProtocolError(problem)
-        self.client.tun.send_packet(payload)
-
     def on_ping(self, frame_type, payload):
         self.send_frame(FRAME_PONG, check_ping(payload))
 
@@ -406,7 +557,8 @@ class RelayLink:
         self.stage = "challenge"
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         self.client.loop.set_interest(self, selectors.EVENT_READ)
-        self.send_frame(FRAME_HELLO, encode_hello(self.client_nonce, self.client.config.device_id))
+        self.send_frame(FRAME_HELLO, encode_hello(self.client_nonce, self.client.config.device_id,
+                                                  self.client.hello_flags))
 
     def send_packet(self, packet):
         """Queue one packet; True while the queue is below the high-water mark."""
@@ -440,7 +592,7 @@ class RelayLink:
         if not self.out:
             self.client.loop.set_interest(self, selectors.EVENT_READ)
         if len(self.out) < LOW_WATER_BYTES:
-            self.client.tun.resume()
+            self.client.on_link_drained()
 
     # -- ending --
 
@@ -477,8 +629,7 @@ LINK_HANDLERS = {
     "challenge": {FRAME_CHALLENGE: RelayLink.on_challenge, FRAME_ERROR: RelayLink.on_error},
     "welcome": {FRAME_WELCOME: RelayLink.on_welcome, FRAME_ERROR: RelayLink.on_error},
     "established": {
-        FRAME_PACKET: RelayLink.on_packet, FRAME_PING: RelayLink.on_ping,
-        FRAME_PONG: RelayLink.on_pong, FRAME_ERROR: RelayLink.on_error,
+        FRAME_PING: RelayLink.on_ping, FRAME_PONG: RelayLink.on_pong, FRAME_ERROR: RelayLink.on_error,
     },
 }
 
@@ -539,45 +690,270 @@ class ClientTun:
         self.client.log.info("removed interface %s: %s" % (self.interface, reason))
 
 
-# ==== THE CLIENT ====
+# Stream mode. A Stream joins a local byte stream (a TCP socket, or stdin and stdout) to its far
+# end over the relay. Flow control is end to end: we send DATA only within the credit the far end
+# granted, and grant credit back (WINDOW) only for bytes our local side has taken. So a slow
+# local reader stops its own stream and nothing else.
+#
+#   local readable  -> DATA (within credit); local EOF -> EOF frame        (half-close)
+#   DATA            -> local write, then WINDOW; EOF frame -> shutdown(SHUT_WR) locally
+#   both directions ended -> "closed gracefully"; RESET or a local error -> "closed suddenly"
 
-class TunClient:
-    """Keeps this device on the virtual network: one TUN interface, one relay link at a time."""
+class LocalFd:
+    """One local fd of a stream (socket, pipe, tty or regular file) for the event loop.
+
+    Regular files cannot be watched by epoll, but never block either: for those a wish to read
+    or write becomes a timer that fires at once.
+    """
+
+    def __init__(self, loop, fd, on_readable, on_writable, on_failure):
+        self.loop = loop
+        self.fd = fd
+        self.on_readable = on_readable
+        self.on_writable = on_writable
+        self.close = on_failure          # the loop calls close(reason) when a callback fails
+        self.is_file = not _pollable(fd)
+        self.reading = self.writing = False
+        self._timer = None
+
+    def fileno(self):
+        return self.fd
+
+    def __repr__(self):
+        return "LocalFd(%d)" % self.fd
+
+    def want(self, reading=None, writing=None):
+        if reading is not None:
+            self.reading = reading
+        if writing is not None:
+            self.writing = writing
+        if self.is_file:
+            if (self.reading or self.writing) and self._timer is None:
+                self._timer = self.loop.call_later(0, self._fire)
+            return
+        events = (selectors.EVENT_READ if self.reading else 0) | (selectors.EVENT_WRITE if self.writing else 0)
+        self.loop.set_interest(self, events)
+
+    def _fire(self):
+        self._timer = None
+        try:
+            if self.reading:
+                self.on_readable()
+            if self.writing:
+                self.on_writable()
+        except OSError as error:
+            self.close(describe_error(error))
+        if self.reading or self.writing:
+            self.want()
+
+    def forget(self):
+        self.reading = self.writing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.is_file:
+            self.loop.forget(self)
+
+
+def _pollable(fd):
+    probe = selectors.DefaultSelector()
+    try:
+        probe.register(fd, selectors.EVENT_READ)
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        probe.close()
+
+
+class Stream:
+    """One end of a stream: a local socket or stdin/stdout, and the far end over the relay."""
+
+    def __init__(self, client, stream_id, peer, sock=None, stdio=None):
+        self.client = client
+        self.stream_id = stream_id
+        self.peer = peer
+        self.sock = sock
+        if sock is not None:
+            fd = sock.fileno()
+            self.reader = self.writer = LocalFd(client.loop, fd, self.on_local_readable,
+                                                self.on_local_writable, self.fail)
+        else:
+            self.reader = LocalFd(client.loop, stdio[0], self.on_local_readable, None, self.fail)
+            self.writer = LocalFd(client.loop, stdio[1], None, self.on_local_writable, self.fail)
+        self.send_credit = 0
+        self.to_local = bytearray()
+        self.consumed = 0               # bytes written locally and not yet granted back
+        self.local_eof = False          # our local side will send no more (EOF sent)
+        self.remote_eof = False         # the far end will send no more
+        self.local_shut = False         # we passed the far end's EOF on to our local side
+        self.started = False
+        self.state = "open"
+
+    def __repr__(self):
+        return "Stream(%d with %s, %s)" % (self.stream_id, self.peer, self.state)
+
+    def start(self, credit):
+        """The far end accepted: data may flow both ways."""
+        self.started = True
+        self.send_credit = credit
+        self.reader.want(reading=True)
+
+    # -- local -> relay --
+
+    def on_local_readable(self):
+        if self.local_eof or self.send_credit <= 0 or self.state != "open":
+            self.reader.want(reading=False)
+            return
+        size = min(self.send_credit, MAX_DATA_BYTES)
+        try:
+            data = self.sock.recv(size) if self.sock is not None else os.read(self.reader.fd, size)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self.local_eof = True
+            self.reader.want(reading=False)
+            self.client.send_frame(FRAME_EOF, encode_eof(self.stream_id))
+            self.finish_if_done()
+            return
+        self.send_credit -= len(data)
+        self.client.send_frame(FRAME_DATA, encode_data(self.stream_id, data))
+        if self.send_credit <= 0:
+            self.reader.want(reading=False)
+
+    def on_window(self, increment):
+        self.send_credit += increment
+        if self.started and not self.local_eof and self.state == "open":
+            self.reader.want(reading=True)
+
+    # -- relay -> local --
+
+    def on_data(self, data):
+        if self.remote_eof:
+            raise ProtocolError("DATA on stream %d after its EOF" % self.stream_id)
+        if len(self.to_local) + len(data) > STREAM_WINDOW_BYTES:
+            raise ProtocolError("stream %d overran its window" % self.stream_id)
+        self.to_local += data
+        self.on_local_writable()
+
+    def on_eof(self):
+        self.remote_eof = True
+        self.on_local_writable()
+
+    def on_local_writable(self):
+        while self.to_local and self.state == "open":
+            try:
+                if self.sock is not None:
+                    written = self.sock.send(self.to_local)
+                else:
+                    written = os.write(self.writer.fd, self.to_local)
+            except (BlockingIOError, InterruptedError):
+                self.writer.want(writing=True)
+                return
+            del self.to_local[:written]
+            self.consumed += written
+        self.writer.want(writing=False)
+        if self.consumed >= STREAM_WINDOW_BYTES // 4 or (self.consumed and not self.to_local):
+            self.client.send_frame(FRAME_WINDOW, encode_window(self.stream_id, self.consumed))
+            self.consumed = 0
+        if self.remote_eof and not self.to_local and not self.local_shut and self.state == "open":
+            self.local_shut = True
+            if self.sock is not None:
+                self.sock.shutdown(socket.SHUT_WR)
+            else:
+                os.close(self.writer.fd)   # EOF for whoever reads our stdout
+                self.writer.fd = -1
+            self.finish_if_done()
+
+    # -- ending --
+
+    def finish_if_done(self):
+        if self.local_eof and self.local_shut:
+            self.end(True, "closed gracefully")
+
+    def on_reset(self, code, text):
+        self.end(False, "closed suddenly: %s: %s" % (RESET_NAMES.get(code, "reset %d" % code), text))
+
+    def fail(self, reason):
+        """The local side failed (or was killed): abort the far end too."""
+        if self.state == "open":
+            self.client.send_frame(FRAME_RESET, encode_reset(self.stream_id, RESET_ABORTED,
+                                                             "%s on %s" % (reason, self.client.config.device_id)))
+            self.end(False, "closed suddenly: %s" % reason)
+
+    def end(self, graceful, how):
+        """Log how the stream ended, release the local side; never raises, safe to call twice."""
+        if self.state != "open":
+            return
+        self.state = "closed"
+        self.client.log.info("Connection with %s %s" % (self.peer, how))
+        for local in {self.reader, self.writer}:
+            local.forget()
+        if self.sock is not None:
+            if not graceful:            # RST, so the local peer sees the abort, not a clean EOF
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.sock.close()
+        self.client.on_stream_end(self, graceful)
+
+
+class LocalListener:
+    """connect --forward: a TCP port on 127.0.0.1 whose every connection becomes a stream."""
+
+    def __init__(self, client, sock):
+        self.client = client
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "LocalListener(127.0.0.1:%d)" % self.sock.getsockname()[1]
+
+    def on_readable(self):
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self.client.on_local_connection(sock)
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        self.client.loop.forget(self)
+        self.sock.close()
+
+
+# ==== THE CLIENTS ====
+
+class RelayClient:
+    """What both modes share: one relay link at a time, the backoff, the timers, the signals."""
+
+    hello_flags = 0
+    retry_forever = True
 
     def __init__(self, config, log):
         self.config = config
         self.log = log
         self.loop = EventLoop(log)
-        self.tun = None
         self.link = None
-        self.configured = None          # (address, prefix length) the interface has
         self.failures = 0               # attempts since the last WELCOME, for the backoff
-        self.drops = {}
         self.exit_code = 0
         self.stopping = False
 
-    def start(self):
-        """Create the TUN interface (it lives until we stop) and start connecting."""
-        try:
-            fd, interface = open_tun(self.config.interface)
-        except OSError as error:
-            raise OSError(error.errno, "cannot create TUN interface %s: %s (TUN mode needs root "
-                          "and /dev/net/tun)" % (self.config.interface, describe_error(error)))
-        self.tun = ClientTun(self, fd, interface)
-        self.loop.set_interest(self.tun, selectors.EVENT_READ)
+    def start_link(self):
         self.loop.call_every(1.0, self.tick)
         self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self.on_stop_signal)
-        self.log.info("created interface %s; device %s connecting to %s:%d"
-                      % (interface, self.config.device_id, self.config.server[0], self.config.server[1]))
         self.connect()
 
     def run(self):
         self.loop.run()
         return self.exit_code
 
-    # -- the relay link --
-
     def connect(self):
+        if self.stopping:
+            return
         host, port = self.config.server
         label = "%s:%d" % (host, port)
         try:
@@ -597,6 +973,109 @@ class TunClient:
         self.link = RelayLink(self, sock, label)
         self.loop.set_interest(self.link, selectors.EVENT_WRITE)
 
+    def established_link(self):
+        link = self.link
+        return link if link is not None and link.stage == "established" else None
+
+    def send_frame(self, frame_type, payload):
+        link = self.established_link()
+        if link is not None:
+            link.send_frame(frame_type, payload)
+
+    def on_server_error(self, code, text):
+        if code in FATAL_SERVER_ERRORS:
+            self.fatal("the server refused this device: %s: %s" % (ERROR_NAMES[code], text))
+        elif code == ERROR_SHUTDOWN:
+            self.failures = 0           # a restart is not a failure of ours: come back quickly
+
+    def on_link_closed(self, link, reason, was_established):
+        if link is self.link:
+            self.link = None
+        self.on_link_lost(reason)
+        if self.stopping:
+            return
+        if not self.retry_forever:
+            self.fatal("relay connection to %s lost: %s" % (link.server_label, reason) if was_established
+                       else "cannot reach the relay at %s: %s" % (link.server_label, reason))
+            return
+        if was_established:
+            self.log.warning("relay connection lost: %s" % reason)
+        self.retry_later(reason if not was_established else None)
+
+    def retry_later(self, reason):
+        if not self.retry_forever:
+            self.fatal("cannot reach the relay: %s" % reason)
+            return
+        delay = self.next_backoff_s()
+        self.log.debug("attempt %d failed; next in %.1f s" % (self.failures, delay))
+        if reason:
+            self.log.limited("retry", "warning", "cannot join the relay: %s; retrying in %.1f s" % (reason, delay))
+        else:
+            self.log.info("reconnecting in %.1f s" % delay)
+        self.loop.call_later(delay, self.connect)
+
+    def next_backoff_s(self):
+        """Exponential from 1 s to 30 s, with jitter so devices do not retry in lockstep."""
+        ceiling = min(MAX_BACKOFF_S, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
+        self.failures += 1
+        return max(MIN_BACKOFF_S, ceiling * random.uniform(0.5, 1.0))
+
+    def tick(self):
+        if self.link is not None:
+            self.link.check_timers(time.monotonic())
+
+    def fatal(self, message):
+        self.log.error(message)
+        self.exit_code = self.exit_code or 1
+        self.stop("fatal error")
+
+    def on_stop_signal(self, signum):
+        self.log.info("received %s: shutting down" % signal.Signals(signum).name)
+        self.stop("client shutting down")
+
+    def stop(self, reason):
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.link is not None:
+            self.link.close(reason)
+        self.release(reason)
+        self.loop.stop()
+
+    # what each mode adds
+    def on_link_lost(self, reason):
+        pass
+
+    def on_link_drained(self):
+        pass
+
+    def release(self, reason):
+        pass
+
+
+class TunClient(RelayClient):
+    """TUN mode: keeps this device on the virtual network through one TUN interface."""
+
+    def __init__(self, config, log):
+        RelayClient.__init__(self, config, log)
+        self.tun = None
+        self.configured = None          # (address, prefix length) the interface has
+        self.drops = {}
+
+    def start(self):
+        """Create the TUN interface (it lives until we stop) and start connecting."""
+        try:
+            fd, interface = open_tun(self.config.interface)
+        except OSError as error:
+            raise OSError(error.errno, "cannot create TUN interface %s: %s (TUN mode needs root "
+                          "and /dev/net/tun; stream mode, `listen` and `connect`, needs neither)"
+                          % (self.config.interface, describe_error(error)))
+        self.tun = ClientTun(self, fd, interface)
+        self.loop.set_interest(self.tun, selectors.EVENT_READ)
+        self.log.info("created interface %s; device %s connecting to %s:%d"
+                      % (interface, self.config.device_id, self.config.server[0], self.config.server[1]))
+        self.start_link()
+
     def on_welcome(self, link, address, prefix_length, server_address):
         wanted = (ipv4_text(address), prefix_length)
         if wanted != self.configured:
@@ -613,38 +1092,13 @@ class TunClient:
                       % (link.server_label, wanted[0], prefix_length, self.tun.interface,
                          self.config.device_id, ipv4_text(server_address)))
 
-    def on_server_error(self, code, text):
-        if code in FATAL_SERVER_ERRORS:
-            self.fatal("the server refused this device: %s: %s" % (ERROR_NAMES[code], text))
-        elif code == ERROR_SHUTDOWN:
-            self.failures = 0           # a restart is not a failure of ours: come back quickly
-
-    def on_link_closed(self, link, reason, was_established):
-        if link is self.link:
-            self.link = None
-        self.tun.resume()
-        if self.stopping:
-            return
-        if was_established:
-            self.log.warning("relay connection lost: %s" % reason)
-        self.retry_later(reason if not was_established else None)
-
-    def retry_later(self, reason):
-        delay = self.next_backoff_s()
-        self.log.debug("attempt %d failed; next in %.1f s" % (self.failures, delay))
-        if reason:
-            self.log.limited("retry", "warning", "cannot join the relay: %s; retrying in %.1f s" % (reason, delay))
-        else:
-            self.log.info("reconnecting in %.1f s" % delay)
-        self.loop.call_later(delay, self.connect)
-
-    def next_backoff_s(self):
-        """Exponential from 1 s to 30 s, with jitter so devices do not retry in lockstep."""
-        ceiling = min(MAX_BACKOFF_S, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
-        self.failures += 1
-        return max(MIN_BACKOFF_S, ceiling * random.uniform(0.5, 1.0))
-
-    # -- the data path --
+    def on_frame(self, frame_type, payload):
+        if frame_type != FRAME_PACKET:
+            raise ProtocolError("%s is not for a TUN member" % FRAME_NAMES.get(frame_type, frame_type))
+        problem = ipv4_problem(payload)
+        if problem:
+            raise ProtocolError(problem)
+        self.tun.send_packet(payload)
 
     def forward_from_tun(self, packet):
         """Send one packet the kernel routed into the TUN; False asks the TUN to pause."""
@@ -652,8 +1106,8 @@ class TunClient:
         if problem:
             self.count_drop(problem)
             return True
-        link = self.link
-        if link is None or link.stage != "established":
+        link = self.established_link()
+        if link is None:
             self.count_drop("no relay connection")
             return True
         return link.send_packet(packet)
@@ -662,28 +1116,256 @@ class TunClient:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         self.log.limited(("drop", reason), "debug", "dropped a packet: %s" % reason)
 
-    # -- housekeeping --
+    def on_link_lost(self, reason):
+        self.tun.resume()
 
-    def tick(self):
-        if self.link is not None:
-            self.link.check_timers(time.monotonic())
+    def on_link_drained(self):
+        self.tun.resume()
 
-    def fatal(self, message):
-        self.log.error(message)
-        self.exit_code = 1
-        self.stop("fatal error")
-
-    def on_stop_signal(self, signum):
-        self.log.info("received %s: shutting down" % signal.Signals(signum).name)
-        self.stop("client shutting down")
-
-    def stop(self, reason):
-        self.stopping = True
-        if self.link is not None:
-            self.link.close(reason)
+    def release(self, reason):
         if self.tun is not None:
             self.tun.close(reason)
-        self.loop.stop()
+
+
+class StreamClient(RelayClient):
+    """Stream mode: `listen`, `connect` and `services`, with no TUN and no root.
+
+    listen offers a virtual port (and maybe a service name) and joins each arriving stream to
+    127.0.0.1:forward, or to stdin/stdout; connect opens streams to a peer's port, from local
+    TCP connections on 127.0.0.1:forward, or from stdin/stdout.
+    """
+
+    hello_flags = HELLO_STREAMS
+
+    def __init__(self, config, log, command, port=0, peer=None, forward=None, once=False,
+                 service="", as_json=False):
+        RelayClient.__init__(self, config, log)
+        self.command = command
+        self.port = port
+        self.peer = peer
+        self.forward = forward
+        self.once = once or forward is None     # stdin/stdout carries one stream only
+        self.service = service
+        self.as_json = as_json
+        self.streams = {}
+        self.next_stream_id = 1
+        self.served = 0                 # streams that have started
+        self.pending_locals = []        # (socket, deadline) waiting for the relay
+        self.local_listener = None
+        self.stdio_flags = {}
+        # one-shot commands fail rather than wait for a relay that is not there
+        self.retry_forever = command == "listen" or (command == "connect" and forward is not None)
+
+    def start(self):
+        if self.command in ("listen", "connect") and self.forward is None:
+            for fd in (0, 1):           # restored in release(): the shell shares these
+                if _pollable(fd):
+                    self.stdio_flags[fd] = os.get_blocking(fd)
+                    os.set_blocking(fd, False)
+        if self.command == "connect" and self.forward is not None:
+            self.local_listener = LocalListener(self, self._bind_local(self.forward))
+            self.loop.set_interest(self.local_listener, selectors.EVENT_READ)
+            self.log.info("listening on 127.0.0.1:%d for connections to %s port %s"
+                          % (self.local_listener.sock.getsockname()[1], self.peer, self.port or "(service)"))
+        self.start_link()
+
+    def _bind_local(self, port):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as error:
+            sock.close()
+            raise OSError(error.errno, "cannot listen on 127.0.0.1:%d: %s" % (port, describe_error(error)))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    # -- the relay link --
+
+    def on_welcome(self, link, address, prefix_length, server_address):
+        self.failures = 0
+        self.log.debug("stream session with relay %s as %s" % (link.server_label, ipv4_text(address)))
+        if self.command == "services":
+            self.send_frame(FRAME_SERVICES, b"")
+        elif self.command == "listen":
+            self.send_frame(FRAME_LISTEN, encode_listen(self.port, self.service))
+        elif self.forward is None:
+            self.open_stream(stdio=(0, 1))
+        else:
+            for sock, _ in self.pending_locals:
+                self.open_stream(sock=sock)
+            self.pending_locals = []
+
+    def on_frame(self, frame_type, payload):
+        handler = STREAM_CLIENT_HANDLERS.get(frame_type)
+        if handler is None:
+            raise ProtocolError("%s is not for a stream session" % FRAME_NAMES.get(frame_type, frame_type))
+        handler(self, payload)
+
+    def on_listening(self, payload):
+        port, service = decode_listen(payload)
+        self.log.info("listening on virtual port %d%s of device %s" % (
+            port, " as service %s" % service if service else "", self.config.device_id))
+
+    def on_service_list(self, payload):
+        try:
+            listing = json.loads(payload.decode("utf-8"))
+        except ValueError as error:
+            raise ProtocolError("SERVICE_LIST is not JSON: %s" % error)
+        sys.stdout.write(json.dumps(listing, indent=1, sort_keys=True) + "\n" if self.as_json
+                         else format_services(listing))
+        sys.stdout.flush()
+        self.stop("done")
+
+    def on_link_lost(self, reason):
+        for stream in list(self.streams.values()):
+            stream.on_reset(RESET_RELAY_LOST, reason)
+
+    # -- streams --
+
+    def open_stream(self, sock=None, stdio=None):
+        stream_id = self.next_stream_id
+        self.next_stream_id += 2
+        stream = Stream(self, stream_id, "%s:%s" % (self.peer, self.port or "service"), sock=sock, stdio=stdio)
+        self.streams[stream_id] = stream
+        self.send_frame(FRAME_OPEN, encode_open(stream_id, self.port, STREAM_WINDOW_BYTES, self.peer))
+
+    def on_open(self, payload):
+        stream_id, port, window, caller = decode_open(payload)
+        if stream_id in self.streams:
+            raise ProtocolError("OPEN for stream %d, which is open already" % stream_id)
+        if self.once and self.served:
+            self.send_frame(FRAME_RESET, encode_reset(stream_id, RESET_REFUSED, "busy with another stream"))
+            return
+        self.served += 1
+        if self.forward is None:
+            stream = Stream(self, stream_id, caller, stdio=(0, 1))
+            self.streams[stream_id] = stream
+            self.accept_stream(stream, window)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        failure = sock.connect_ex(("127.0.0.1", self.forward))
+        stream = Stream(self, stream_id, caller, sock=sock)
+        self.streams[stream_id] = stream
+        if failure == 0:
+            self.accept_stream(stream, window)
+        elif failure in (errno.EINPROGRESS, errno.EAGAIN):
+            stream.writer.on_writable = lambda: self.on_forward_connected(stream, window)
+            stream.writer.want(writing=True)
+        else:
+            self.refuse_stream(stream, failure)
+
+    def on_forward_connected(self, stream, window):
+        stream.writer.on_writable = stream.on_local_writable
+        stream.writer.want(writing=False)
+        failure = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if failure:
+            self.refuse_stream(stream, failure)
+        else:
+            self.accept_stream(stream, window)
+
+    def accept_stream(self, stream, window):
+        self.send_frame(FRAME_ACCEPT, encode_accept(stream.stream_id, STREAM_WINDOW_BYTES))
+        self.log.info("Connection with %s accepted" % stream.peer)
+        stream.start(window)
+
+    def refuse_stream(self, stream, failure):
+        text = "%s by 127.0.0.1:%d on %s" % (os.strerror(failure).lower(), self.forward, self.config.device_id)
+        self.send_frame(FRAME_RESET, encode_reset(stream.stream_id, RESET_REFUSED, text))
+        stream.end(False, "closed suddenly: %s" % text)
+
+    def on_accept(self, payload):
+        stream_id, window = decode_accept(payload)
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.started:
+            self.log.info("Connection with %s established" % stream.peer)
+            stream.start(window)
+
+    def on_data(self, payload):
+        stream_id, data = decode_data(payload)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.on_data(data)
+
+    def on_window(self, payload):
+        stream_id, increment = decode_window(payload)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.on_window(increment)
+
+    def on_eof(self, payload):
+        stream = self.streams.get(decode_eof(payload))
+        if stream is not None:
+            stream.on_eof()
+
+    def on_reset(self, payload):
+        stream_id, code, text = decode_reset(payload)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.on_reset(code, text)
+
+    def on_stream_end(self, stream, graceful):
+        self.streams.pop(stream.stream_id, None)
+        if not graceful:
+            self.exit_code = 1
+        if self.once and not self.streams:
+            self.stop("the stream ended")
+
+    def on_local_connection(self, sock):
+        if self.once and self.served:
+            sock.close()
+            return
+        self.served += 1
+        if self.established_link() is not None:
+            self.open_stream(sock=sock)
+        else:
+            self.pending_locals.append((sock, time.monotonic() + PENDING_LOCAL_S))
+
+    def tick(self):
+        RelayClient.tick(self)
+        now = time.monotonic()
+        for sock, deadline in [p for p in self.pending_locals if p[1] < now]:
+            self.log.warning("no relay connection within %d s: closing a local connection" % PENDING_LOCAL_S)
+            sock.close()
+            self.pending_locals.remove((sock, deadline))
+
+    def release(self, reason):
+        for stream in list(self.streams.values()):
+            stream.fail(reason)
+        for sock, _ in self.pending_locals:
+            sock.close()
+        if self.local_listener is not None:
+            self.local_listener.close(reason)
+        for fd, blocking in self.stdio_flags.items():
+            try:
+                os.set_blocking(fd, blocking)
+            except OSError:
+                pass                    # already closed: stdout after the far end's EOF
+
+
+STREAM_CLIENT_HANDLERS = {
+    FRAME_LISTENING: StreamClient.on_listening, FRAME_OPEN: StreamClient.on_open,
+    FRAME_ACCEPT: StreamClient.on_accept, FRAME_DATA: StreamClient.on_data,
+    FRAME_WINDOW: StreamClient.on_window, FRAME_EOF: StreamClient.on_eof,
+    FRAME_RESET: StreamClient.on_reset, FRAME_SERVICE_LIST: StreamClient.on_service_list,
+}
+
+
+def format_services(listing):
+    """The `services` table for people."""
+    rows = ["%-20s %-24s %-15s %s" % ("SERVICE", "DEVICE", "ADDRESS", "PORT")]
+    for service in listing.get("services", []):
+        rows.append("%-20s %-24s %-15s %d" % (service["name"], service["device_id"], service["address"],
+                                              service["port"]))
+    rows += ["", "%-44s %-15s %s" % ("DEVICE", "ADDRESS", "STATE")]
+    for device in listing.get("devices", []):
+        ways = (["tun"] if device["tun"] else []) + (
+            ["%d stream session(s)" % device["stream_sessions"]] if device["stream_sessions"] else [])
+        state = "online (%s)" % ", ".join(ways) if device["online"] else "offline"
+        rows.append("%-44s %-15s %s" % (device["device_id"], device["address"], state))
+    return "\n".join(rows) + "\n"
 
 
 # ==== BEGIN MNEDC RUNTIME ====
@@ -1160,24 +1842,76 @@ def load_client_config(args):
 # ==== CLI ====
 
 def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="INI file with a [client] section")
+    common.add_argument("--server", metavar="HOST[:PORT]", default=argparse.SUPPRESS,
+                        help="relay server (overrides the file)")
+    common.add_argument("--secret-file", metavar="FILE", default=argparse.SUPPRESS,
+                        help="file holding the network secret")
+    common.add_argument("--device-id", metavar="ID", default=argparse.SUPPRESS,
+                        help="this device's name on the network")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug lines too")
     parser = argparse.ArgumentParser(
-        prog="mnedc_client.py", description=__doc__,
+        prog="mnedc_client.py", description=__doc__, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", metavar="FILE", help="INI file with a [client] section")
-    parser.add_argument("--server", metavar="HOST[:PORT]", help="relay server (overrides the file)")
-    parser.add_argument("--secret-file", metavar="FILE", help="file holding the network secret")
-    parser.add_argument("--device-id", metavar="ID", help="this device's name on the network")
     parser.add_argument("--interface", metavar="NAME", help="TUN interface name (default %s)" % DEFAULT_INTERFACE)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    listen = commands.add_parser(
+        "listen", parents=[common], help="offer a virtual port (stream mode, no root)",
+        description="Offer virtual PORT of this device. Each stream that arrives is joined to "
+                    "127.0.0.1:TCPPORT (--forward), or, without --forward, one stream is joined "
+                    "to stdin/stdout.")
+    listen.add_argument("--once", action="store_true", help="serve one stream, then exit")
+    listen.add_argument("--forward", metavar="TCPPORT", type=port_number, help="local TCP port to join streams to")
+    listen.add_argument("--service", metavar="NAME", type=service_name,
+                        help="register NAME so peers can find this port")
+    listen.add_argument("port", metavar="PORT", type=port_number, help="the virtual port to offer")
+    connect = commands.add_parser(
+        "connect", parents=[common], help="reach a peer's virtual port (stream mode, no root)",
+        description="Reach PORT of PEER (a virtual IP, a device_id, or a service NAME; PORT may be "
+                    "omitted for a service). With --forward, each connection to 127.0.0.1:TCPPORT "
+                    "becomes a stream; without, one stream is joined to stdin/stdout, e.g. "
+                    "ssh -o ProxyCommand='mnedc_client.py connect %%h 22' DEVICE")
+    connect.add_argument("--once", action="store_true", help="serve one local connection, then exit")
+    connect.add_argument("--forward", metavar="TCPPORT", type=port_number, help="local TCP port to listen on")
+    connect.add_argument("peer", metavar="PEER", type=peer_name, help="virtual IP, device_id or service name")
+    connect.add_argument("port", metavar="PORT", type=port_number, nargs="?", default=0, help="the peer's virtual port")
+    services = commands.add_parser("services", parents=[common], help="list devices and named services")
+    services.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def cmd_tun(args):
-    log = Log("debug" if args.verbose else "info")
+def port_number(text):
     try:
-        config = load_client_config(args)
+        return parse_int(text, 1, 65535)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError("port %s" % error)
+
+
+def service_name(text):
+    try:
+        return check_device_id(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("device_id", "service name"))
+
+
+def peer_name(text):
+    return service_name(text) if not text.count(".") == 3 else text
+
+
+def load_or_exit(args, log):
+    try:
+        return load_client_config(args)
     except ConfigError as error:
         log.error(str(error))
+        return None
+
+
+def cmd_tun(args, log):
+    config = load_or_exit(args, log)
+    if config is None:
         return 2
     client = TunClient(config, log)
     try:
@@ -1188,9 +1922,35 @@ def cmd_tun(args):
     return client.run()
 
 
+def cmd_streams(args, log):
+    """listen, connect and services."""
+    config = load_or_exit(args, log)
+    if config is None:
+        return 2
+    client = StreamClient(config, log, args.command, port=getattr(args, "port", 0),
+                          peer=getattr(args, "peer", None), forward=getattr(args, "forward", None),
+                          once=getattr(args, "once", False), service=getattr(args, "service", None) or "",
+                          as_json=getattr(args, "json", False))
+    try:
+        client.start()
+    except OSError as error:
+        log.error(str(error))
+        return 1
+    return client.run()
+
+
+COMMANDS = {"tun": cmd_tun, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return cmd_tun(args)
+    args.command = args.command or "tun"
+    for name, default in (("config", None), ("server", None), ("secret_file", None),
+                          ("device_id", None), ("verbose", False)):
+        if not hasattr(args, name):     # options may stand before or after the command
+            setattr(args, name, default)
+    log = Log("debug" if args.verbose else "info")
+    return COMMANDS[args.command](args, log)
 
 
 if __name__ == "__main__":

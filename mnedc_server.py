@@ -47,6 +47,8 @@ RECV_BYTES = 256 * 1024
 ACCEPTS_PER_WAKEUP = 64
 TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
+MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
+MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
 LEASE_SAVE_INTERVAL_S = 60
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 
@@ -71,6 +73,21 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
+# which never takes over the device's address, so one device may run many of them.
+#
+# Streams (TCP carried over the relay; the server pairs the two ends and relays the frames):
+#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms)
+#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted;
+#                                         server -> listener: name says who is calling
+#     ACCEPT     id, window               the listener took the stream
+#     DATA       id, bytes                at most the credit the receiver granted
+#     WINDOW     id, increment            the receiver consumed bytes: more credit
+#     EOF        id                       no more DATA this way (half-close)
+#     RESET      id, code, text           the stream is over, abnormally
+#     SERVICES / SERVICE_LIST             who is online and which services exist (JSON)
+# Each side numbers the streams it opens: clients odd ids, the server even ones. A sender that
+# exceeds its window is cut off, so every byte in flight is one the receiver has room for.
 # The header, the first 7 bytes of HELLO and the ERROR layout never change between versions, so
 # any two versions can tell each other why they refuse.
 
@@ -93,11 +110,25 @@ FRAME_ERROR = 5
 FRAME_PACKET = 6
 FRAME_PING = 7
 FRAME_PONG = 8
+FRAME_LISTEN = 9
+FRAME_LISTENING = 10
+FRAME_OPEN = 11
+FRAME_ACCEPT = 12
+FRAME_DATA = 13
+FRAME_WINDOW = 14
+FRAME_EOF = 15
+FRAME_RESET = 16
+FRAME_SERVICES = 17
+FRAME_SERVICE_LIST = 18
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
-    FRAME_PING: "PING", FRAME_PONG: "PONG",
+    FRAME_PING: "PING", FRAME_PONG: "PONG", FRAME_LISTEN: "LISTEN",
+    FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
+    FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
+    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST",
 }
+HELLO_STREAMS = 0x0001
 
 ERROR_VERSION = 1
 ERROR_AUTH = 2
@@ -106,11 +137,24 @@ ERROR_REPLACED = 4
 ERROR_PROTOCOL = 5
 ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
+ERROR_PORT_TAKEN = 8
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
-    ERROR_TIMEOUT: "timeout",
+    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken",
+}
+
+RESET_REFUSED = 1           # nothing listens there, or the forward target refused
+RESET_UNKNOWN_PEER = 2      # no device, address or service by that name
+RESET_UNREACHABLE = 3       # the peer is known but not connected
+RESET_ABORTED = 4           # one end failed or was killed mid-stream
+RESET_RELAY_LOST = 5        # the relay connection of one end went down
+RESET_LIMIT = 6             # too many streams
+RESET_NAMES = {
+    RESET_REFUSED: "connection refused", RESET_UNKNOWN_PEER: "unknown peer",
+    RESET_UNREACHABLE: "peer unreachable", RESET_ABORTED: "aborted",
+    RESET_RELAY_LOST: "relay connection lost", RESET_LIMIT: "too many streams",
 }
 
 NONCE_BYTES = 16
@@ -121,11 +165,20 @@ MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
 
-HELLO = struct.Struct("!5sHH16sB")       # magic, version, reserved, nonce, device_id length
+MAX_NAME_BYTES = 64
+MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
+
+HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4s")        # virtual address, prefix length, server virtual address
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
+LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
+OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
+ACCEPT = struct.Struct("!II")            # stream id, window
+STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
+WINDOW = struct.Struct("!II")            # stream id, increment
+RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 
 
 class ProtocolError(Exception):
@@ -196,13 +249,13 @@ def check_device_id(device_id):
     return device_id
 
 
-def encode_hello(nonce, device_id):
+def encode_hello(nonce, device_id, flags=0):
     raw_id = check_device_id(device_id).encode("ascii")
-    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, nonce, len(raw_id)) + raw_id
+    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, flags, nonce, len(raw_id)) + raw_id
 
 
 def decode_hello(payload):
-    """(client nonce, device_id); VersionMismatch for another version, ProtocolError for junk."""
+    """(client nonce, device_id, flags); VersionMismatch for another version, ProtocolError for junk."""
     if len(payload) < 7 or payload[:5] != HELLO_MAGIC:
         raise ProtocolError("not an MNEDC client (bad HELLO magic)")
     version = struct.unpack_from("!H", payload, 5)[0]
@@ -210,13 +263,15 @@ def decode_hello(payload):
         raise VersionMismatch(version)
     if len(payload) < HELLO.size:
         raise ProtocolError("HELLO of %d bytes is truncated" % len(payload))
-    _, _, _, nonce, id_length = HELLO.unpack_from(payload)
+    _, _, flags, nonce, id_length = HELLO.unpack_from(payload)
+    if flags & ~HELLO_STREAMS:
+        raise ProtocolError("HELLO flags 0x%04x are not defined" % flags)
     raw_id = payload[HELLO.size:]
     if len(raw_id) != id_length:
         raise ProtocolError("HELLO device_id length %d does not match its %d bytes"
                             % (id_length, len(raw_id)))
     try:
-        return nonce, check_device_id(raw_id.decode("ascii"))
+        return nonce, check_device_id(raw_id.decode("ascii")), flags
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError("bad device_id in HELLO: %s" % error)
 
@@ -282,6 +337,100 @@ def check_ping(payload):
     if len(payload) > MAX_PING_BYTES:
         raise ProtocolError("PING/PONG of %d bytes exceeds %d" % (len(payload), MAX_PING_BYTES))
     return payload
+
+
+def decode_name(raw, what):
+    """A device_id, service or peer name from the wire, or ProtocolError."""
+    try:
+        return check_device_id(raw.decode("ascii")) if raw else ""
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ProtocolError("bad %s: %s" % (what, error))
+
+
+def encode_listen(port, service=""):
+    return LISTEN.pack(port) + (check_device_id(service).encode("ascii") if service else b"")
+
+
+def decode_listen(payload):
+    """(port, service name or '')."""
+    if len(payload) < LISTEN.size or len(payload) > LISTEN.size + MAX_NAME_BYTES:
+        raise ProtocolError("LISTEN of %d bytes" % len(payload))
+    return LISTEN.unpack_from(payload)[0], decode_name(payload[LISTEN.size:], "service name")
+
+
+def encode_open(stream_id, port, window, name):
+    return OPEN.pack(stream_id, port, window) + name.encode("ascii")
+
+
+def decode_open(payload):
+    """(stream id, port, window, peer name)."""
+    if len(payload) < OPEN.size or len(payload) > OPEN.size + 2 * MAX_NAME_BYTES + 3:
+        raise ProtocolError("OPEN of %d bytes" % len(payload))
+    stream_id, port, window = OPEN.unpack_from(payload)
+    raw = payload[OPEN.size:]
+    try:
+        name = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("OPEN peer name is not ASCII")
+    if not name or not set(name) <= DEVICE_ID_CHARS | frozenset(" ()"):
+        raise ProtocolError("OPEN peer name %r is not usable" % name)
+    return stream_id, port, window, name
+
+
+def encode_accept(stream_id, window):
+    return ACCEPT.pack(stream_id, window)
+
+
+def decode_accept(payload):
+    """(stream id, window)."""
+    if len(payload) != ACCEPT.size:
+        raise ProtocolError("ACCEPT of %d bytes" % len(payload))
+    return ACCEPT.unpack(payload)
+
+
+def encode_data(stream_id, data):
+    return STREAM_ID.pack(stream_id) + data
+
+
+def decode_data(payload):
+    """(stream id, bytes)."""
+    if len(payload) < STREAM_ID.size:
+        raise ProtocolError("DATA of %d bytes" % len(payload))
+    return STREAM_ID.unpack_from(payload)[0], payload[STREAM_ID.size:]
+
+
+def encode_window(stream_id, increment):
+    return WINDOW.pack(stream_id, increment)
+
+
+def decode_window(payload):
+    """(stream id, increment)."""
+    if len(payload) != WINDOW.size:
+        raise ProtocolError("WINDOW of %d bytes" % len(payload))
+    return WINDOW.unpack(payload)
+
+
+def encode_eof(stream_id):
+    return STREAM_ID.pack(stream_id)
+
+
+def decode_eof(payload):
+    if len(payload) != STREAM_ID.size:
+        raise ProtocolError("EOF of %d bytes" % len(payload))
+    return STREAM_ID.unpack(payload)[0]
+
+
+def encode_reset(stream_id, code, text):
+    return RESET.pack(stream_id, code) + text.encode("utf-8")[:MAX_ERROR_TEXT_BYTES]
+
+
+def decode_reset(payload):
+    """(stream id, code, text)."""
+    if len(payload) < RESET.size:
+        raise ProtocolError("RESET of %d bytes" % len(payload))
+    stream_id, code = RESET.unpack_from(payload)
+    text = payload[RESET.size:RESET.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
+    return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
 
 
 def ipv4_problem(packet):
@@ -465,6 +614,193 @@ class RouteTable:
         return target, None
 
 
+class StreamRefused(Exception):
+    """A stream cannot be opened; code is a RESET_* value."""
+
+    def __init__(self, code, text):
+        Exception.__init__(self, text)
+        self.code = code
+
+
+class PortTaken(Exception):
+    """Another session already offers that virtual port or service name."""
+
+
+class RelayedStream:
+    """One stream between two stream sessions: two (session, stream id) ends.
+
+    credit[i] is how many bytes end i may still send: what the other end granted (OPEN/ACCEPT
+    windows, then WINDOW increments) minus what end i sent. Relayed bytes wait in the
+    receiver's send queue, so credit is also what bounds the server's memory per stream.
+    """
+
+    def __init__(self, opener, opener_id, listener, listener_id, opener_window, label):
+        self.ends = [(opener, opener_id), (listener, listener_id)]
+        self.credit = [0, opener_window]    # the opener may send once the listener ACCEPTs
+        self.accepted = False
+        self.eof = [False, False]
+        self.label = label
+
+    def other(self, index):
+        return self.ends[1 - index]
+
+
+class StreamSwitch:
+    """Virtual ports, service names and the streams between stream sessions."""
+
+    def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online):
+        """device_of(name): the device_id a virtual IP or device_id names, or None;
+        online(device_id): whether any session of that device is connected."""
+        self.log = log
+        self.device_of = device_of
+        self.online = online
+        self.max_window_bytes = max_window_bytes
+        self.max_streams = max_streams_per_session
+        self.listeners = {}         # (device_id, port) -> session
+        self.services = {}          # service name -> (session, port)
+        self.streams = {}           # (session, stream id) -> (RelayedStream, end index)
+        self.open_counts = {}       # session -> streams it takes part in
+        self.next_server_id = 2     # ids the server gives streams it opens towards listeners
+
+    # -- ports and names --
+
+    def listen(self, session, port, service):
+        key = (session.device_id, port)
+        holder = self.listeners.get(key)
+        if holder is not None and holder is not session:
+            raise PortTaken("virtual port %d of %s is taken by another listener (%s)"
+                            % (port, session.device_id, holder.remote))
+        if service:
+            taken = self.services.get(service)
+            if taken is not None and taken[0] is not session:
+                raise PortTaken("service name %s is already offered by %s port %d"
+                                % (service, taken[0].device_id, taken[1]))
+            self.services[service] = (session, port)
+        self.listeners[key] = session
+
+    def forget_session(self, session, why):
+        """session is gone: release its ports and names, reset its streams' other ends."""
+        for key in [k for k, holder in self.listeners.items() if holder is session]:
+            del self.listeners[key]
+        for name in [n for n, (holder, _) in self.services.items() if holder is session]:
+            del self.services[name]
+        for (holder, stream_id), (stream, index) in list(self.streams.items()):
+            if holder is session:
+                self.reset_other_end(stream, index, RESET_RELAY_LOST, why)
+                self.remove(stream)
+        self.open_counts.pop(session, None)
+
+    # -- streams --
+
+    def open(self, opener, stream_id, port, window, target):
+        """Pair a new stream from opener with the listener target names, or StreamRefused."""
+        if stream_id % 2 == 0 or (opener, stream_id) in self.streams:
+            raise ProtocolError("OPEN with stream id %d, which is not a free odd id" % stream_id)
+        self.check_window(window)
+        device_id, port = self.resolve(target, port)
+        listener = self.listeners.get((device_id, port))
+        if listener is None:
+            raise StreamRefused(RESET_REFUSED, "nothing listens on port %d of %s" % (port, device_id))
+        for session in (opener, listener):
+            if self.open_counts.get(session, 0) >= self.max_streams:
+                raise StreamRefused(RESET_LIMIT, "%s has %d streams open already"
+                                    % (session.device_id, self.max_streams))
+        listener_id = self.next_server_id
+        self.next_server_id = (self.next_server_id + 2) % 0x100000000 or 2
+        label = "%s:%d" % (device_id, port)
+        stream = RelayedStream(opener, stream_id, listener, listener_id, window, label)
+        self.streams[(opener, stream_id)] = (stream, 0)
+        self.streams[(listener, listener_id)] = (stream, 1)
+        for session in (opener, listener):
+            self.open_counts[session] = self.open_counts.get(session, 0) + 1
+        caller = "%s (%s)" % (opener.device_id, ipv4_text(opener.address))
+        listener.send_frame(FRAME_OPEN, encode_open(listener_id, port, window, caller))
+        self.log.debug("stream %s -> %s opened" % (caller, label))
+
+    def resolve(self, target, port):
+        """(device_id, port) that target names: a virtual IP, a device_id or a service name."""
+        device_id = self.device_of(target)
+        if device_id is None:
+            entry = self.services.get(target)
+            if entry is None:
+                raise StreamRefused(RESET_UNKNOWN_PEER, "no device, address or service is called %s" % target)
+            device_id, port = entry[0].device_id, port or entry[1]
+        if not port:
+            raise StreamRefused(RESET_REFUSED, "no port given for %s" % target)
+        if not self.online(device_id):
+            raise StreamRefused(RESET_UNREACHABLE, "%s is not connected to the relay" % target)
+        return device_id, port
+
+    def accept(self, session, stream_id, window):
+        stream, index = self.lookup(session, stream_id)
+        if stream is None:
+            return
+        if index != 1 or stream.accepted:
+            raise ProtocolError("ACCEPT for stream %d, which this side did not receive" % stream_id)
+        self.check_window(window)
+        stream.accepted = True
+        stream.credit[0] = window
+        opener, opener_id = stream.ends[0]
+        opener.send_frame(FRAME_ACCEPT, encode_accept(opener_id, window))
+
+    def data(self, session, stream_id, data):
+        stream, index = self.lookup(session, stream_id)
+        if stream is None:
+            return                      # the stream was reset while this was on its way
+        if stream.eof[index]:
+            raise ProtocolError("DATA on stream %d after its EOF" % stream_id)
+        if len(data) > stream.credit[index]:
+            raise ProtocolError("stream %d: %d bytes sent with only %d bytes of window"
+                                % (stream_id, len(data), stream.credit[index]))
+        stream.credit[index] -= len(data)
+        receiver, receiver_id = stream.other(index)
+        receiver.send_frame(FRAME_DATA, encode_data(receiver_id, data))
+
+    def window(self, session, stream_id, increment):
+        stream, index = self.lookup(session, stream_id)
+        if stream is None:
+            return
+        credit = stream.credit[1 - index] + increment
+        self.check_window(credit)
+        stream.credit[1 - index] = credit
+        sender, sender_id = stream.other(index)
+        sender.send_frame(FRAME_WINDOW, encode_window(sender_id, increment))
+
+    def eof(self, session, stream_id):
+        stream, index = self.lookup(session, stream_id)
+        if stream is None:
+            return
+        stream.eof[index] = True
+        receiver, receiver_id = stream.other(index)
+        receiver.send_frame(FRAME_EOF, encode_eof(receiver_id))
+        if all(stream.eof):
+            self.remove(stream)
+
+    def reset(self, session, stream_id, code, text):
+        stream, index = self.lookup(session, stream_id)
+        if stream is not None:
+            self.reset_other_end(stream, index, code, text)
+            self.remove(stream)
+
+    def reset_other_end(self, stream, index, code, text):
+        receiver, receiver_id = stream.other(index)
+        if receiver.stage == "established":
+            receiver.send_frame(FRAME_RESET, encode_reset(receiver_id, code, text))
+
+    def lookup(self, session, stream_id):
+        return self.streams.get((session, stream_id), (None, None))
+
+    def remove(self, stream):
+        for end in stream.ends:
+            if self.streams.pop(end, None) is not None:
+                self.open_counts[end[0]] = self.open_counts.get(end[0], 1) - 1
+
+    def check_window(self, window):
+        if window > self.max_window_bytes:
+            raise ProtocolError("a window of %d bytes exceeds the relay's %d"
+                                % (window, self.max_window_bytes))
+
+
 # ==== CONNECTIONS ====
 #
 # A client connection moves through these stages:
@@ -520,6 +856,7 @@ class ClientConnection:
         self.stage = "hello"
         self.device_id = None
         self.address = None
+        self.streams_session = False        # a listen/connect session rather than a TUN member
         self.reader = FrameReader()
         self.out = bytearray()
         self.client_nonce = self.server_nonce = None
@@ -554,7 +891,9 @@ class ClientConnection:
         self.reader.feed(data)
         try:
             for frame_type, payload in self.reader.take_frames():
-                HANDLERS[self.stage].get(frame_type, ClientConnection.on_unexpected)(self, frame_type, payload)
+                handlers = STREAM_HANDLERS if self.streams_session and self.stage == "established" \
+                    else HANDLERS[self.stage]
+                handlers.get(frame_type, ClientConnection.on_unexpected)(self, frame_type, payload)
                 if self.stage in ("closing", "closed"):
                     return
         except VersionMismatch as error:
@@ -569,7 +908,8 @@ class ClientConnection:
         raise ProtocolError("%s before the handshake finished" % name)
 
     def on_hello(self, frame_type, payload):
-        self.client_nonce, self.device_id = decode_hello(payload)
+        self.client_nonce, self.device_id, flags = decode_hello(payload)
+        self.streams_session = bool(flags & HELLO_STREAMS)
         self.server_nonce = os.urandom(NONCE_BYTES)
         proof = server_proof(self.server.secret, self.client_nonce, self.server_nonce, self.device_id)
         self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, proof))
@@ -605,6 +945,48 @@ class ClientConnection:
     def on_error(self, frame_type, payload):
         code, text = decode_error(payload)
         self.close("peer reported %s: %s" % (ERROR_NAMES.get(code, "error %d" % code), text))
+
+    # -- stream sessions: the switch pairs streams and enforces their windows --
+
+    def on_listen(self, frame_type, payload):
+        port, service = decode_listen(payload)
+        if not port:
+            raise ProtocolError("LISTEN on port 0")
+        try:
+            self.server.switch.listen(self, port, service)
+        except PortTaken as error:
+            self.refuse(ERROR_PORT_TAKEN, str(error))
+            return
+        self.send_frame(FRAME_LISTENING, payload)
+        self.server.log.info("%s listens on virtual port %d%s"
+                             % (self.name(), port, " as service %s" % service if service else ""))
+
+    def on_open(self, frame_type, payload):
+        stream_id, port, window, target = decode_open(payload)
+        try:
+            self.server.switch.open(self, stream_id, port, window, target)
+        except StreamRefused as refused:
+            self.server.log.info("stream from %s to %s port %d refused: %s"
+                                 % (self.name(), target, port, refused))
+            self.send_frame(FRAME_RESET, encode_reset(stream_id, refused.code, str(refused)))
+
+    def on_accept(self, frame_type, payload):
+        self.server.switch.accept(self, *decode_accept(payload))
+
+    def on_data(self, frame_type, payload):
+        self.server.switch.data(self, *decode_data(payload))
+
+    def on_window(self, frame_type, payload):
+        self.server.switch.window(self, *decode_window(payload))
+
+    def on_eof(self, frame_type, payload):
+        self.server.switch.eof(self, decode_eof(payload))
+
+    def on_reset(self, frame_type, payload):
+        self.server.switch.reset(self, *decode_reset(payload))
+
+    def on_services(self, frame_type, payload):
+        self.send_frame(FRAME_SERVICE_LIST, self.server.directory_json())
 
     # -- sending --
 
@@ -686,7 +1068,9 @@ class ClientConnection:
         except (KeyError, ValueError, OSError):
             pass
         self.sock.close()
-        if was_established:
+        if was_established and self.streams_session:
+            self.server.log.info("stream session of %s from %s closed: %s" % (self.name(), self.remote, reason))
+        elif was_established:
             self.server.log.info("%s left: %s" % (self.name(), reason))
         else:
             self.server.log.info("%s closed: %s" % (self.name(), reason))
@@ -699,6 +1083,14 @@ HANDLERS = {
         FRAME_PACKET: ClientConnection.on_packet, FRAME_PING: ClientConnection.on_ping,
         FRAME_PONG: ClientConnection.on_pong, FRAME_ERROR: ClientConnection.on_error,
     },
+}
+STREAM_HANDLERS = {
+    FRAME_LISTEN: ClientConnection.on_listen, FRAME_OPEN: ClientConnection.on_open,
+    FRAME_ACCEPT: ClientConnection.on_accept, FRAME_DATA: ClientConnection.on_data,
+    FRAME_WINDOW: ClientConnection.on_window, FRAME_EOF: ClientConnection.on_eof,
+    FRAME_RESET: ClientConnection.on_reset, FRAME_SERVICES: ClientConnection.on_services,
+    FRAME_PING: ClientConnection.on_ping, FRAME_PONG: ClientConnection.on_pong,
+    FRAME_ERROR: ClientConnection.on_error,
 }
 
 
@@ -767,6 +1159,9 @@ class RelayServer:
         self.max_queue_bytes = MAX_QUEUE_BYTES
         self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
         self.routes = RouteTable()
+        self.stream_sessions = {}       # device_id -> its connected stream sessions
+        self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, MAX_STREAMS_PER_SESSION,
+                                   self.device_of, self.online)
         self.connections = set()
         self.drops = {}
         self.listener = self.tun = None
@@ -842,8 +1237,13 @@ class RelayServer:
         online = set(self.routes.by_device)
         address = self.leases.lease_for(device_id, online, now)
         self.leases.touch(device_id, now)
-        previous = self.routes.by_device.get(device_id)
         connection.address = address
+        if connection.streams_session:
+            self.stream_sessions.setdefault(device_id, set()).add(connection)
+            self.log.info("device %s (%s) opened a stream session from %s"
+                          % (device_id, ipv4_text(address), connection.remote))
+            return address
+        previous = self.routes.by_device.get(device_id)
         if previous is not None:
             self.log.info("device %s reconnected from %s; closing its old connection from %s"
                           % (device_id, connection.remote, previous.remote))
@@ -857,9 +1257,51 @@ class RelayServer:
         """Stop routing to connection (it is closing); safe to call twice."""
         if connection.address is None:
             return
+        if connection.streams_session:
+            sessions = self.stream_sessions.get(connection.device_id, set())
+            sessions.discard(connection)
+            if not sessions:
+                self.stream_sessions.pop(connection.device_id, None)
+            self.switch.forget_session(connection, "the relay connection of %s was lost" % connection.device_id)
+            return
         if self.routes.by_device.get(connection.device_id) is connection:
             self.leases.touch(connection.device_id, time.time())
         self.routes.remove(connection)
+
+    # -- the directory: who is there, for streams and for `services` --
+
+    def device_of(self, name):
+        """The device_id that a virtual IP or a device_id names, or None."""
+        if name.count(".") == 3 and all(part.isdigit() for part in name.split(".")):
+            try:
+                return self.leases.owner_of.get(socket.inet_aton(name))
+            except OSError:
+                return None
+        known = name in self.leases.leases or name in self.stream_sessions or name in self.routes.by_device
+        return name if known else None
+
+    def online(self, device_id):
+        return device_id in self.routes.by_device or device_id in self.stream_sessions
+
+    def directory_json(self):
+        """Devices, services and relay figures as JSON, trimmed to fit one frame."""
+        devices = []
+        for device_id, lease in sorted(self.leases.leases.items()):
+            devices.append({"device_id": device_id, "address": lease["address"],
+                            "online": self.online(device_id), "tun": device_id in self.routes.by_device,
+                            "stream_sessions": len(self.stream_sessions.get(device_id, ()))})
+        services = [{"name": name, "device_id": session.device_id, "address": ipv4_text(session.address),
+                     "port": port} for name, (session, port) in sorted(self.switch.services.items())]
+        relay = {"buffered_bytes": sum(len(c.out) for c in self.connections),
+                 "streams": len(self.switch.streams) // 2, "max_window_bytes": MAX_STREAM_WINDOW_BYTES,
+                 "max_streams_per_session": MAX_STREAMS_PER_SESSION}
+        while True:
+            listing = json.dumps({"devices": devices, "services": services, "relay": relay,
+                                  "truncated": len(devices) < len(self.leases.leases)}).encode()
+            if len(listing) <= MAX_PAYLOAD_BYTES:
+                return listing
+            devices = [d for d in devices if d["online"]] if any(not d["online"] for d in devices) \
+                else devices[:len(devices) // 2]
 
     # -- the data path --
 
@@ -1348,22 +1790,30 @@ def load_server_config(args):
     return config
 
 
-def ensure_secret(config, log):
-    """Use the configured secret, or the one in state_dir, or generate one there and say so."""
+def ensure_secret(config):
+    """Use the configured secret, or the one in state_dir, or generate one there.
+
+    True when it generated one, which the operator must then hand to the clients.
+    """
     if config.secret is not None:
-        return
+        return False
     path = os.path.join(config.state_dir, "secret")
     if os.path.exists(path):
         config.secret, config.secret_source = check_secret(read_secret_file(path)), path
-        return
+        return False
     secret = os.urandom(24).hex()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as sink:
         sink.write(secret + "\n")
     config.secret, config.secret_source = secret.encode("ascii"), path
+    return True
+
+
+def print_client_lines(config, port, log):
     log.info("generated a new network secret in %s. Put these lines in each device's "
              "client-config.ini:\n\n[client]\nserver = %s:%d\nsecret = %s\n"
-             % (path, reachable_address(config.listen[0]), config.listen[1], secret))
+             % (config.secret_source, reachable_address(config.listen[0]), port,
+                config.secret.decode("ascii")))
 
 
 def reachable_address(listen_host):
@@ -1404,7 +1854,7 @@ def cmd_run(args):
         return 2
     try:
         os.makedirs(config.state_dir, exist_ok=True)
-        ensure_secret(config, log)
+        generated = ensure_secret(config)
     except (OSError, ValueError) as error:
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
@@ -1414,6 +1864,8 @@ def cmd_run(args):
     except OSError as error:
         log.error(str(error))
         return 1
+    if generated:
+        print_client_lines(config, server.listener.sock.getsockname()[1], log)
     log.info("MNEDC server ready (protocol %d, secret from %s)" % (PROTOCOL_VERSION, config.secret_source or "config"))
     server.run()
     log.info("stopped")

@@ -54,7 +54,8 @@ def test_payload_too_big_for_the_header_cannot_be_encoded():
 
 def test_hello_round_trip_and_version_mismatch():
     nonce = os.urandom(wire.NONCE_BYTES)
-    assert wire.decode_hello(wire.encode_hello(nonce, "pi-kitchen.1")) == (nonce, "pi-kitchen.1")
+    assert wire.decode_hello(wire.encode_hello(nonce, "pi-kitchen.1")) == (nonce, "pi-kitchen.1", 0)
+    assert wire.decode_hello(wire.encode_hello(nonce, "x", wire.HELLO_STREAMS))[2] == wire.HELLO_STREAMS
     future = bytearray(wire.encode_hello(nonce, "x"))
     future[5:7] = struct.pack("!H", 99)
     with pytest.raises(wire.VersionMismatch) as raised:

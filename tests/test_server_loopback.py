@@ -54,6 +54,14 @@ def test_devices_get_sticky_addresses_across_reconnects_and_restarts(tmp_path):
         proc.stop()
 
 
+def test_first_start_generates_a_secret_and_prints_the_client_lines(server):
+    proc, port, secret = server
+    printed = proc.output()
+    assert "[client]\nserver = 127.0.0.1:%d\n" % port in printed
+    assert "\nsecret = %s\n" % secret.decode() in printed
+    assert len(secret) >= 32
+
+
 def test_packets_are_routed_by_destination_address(server):
     proc, port, secret = server
     alice, bob = join(port, secret, "alice"), join(port, secret, "bob")
@@ -68,13 +76,16 @@ def test_packets_are_routed_by_destination_address(server):
 def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(server):
     proc, port, secret = server
     alice, bob, mallory = (join(port, secret, name) for name in ("alice", "bob", "mallory"))
-    mallory.send_packet(ipv4_packet(alice.address, bob.address, b"forged"))
+    for _ in range(50):
+        mallory.send_packet(ipv4_packet(alice.address, bob.address, b"forged"))
     mallory.send_packet(ipv4_packet(mallory.address, "198.18.0.200", b"nobody"))
     proc.wait_for(r"dropped packet from device mallory .*: spoofed source 198\.18\.0\.2 -> 198\.18\.0\.3")
     proc.wait_for(r"dropped packet from device mallory .*: unknown destination .*-> 198\.18\.0\.200")
     honest = ipv4_packet(mallory.address, bob.address, b"honest")
     mallory.send_packet(honest)
-    assert bob.recv_packet() == honest                # the forged one never arrived before it
+    assert bob.recv_packet() == honest                # none of the forged ones arrived before it
+    spoof_lines = [line for line in proc.lines() if "spoofed source" in line]
+    assert len(spoof_lines) == 1, spoof_lines         # 50 drops, one line: the log is rate-limited
 
 
 def test_wrong_secret_is_refused_with_a_clear_reason(server):

@@ -86,10 +86,10 @@ class WirePeer:
                 return True
         return False
 
-    def handshake(self, secret, device_id):
+    def handshake(self, secret, device_id, flags=0):
         """Join; the packed virtual address. Refused if the server sends ERROR instead."""
         nonce = os.urandom(wire.NONCE_BYTES)
-        self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id))
+        self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id, flags))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
