@@ -45,6 +45,7 @@ CONNECT_TIMEOUT_S = 10
 HANDSHAKE_TIMEOUT_S = 10
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
+REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
 RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
@@ -71,6 +72,7 @@ PENDING_LOCAL_S = 20            # how long a local connection may wait for the r
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
+# K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
@@ -165,6 +167,8 @@ MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
 
+KEY_SALT = b"MNEDC network key"
+KEY_ROUNDS = 20000
 MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
@@ -220,11 +224,14 @@ class FrameReader:
     def buffered_bytes(self):
         return len(self._buffer)
 
-    def take_frames(self, limit=1000):
-        """Complete frames in arrival order (at most limit); raises ProtocolError on a bad header."""
+    def take_frames(self):
+        """Every complete frame, in arrival order; raises ProtocolError on a bad header.
+
+        Taking them all matters: a frame left behind would wait for the peer's next bytes.
+        """
         buffer, offset, frames = self._buffer, 0, []
         header_size = FRAME_HEADER.size
-        while len(buffer) - offset >= header_size and len(frames) < limit:
+        while len(buffer) - offset >= header_size:
             length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
             if length > self.max_payload:
                 raise ProtocolError("frame of %d bytes exceeds the limit of %d"
@@ -274,6 +281,34 @@ def decode_hello(payload):
         return nonce, check_device_id(raw_id.decode("ascii")), flags
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError("bad device_id in HELLO: %s" % error)
+
+
+def network_key(secret):
+    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret.
+
+    Anyone can collect a server proof, so each guess at a weak secret must cost an attacker
+    KEY_ROUNDS HMACs. Computed once at start. Pure Python where hashlib lacks pbkdf2_hmac
+    (Python 3.12+ built without OpenSSL, as on some OpenWrt builds).
+    """
+    try:
+        return hashlib.pbkdf2_hmac("sha256", secret, KEY_SALT, KEY_ROUNDS)
+    except (AttributeError, ValueError):
+        return pbkdf2_sha256(secret, KEY_SALT, KEY_ROUNDS)
+
+
+def pbkdf2_sha256(secret, salt, rounds):
+    """RFC 8018 PBKDF2 with HMAC-SHA256, one 32-byte block."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    block = mac.copy()
+    block.update(salt + b"\x00\x00\x00\x01")
+    u = block.digest()
+    result = int.from_bytes(u, "big")
+    for _ in range(rounds - 1):
+        block = mac.copy()
+        block.update(u)
+        u = block.digest()
+        result ^= int.from_bytes(u, "big")
+    return result.to_bytes(32, "big")
 
 
 def server_proof(secret, client_nonce, server_nonce, device_id):
@@ -517,16 +552,15 @@ class RelayLink:
 
     def on_challenge(self, frame_type, payload):
         server_nonce, proof = decode_challenge(payload)
-        config = self.client.config
-        expected = server_proof(config.secret, self.client_nonce, server_nonce, config.device_id)
+        config, key = self.client.config, self.client.key
+        expected = server_proof(key, self.client_nonce, server_nonce, config.device_id)
         if not hmac.compare_digest(proof, expected):
             self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
             self.client.fatal("authentication failed: the server at %s does not know this "
                               "network's secret (check secret in the client config)" % self.server_label)
             self.close("authentication failed")
             return
-        self.send_frame(FRAME_AUTH, client_proof(config.secret, self.client_nonce, server_nonce,
-                                                 config.device_id))
+        self.send_frame(FRAME_AUTH, client_proof(key, self.client_nonce, server_nonce, config.device_id))
         self.stage = "welcome"
 
     def on_welcome(self, frame_type, payload):
@@ -681,13 +715,19 @@ class ClientTun:
         pass
 
     def close(self, reason):
-        """Closing the fd removes the interface. Never raises; safe to call twice."""
+        """Closing the fd removes the interface. Never raises; safe to call twice.
+
+        Called by the loop when the TUN fails (someone deleted the interface): then the client
+        exits with status 1, so that its supervisor starts it again with a fresh interface.
+        """
         if self.closed:
             return
         self.closed = True
         self.client.loop.forget(self)
         os.close(self.fd)
         self.client.log.info("removed interface %s: %s" % (self.interface, reason))
+        if not self.client.stopping:
+            self.client.fatal("interface %s failed: %s" % (self.interface, reason))
 
 
 # Stream mode. A Stream joins a local byte stream (a TCP socket, or stdin and stdout) to its far
@@ -936,6 +976,7 @@ class RelayClient:
     def __init__(self, config, log):
         self.config = config
         self.log = log
+        self.key = network_key(config.secret)
         self.loop = EventLoop(log)
         self.link = None
         self.failures = 0               # attempts since the last WELCOME, for the backoff
@@ -987,6 +1028,10 @@ class RelayClient:
             self.fatal("the server refused this device: %s: %s" % (ERROR_NAMES[code], text))
         elif code == ERROR_SHUTDOWN:
             self.failures = 0           # a restart is not a failure of ours: come back quickly
+        elif code == ERROR_REPLACED:    # two devices share a device_id: do not fight every second
+            self.failures = max(self.failures, REPLACED_BACKOFF_STEPS)
+            self.log.error("another connection took over device_id %s (%s): if that is another "
+                           "device, give each device its own device_id" % (self.config.device_id, text))
 
     def on_link_closed(self, link, reason, was_established):
         if link is self.link:
@@ -1015,10 +1060,11 @@ class RelayClient:
         self.loop.call_later(delay, self.connect)
 
     def next_backoff_s(self):
-        """Exponential from 1 s to 30 s, with jitter so devices do not retry in lockstep."""
-        ceiling = min(MAX_BACKOFF_S, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
+        """1 s, 2 s, 4 s ... up to 30 s, each up to 50 % longer at random, so that devices that
+        lost the relay together do not come back in lockstep."""
+        base = min(MAX_BACKOFF_S, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
         self.failures += 1
-        return max(MIN_BACKOFF_S, ceiling * random.uniform(0.5, 1.0))
+        return min(MAX_BACKOFF_S, base * random.uniform(1.0, 1.5))
 
     def tick(self):
         if self.link is not None:
@@ -1559,6 +1605,8 @@ class EventLoop:
 
 def describe_error(error):
     """One readable phrase for an exception, e.g. 'connection refused'."""
+    if isinstance(error, socket.gaierror):
+        return (error.strerror or str(error)).lower()
     if isinstance(error, OSError) and error.errno is not None:
         return os.strerror(error.errno).lower()
     return str(error) or error.__class__.__name__
@@ -1784,13 +1832,35 @@ def parse_server(text):
 
 
 def default_device_id():
-    """/etc/machine-id, which survives hostname changes; the hostname where there is none."""
+    """/etc/machine-id, which survives hostname changes; else hostname and MAC address.
+
+    OpenWrt has no machine-id and names every router "OpenWrt": the MAC keeps them apart.
+    """
     try:
         with open("/etc/machine-id") as source:
             return check_device_id(source.read().strip())
     except (OSError, ValueError):
-        name = "".join(c if c in DEVICE_ID_CHARS else "-" for c in socket.gethostname())
-        return check_device_id(name[:MAX_DEVICE_ID_BYTES] or "device")
+        pass
+    name = "".join(c if c in DEVICE_ID_CHARS else "-" for c in socket.gethostname())[:40] or "device"
+    mac = first_mac_address()
+    return check_device_id(name + ("-" + mac if mac else ""))
+
+
+def first_mac_address():
+    """The first real MAC address in /sys/class/net, as 12 hex digits, or ''."""
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        return ""
+    for name in names:
+        try:
+            with open("/sys/class/net/%s/address" % name) as source:
+                mac = source.read().strip().replace(":", "")
+        except OSError:
+            continue
+        if len(mac) == 12 and mac != "000000000000":
+            return mac
+    return ""
 
 
 def find_config(path):

@@ -49,6 +49,9 @@ TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
+HARD_QUEUE_BYTES = MAX_QUEUE_BYTES + MAX_STREAMS_PER_SESSION * MAX_STREAM_WINDOW_BYTES + 65536
+MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is dropped
+ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
 LEASE_SAVE_INTERVAL_S = 60
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 
@@ -71,6 +74,7 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
+# K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
@@ -165,6 +169,8 @@ MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
 
+KEY_SALT = b"MNEDC network key"
+KEY_ROUNDS = 20000
 MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
@@ -220,11 +226,14 @@ class FrameReader:
     def buffered_bytes(self):
         return len(self._buffer)
 
-    def take_frames(self, limit=1000):
-        """Complete frames in arrival order (at most limit); raises ProtocolError on a bad header."""
+    def take_frames(self):
+        """Every complete frame, in arrival order; raises ProtocolError on a bad header.
+
+        Taking them all matters: a frame left behind would wait for the peer's next bytes.
+        """
         buffer, offset, frames = self._buffer, 0, []
         header_size = FRAME_HEADER.size
-        while len(buffer) - offset >= header_size and len(frames) < limit:
+        while len(buffer) - offset >= header_size:
             length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
             if length > self.max_payload:
                 raise ProtocolError("frame of %d bytes exceeds the limit of %d"
@@ -274,6 +283,34 @@ def decode_hello(payload):
         return nonce, check_device_id(raw_id.decode("ascii")), flags
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError("bad device_id in HELLO: %s" % error)
+
+
+def network_key(secret):
+    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret.
+
+    Anyone can collect a server proof, so each guess at a weak secret must cost an attacker
+    KEY_ROUNDS HMACs. Computed once at start. Pure Python where hashlib lacks pbkdf2_hmac
+    (Python 3.12+ built without OpenSSL, as on some OpenWrt builds).
+    """
+    try:
+        return hashlib.pbkdf2_hmac("sha256", secret, KEY_SALT, KEY_ROUNDS)
+    except (AttributeError, ValueError):
+        return pbkdf2_sha256(secret, KEY_SALT, KEY_ROUNDS)
+
+
+def pbkdf2_sha256(secret, salt, rounds):
+    """RFC 8018 PBKDF2 with HMAC-SHA256, one 32-byte block."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    block = mac.copy()
+    block.update(salt + b"\x00\x00\x00\x01")
+    u = block.digest()
+    result = int.from_bytes(u, "big")
+    for _ in range(rounds - 1):
+        block = mac.copy()
+        block.update(u)
+        u = block.digest()
+        result ^= int.from_bytes(u, "big")
+    return result.to_bytes(32, "big")
 
 
 def server_proof(secret, client_nonce, server_nonce, device_id):
@@ -829,10 +866,18 @@ class RelayListener:
                 sock, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:        # EMFILE and friends: log, keep listening
+            except OSError as error:        # EMFILE and friends: make room, or pause
                 self.server.log.limited("accept", "error", "accept failed: %s" % describe_error(error))
+                if self.server.shed_oldest_handshake("out of file descriptors"):
+                    continue
+                self.server.loop.set_interest(self, 0)      # else the loop would spin on it
+                self.server.loop.call_later(ACCEPT_PAUSE_S, self.resume)
                 return
             self.server.accept(sock, address)
+
+    def resume(self):
+        if self.sock.fileno() >= 0:
+            self.server.loop.set_interest(self, selectors.EVENT_READ)
 
     def on_writable(self):
         pass
@@ -911,12 +956,12 @@ class ClientConnection:
         self.client_nonce, self.device_id, flags = decode_hello(payload)
         self.streams_session = bool(flags & HELLO_STREAMS)
         self.server_nonce = os.urandom(NONCE_BYTES)
-        proof = server_proof(self.server.secret, self.client_nonce, self.server_nonce, self.device_id)
+        proof = server_proof(self.server.key, self.client_nonce, self.server_nonce, self.device_id)
         self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, proof))
         self.stage = "auth"
 
     def on_auth(self, frame_type, payload):
-        expected = client_proof(self.server.secret, self.client_nonce, self.server_nonce, self.device_id)
+        expected = client_proof(self.server.key, self.client_nonce, self.server_nonce, self.device_id)
         if not hmac.compare_digest(decode_auth(payload), expected):
             self.refuse(ERROR_AUTH, "wrong secret for this network (device %s)" % self.device_id)
             return
@@ -927,6 +972,7 @@ class ClientConnection:
             return
         self.reader.max_payload = MAX_PAYLOAD_BYTES
         self.stage = "established"
+        self.server.handshaking.pop(self, None)
         self.send_frame(FRAME_WELCOME, encode_welcome(
             self.address, self.server.leases.prefix_length, self.server.leases.server_address))
 
@@ -937,7 +983,9 @@ class ClientConnection:
         self.server.route_packet(payload, self)
 
     def on_ping(self, frame_type, payload):
-        self.send_frame(FRAME_PONG, check_ping(payload))
+        check_ping(payload)
+        if len(self.out) < self.server.max_queue_bytes:     # a peer that never reads gets no PONGs
+            self.send_frame(FRAME_PONG, payload)
 
     def on_pong(self, frame_type, payload):
         check_ping(payload)
@@ -1014,6 +1062,9 @@ class ClientConnection:
                 return
             frame = frame[sent:]
         self.out += frame
+        if len(self.out) > HARD_QUEUE_BYTES:
+            self.close("more than %d bytes queued: the peer is not reading" % HARD_QUEUE_BYTES)
+            return
         self.server.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
 
     def on_writable(self):
@@ -1023,7 +1074,10 @@ class ClientConnection:
         if not self.out:
             self.server.loop.set_interest(self, selectors.EVENT_READ)
             if self.stage == "closing":
-                self.sock.shutdown(socket.SHUT_WR)
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:             # the peer is gone already: nothing left to say
+                    self.close(self.closing_reason)
 
     # -- ending --
 
@@ -1032,15 +1086,22 @@ class ClientConnection:
         if self.stage in ("closing", "closed"):
             return
         reason = "%s: %s" % (ERROR_NAMES[code], text)
-        self.server.log.warning("refusing %s: %s" % (self.name(), reason))
+        if self.address is None:            # unauthenticated: anyone can cause these, so limit them
+            self.server.log.limited(("refuse", self.remote_ip()), "warning", "refusing %s: %s" % (self.name(), reason))
+        else:
+            self.server.log.warning("refusing %s: %s" % (self.name(), reason))
         self.send_frame(FRAME_ERROR, encode_error(code, text))
         if self.stage == "closed":
             return
         self.server.withdraw(self)
+        self.server.handshaking.pop(self, None)
         self.stage, self.closing_reason = "closing", reason
         self.deadline = time.monotonic() + CLOSING_LINGER_S
         if not self.out:
             self.on_writable()
+
+    def remote_ip(self):
+        return self.remote.rpartition(":")[0]
 
     def check_timers(self, now):
         if self.stage in ("hello", "auth") and now > self.deadline:
@@ -1059,10 +1120,11 @@ class ClientConnection:
         """Never raises; safe to call twice."""
         if self.stage == "closed":
             return
-        was_established = self.stage == "established"
+        was_established, was_refused = self.stage == "established", self.stage == "closing"
         self.stage = "closed"
         self.server.withdraw(self)
         self.server.connections.discard(self)
+        self.server.handshaking.pop(self, None)
         try:
             self.server.loop.forget(self)
         except (KeyError, ValueError, OSError):
@@ -1072,8 +1134,10 @@ class ClientConnection:
             self.server.log.info("stream session of %s from %s closed: %s" % (self.name(), self.remote, reason))
         elif was_established:
             self.server.log.info("%s left: %s" % (self.name(), reason))
+        elif was_refused:
+            self.server.log.debug("%s closed: %s" % (self.name(), reason))    # refuse() said why
         else:
-            self.server.log.info("%s closed: %s" % (self.name(), reason))
+            self.server.log.limited(("closed", self.remote_ip()), "info", "%s closed: %s" % (self.name(), reason))
 
 
 HANDLERS = {
@@ -1135,7 +1199,11 @@ class ServerTun:
         pass
 
     def close(self, reason):
-        """Closing the fd removes the interface. Never raises; safe to call twice."""
+        """Closing the fd removes the interface. Never raises; safe to call twice.
+
+        Called by the loop when the TUN fails (someone deleted the interface): then the server
+        exits with status 1, so that its supervisor starts it again with a fresh interface.
+        """
         if self.closed:
             return
         self.closed = True
@@ -1143,6 +1211,8 @@ class ServerTun:
         self.server.loop.forget(self)
         os.close(self.fd)
         self.server.log.info("removed interface %s: %s" % (self.interface, reason))
+        if not self.server.stopping:
+            self.server.fatal("interface %s failed: %s" % (self.interface, reason))
 
 
 # ==== THE RELAY ====
@@ -1154,7 +1224,7 @@ class RelayServer:
         self.config = config
         self.log = log
         self.loop = EventLoop(log)
-        self.secret = config.secret
+        self.key = network_key(config.secret)
         self.keepalive_s = config.keepalive
         self.max_queue_bytes = MAX_QUEUE_BYTES
         self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
@@ -1163,7 +1233,10 @@ class RelayServer:
         self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, MAX_STREAMS_PER_SESSION,
                                    self.device_of, self.online)
         self.connections = set()
+        self.handshaking = {}           # connections not yet authenticated, oldest first
         self.drops = {}
+        self.stopping = False
+        self.exit_code = 0
         self.listener = self.tun = None
         self.last_lease_save = time.monotonic()
 
@@ -1227,8 +1300,18 @@ class RelayServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         connection = ClientConnection(self, sock, remote)
         self.connections.add(connection)
+        if len(self.handshaking) >= MAX_PENDING_HANDSHAKES:
+            self.shed_oldest_handshake("more than %d handshakes in progress" % MAX_PENDING_HANDSHAKES)
+        self.handshaking[connection] = None
         self.loop.set_interest(connection, selectors.EVENT_READ)
         self.log.debug("accepted connection from %s" % connection.remote)
+
+    def shed_oldest_handshake(self, why):
+        """Close the longest-waiting unauthenticated connection, to make room; False if none."""
+        if not self.handshaking:
+            return False
+        next(iter(self.handshaking)).close(why)
+        return True
 
     def admit(self, connection):
         """The packed address of an authenticated connection, which now owns it."""
@@ -1338,8 +1421,17 @@ class RelayServer:
         except OSError as error:
             self.log.error("cannot save leases to %s: %s" % (self.leases.path, describe_error(error)))
 
+    def fatal(self, message):
+        self.log.error(message)
+        self.exit_code = 1
+        self.on_stop_signal(None)
+
     def on_stop_signal(self, signum):
-        self.log.info("received %s: shutting down" % signal.Signals(signum).name)
+        if self.stopping:
+            return
+        self.stopping = True
+        if signum is not None:
+            self.log.info("received %s: shutting down" % signal.Signals(signum).name)
         for connection in list(self.connections):
             if connection.stage == "established":
                 connection.send_frame(FRAME_ERROR, encode_error(ERROR_SHUTDOWN, "the relay is restarting"))
@@ -1542,6 +1634,8 @@ class EventLoop:
 
 def describe_error(error):
     """One readable phrase for an exception, e.g. 'connection refused'."""
+    if isinstance(error, socket.gaierror):
+        return (error.strerror or str(error)).lower()
     if isinstance(error, OSError) and error.errno is not None:
         return os.strerror(error.errno).lower()
     return str(error) or error.__class__.__name__
@@ -1751,7 +1845,7 @@ class ServerConfig:
 
 
 SERVER_KEYS = {
-    "listen": lambda config, text: setattr(config, "listen", parse_host_port(text, DEFAULT_PORT)),
+    "listen": lambda config, text: setattr(config, "listen", parse_listen(text)),
     "subnet": lambda config, text: setattr(config, "subnet", parse_subnet(text)),
     "secret": lambda config, text: setattr(config, "secret", check_secret(text.strip())),
     "secret_file": None,            # resolved relative to the INI file, below
@@ -1761,6 +1855,15 @@ SERVER_KEYS = {
     "state_dir": lambda config, text: setattr(config, "state_dir", text.strip()),
     "keepalive": lambda config, text: setattr(config, "keepalive", parse_int(text, 3, 3600)),
 }
+
+
+def parse_listen(text):
+    host, port = parse_host_port(text, DEFAULT_PORT)
+    try:
+        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ValueError("cannot use %r: %s" % (host, describe_error(error)))
+    return host, port
 
 
 def load_server_config(args):
@@ -1869,7 +1972,7 @@ def cmd_run(args):
     log.info("MNEDC server ready (protocol %d, secret from %s)" % (PROTOCOL_VERSION, config.secret_source or "config"))
     server.run()
     log.info("stopped")
-    return 0
+    return server.exit_code
 
 
 def main(argv=None):

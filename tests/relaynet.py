@@ -69,6 +69,6 @@ class RelayNetwork:
 
     def start(self, names=None):
         self.start_server()
-        for name in names or self.topo.clients:
+        for name in self.topo.clients if names is None else names:
             self.start_client(name)
         return self

@@ -38,6 +38,12 @@ def test_server_refuses_bad_configuration(tmp_path, body, complaint):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unresolvable_listen_host_is_a_config_error(tmp_path):
+    result = run(SERVER, "--listen", "no-such-host.invalid:3334", "--state-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "--listen: cannot use 'no-such-host.invalid'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_server_refuses_bad_flags(tmp_path):
     result = run(SERVER, "--subnet", "198.18.0.0/8", "--state-dir", str(tmp_path))
     assert result.returncode == 2 and "--subnet: '198.18.0.0/8': the prefix must be from /16 to /29" in result.stderr

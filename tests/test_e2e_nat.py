@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.nettopo import Topology, have_netns_support
-from tests.relaynet import JOINED, RelayNetwork
+from tests.relaynet import CLIENT, JOINED, RelayNetwork
 
 SUPPORTED, WHY_NOT = have_netns_support()
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
@@ -139,7 +139,27 @@ def test_sigterm_removes_the_interface_and_the_device_rejoins_with_its_address(n
     assert net.vip["b"] == address
 
 
+def test_stream_mode_works_beside_the_tun_client_of_the_same_device(net, tmp_path):
+    received = tmp_path / "received.txt"
+    sink = net.topo.spawn("a", ["sh", "-c", "exec nc -l 127.0.0.1 7001 > %s" % received])
+    wait_listening(net.topo, "a", 7001)
+    config_a = os.path.join(net.workdir, "client-a.ini")       # the TUN client's own config
+    tun_mark = len(net.clients["a"].lines())
+    listener = net.topo.spawn("a", [net.python, "-u", CLIENT, "-c", config_a, "listen", "--forward=7001", "7"])
+    listener.wait_for(r"listening on virtual port 7 of device device-a")
+    config_c = os.path.join(net.workdir, "client-c.ini")
+    result = net.topo.run("c", [net.python, CLIENT, "-c", config_c, "connect", "device-a", "7"],
+                          input="over the relay, two NATs deep\n", timeout=30)
+    assert "closed gracefully" in result.stderr
+    sink.wait(10)
+    assert received.read_text() == "over the relay, two NATs deep\n"
+    assert net.topo.ping("c", net.vip["a"], count=2)                 # TUN mode is untouched
+    assert not [l for l in net.clients["a"].lines()[tun_mark:] if "relay connection lost" in l]
+    listener.stop()
+
+
 def test_server_sigterm_removes_its_interface_tells_clients_and_saves_leases(net):
+    """Last in this module: it stops the server."""
     marks = {name: len(net.clients[name].lines()) for name in net.topo.clients}
     net.server.send_signal(signal.SIGTERM)
     assert net.server.wait(10) == 0
@@ -149,3 +169,4 @@ def test_server_sigterm_removes_its_interface_tells_clients_and_saves_leases(net
     for name in net.topo.clients:
         assert '"address": "%s"' % net.vip[name] in leases
         net.clients[name].wait_for(r"server shutting down: the relay is restarting", start=marks[name])
+

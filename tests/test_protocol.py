@@ -88,6 +88,29 @@ def test_proofs_bind_secret_nonces_device_and_direction():
     assert len(server) == wire.MAC_BYTES
 
 
+def test_the_network_key_is_pbkdf2_and_the_fallback_agrees():
+    import hashlib
+    secret = b"correct horse battery"
+    assert wire.network_key(secret) == hashlib.pbkdf2_hmac("sha256", secret, wire.KEY_SALT, wire.KEY_ROUNDS)
+    assert wire.pbkdf2_sha256(secret, wire.KEY_SALT, 1000) == hashlib.pbkdf2_hmac("sha256", secret, wire.KEY_SALT, 1000)
+
+
+def test_stream_frames_round_trip():
+    assert wire.decode_listen(wire.encode_listen(22, "ssh")) == (22, "ssh")
+    assert wire.decode_listen(wire.encode_listen(22)) == (22, "")
+    assert wire.decode_open(wire.encode_open(7, 80, 4096, "web")) == (7, 80, 4096, "web")
+    assert wire.decode_open(wire.encode_open(8, 80, 1, "pi (198.18.0.2)"))[3] == "pi (198.18.0.2)"
+    assert wire.decode_accept(wire.encode_accept(9, 123)) == (9, 123)
+    assert wire.decode_data(wire.encode_data(5, b"abc")) == (5, b"abc")
+    assert wire.decode_window(wire.encode_window(5, 999)) == (5, 999)
+    assert wire.decode_eof(wire.encode_eof(5)) == 5
+    assert wire.decode_reset(wire.encode_reset(5, wire.RESET_REFUSED, "no")) == (5, wire.RESET_REFUSED, "no")
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_open(wire.encode_open(1, 80, 1, "bad;name"))
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_hello(wire.HELLO.pack(wire.HELLO_MAGIC, wire.PROTOCOL_VERSION, 0x80, bytes(16), 1) + b"x")
+
+
 def test_challenge_welcome_error_round_trips():
     ns, proof = os.urandom(16), os.urandom(32)
     assert wire.decode_challenge(wire.encode_challenge(ns, proof)) == (ns, proof)
@@ -108,13 +131,17 @@ def test_ipv4_problem_accepts_real_packets_only():
 
 
 DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth, wire.decode_welcome,
-            wire.decode_error, wire.check_ping)
+            wire.decode_error, wire.check_ping, wire.decode_listen, wire.decode_open,
+            wire.decode_accept, wire.decode_data, wire.decode_window, wire.decode_eof,
+            wire.decode_reset)
 
 
 def test_fuzzed_decoders_only_ever_raise_protocol_error():
     rng = random.Random(20261123)
     valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16), bytes(32)),
-             bytes(32), wire.encode_welcome(bytes(4), 24, bytes(4)), wire.encode_error(1, "x")]
+             bytes(32), wire.encode_welcome(bytes(4), 24, bytes(4)), wire.encode_error(1, "x"),
+             wire.encode_listen(22, "ssh"), wire.encode_open(1, 22, 100, "peer"), wire.encode_accept(1, 5),
+             wire.encode_window(1, 5), wire.encode_reset(1, 2, "why")]
     for _ in range(5000):
         if rng.random() < 0.5:
             data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))

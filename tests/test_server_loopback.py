@@ -119,7 +119,7 @@ def test_garbage_before_the_handshake_closes_only_that_connection(server, garbag
     code, text = peer.expect_error()
     assert code == wire.ERROR_PROTOCOL
     assert peer.closed_within(5)
-    proc.wait_for(r"closed: protocol error: .*" + logged, start=start)
+    proc.wait_for(r"refusing connection from 127\.0\.0\.1:\d+: protocol error: .*" + logged, start=start)
     assert address_text(join(port, secret, "newcomer")).startswith("198.18.0.")
     bystander.send_packet(ipv4_packet(bystander.address, bystander.address, b"still here"))
     assert bystander.recv_packet().endswith(b"still here")
@@ -260,3 +260,73 @@ def test_sigterm_tells_clients_and_saves_leases(tmp_path):
         assert "watcher" in (state / "leases.json").read_text()
     finally:
         proc.stop()
+
+
+def test_a_burst_of_small_frames_is_delivered_at_once(server):
+    proc, port, secret = server
+    sender, receiver = join(port, secret, "burst"), join(port, secret, "catcher")
+    packets = [ipv4_packet(sender.address, receiver.address, struct.pack("!I", n)) for n in range(5000)]
+    sender.send_raw(b"".join(wire.encode_frame(wire.FRAME_PACKET, p) for p in packets))
+    got = [receiver.recv_packet(timeout=3) for _ in range(len(packets))]
+    assert got == packets                  # all of them, in order, without waiting for more input
+
+
+def test_a_peer_that_pings_without_reading_cannot_grow_the_server(server):
+    proc, port, secret = server
+    flooder = join(port, secret, "flooder", rcvbuf=4096)
+    ping = wire.encode_frame(wire.FRAME_PING, bytes(wire.MAX_PING_BYTES))
+    flooder.sock.settimeout(0.5)
+    deadline = time.monotonic() + 15
+    sent = 0
+    while sent < 40 * 1000 * 1000 and time.monotonic() < deadline:
+        try:
+            flooder.sock.sendall(ping * 1000)
+            sent += len(ping) * 1000
+        except (socket.timeout, OSError):
+            break
+    rss_kb = int([l for l in open("/proc/%d/status" % proc.pid) if l.startswith("VmRSS")][0].split()[1])
+    assert rss_kb < 64 * 1024, "server RSS %d kB after %d bytes of PINGs" % (rss_kb, sent)
+    assert address_text(join(port, secret, "bystander")).startswith("198.18.0.")
+
+
+def test_takeover_while_the_old_connection_is_closing_keeps_the_new_one(server):
+    proc, port, secret = server
+    for attempt in range(20):
+        old = join(port, secret, "racer")
+        new = WirePeer(port)
+        nonce = os.urandom(16)
+        new.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "racer"))
+        server_nonce, _ = wire.decode_challenge(new.recv_frame()[1])
+        old.close()                                           # the old one vanishes just now
+        key = wire.network_key(secret)
+        new.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, "racer"))
+        assert new.recv_frame()[0] == wire.FRAME_WELCOME, attempt
+        assert not new.closed_within(0.2), attempt
+        new.close()
+    assert "transport endpoint" not in proc.output()
+
+
+def test_out_of_file_descriptors_neither_spins_nor_locks_out_clients(tmp_path):
+    proc, port, secret = start_server(tmp_path / "state", prefix=["prlimit", "--nofile=40"])
+    squatters = []
+    try:
+        for _ in range(60):                                     # silent sockets: more than fds
+            squatters.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        cpu_before = process_cpu_s(proc.pid)
+        started = time.monotonic()
+        peer = join(port, secret, "legit")
+        assert peer.address
+        time.sleep(1)
+        spent = process_cpu_s(proc.pid) - cpu_before
+        assert time.monotonic() - started < 8
+        assert spent < 0.5 * (time.monotonic() - started), "the server spun: %.2f s of CPU" % spent
+        proc.wait_for(r"accept failed: too many open files")
+    finally:
+        for sock in squatters:
+            sock.close()
+        proc.stop()
+
+
+def process_cpu_s(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))

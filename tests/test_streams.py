@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import socket
 import subprocess
 import threading
@@ -18,7 +19,7 @@ import pytest
 import mnedc_client as wire
 from tests.nettopo import Proc
 from tests.streamnet import StreamNet, TcpServer, echo, free_port, recv_all, sink_digest
-from tests.wire_peer import WirePeer
+from tests.wire_peer import CLIENT, WirePeer
 
 
 @pytest.fixture
@@ -355,3 +356,58 @@ def test_ssh_through_connect_as_proxycommand(net, tmp_path):
         assert result.stdout.split() == ["hello-over-mnedc", "Linux"]
     finally:
         sshd.stop()
+
+
+def unprivileged_python():
+    """A python3 that user nobody may run (pyenv's lives under /root, which is 0700), or None."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(candidate) and subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", candidate, "-c", "pass"],
+                capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to drop to user nobody with setpriv")
+def test_stream_mode_runs_as_an_unprivileged_user(net, tcp):
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no python3 that user nobody can run")
+    board = tempfile.mkdtemp(prefix="mnedc-nobody-")
+    try:
+        os.chmod(board, 0o755)
+        client = os.path.join(board, "mnedc_client.py")       # as scp would put it on a board
+        shutil.copy(CLIENT, client)
+        os.chmod(client, 0o644)
+
+        def as_nobody(device_id, *command):
+            config = os.path.join(board, device_id + ".ini")
+            shutil.copy(net.config(device_id), config)
+            os.chmod(config, 0o644)
+            return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-u",
+                    client, "-c", config] + list(command)
+        target = tcp(echo)
+        listener = Proc.start(as_nobody("dev-a", "listen", "--forward=%d" % target.port, "7"))
+        net.procs.append(listener)
+        listener.wait_for(r"listening on virtual port 7")
+        uid = [l.split()[1] for l in open("/proc/%d/status" % listener.pid) if l.startswith("Uid:")][0]
+        assert uid == "65534"
+        result = subprocess.run(as_nobody("dev-b", "connect", "dev-a", "7"), input=b"no root here",
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"no root here"
+    finally:
+        shutil.rmtree(board, ignore_errors=True)
+
+
+def test_once_with_forward_serves_one_stream_then_exits(net, tcp):
+    target = tcp(echo)
+    listener = net.spawn("dev-a", "listen", "--once", "--forward=%d" % target.port, "7")
+    listener.wait_for(r"listening on virtual port 7")
+    local = free_port()
+    forwarder = net.spawn("dev-b", "connect", "--once", "--forward=%d" % local, "dev-a", "7")
+    forwarder.wait_for(r"listening on 127\.0\.0\.1:%d" % local)
+    assert exchange(local, b"just once") == b"just once"
+    assert forwarder.wait(10) == 0 and listener.wait(10) == 0
+    assert "closed gracefully" in forwarder.output() and "closed gracefully" in listener.output()

@@ -88,14 +88,14 @@ class WirePeer:
 
     def handshake(self, secret, device_id, flags=0):
         """Join; the packed virtual address. Refused if the server sends ERROR instead."""
-        nonce = os.urandom(wire.NONCE_BYTES)
+        nonce, key = os.urandom(wire.NONCE_BYTES), wire.network_key(secret)
         self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id, flags))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
         server_nonce, proof = wire.decode_challenge(payload)
-        assert proof == wire.server_proof(secret, nonce, server_nonce, device_id), "server proof wrong"
-        self.send_frame(wire.FRAME_AUTH, wire.client_proof(secret, nonce, server_nonce, device_id))
+        assert proof == wire.server_proof(key, nonce, server_nonce, device_id), "server proof wrong"
+        self.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
@@ -126,7 +126,7 @@ def ipv4_packet(source, destination, payload=b"", protocol=17):
 def start_server(state_dir, *extra, **kw):
     """(Proc, port, secret) of a --no-tun server on loopback with an ephemeral port."""
     python = kw.get("python", sys.executable)
-    argv = [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
+    argv = list(kw.get("prefix", [])) + [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
             "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir)] + list(extra)
     proc = Proc.start(argv)
     try:
