@@ -30,8 +30,10 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import syslog
 import time
 import traceback
 # hashlib, hmac and struct are imported by the wire protocol block below.
@@ -46,12 +48,17 @@ HANDSHAKE_TIMEOUT_S = 10
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
+PORT_TAKEN_BACKOFF_STEPS = 3    # a taken virtual port may be a stale session: ask again in ~10 s
 RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
 LOW_WATER_BYTES = 128 * 1024    # ... and read it again once the queue drained below this
 STREAM_WINDOW_BYTES = 256 * 1024   # credit we grant each stream: the most we buffer for it
 PENDING_LOCAL_S = 20            # how long a local connection may wait for the relay
+OPEN_TIMEOUT_S = 15             # a stream the peer neither accepts nor refuses by then fails
+LINK_LINGER_S = 2               # at a planned stop: let the server take our last frames
+ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting local connections this long
+DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -75,6 +82,8 @@ PENDING_LOCAL_S = 20            # how long a local connection may wait for the r
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
+# at a random moment within it, so that a restart brings no storm of reconnects.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #
@@ -122,13 +131,14 @@ FRAME_EOF = 15
 FRAME_RESET = 16
 FRAME_SERVICES = 17
 FRAME_SERVICE_LIST = 18
+FRAME_RESTARTING = 19
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
     FRAME_PING: "PING", FRAME_PONG: "PONG", FRAME_LISTEN: "LISTEN",
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
-    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST",
+    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
 }
 HELLO_STREAMS = 0x0001
 
@@ -140,11 +150,12 @@ ERROR_PROTOCOL = 5
 ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
+ERROR_KICKED = 9
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
-    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken",
+    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -183,6 +194,7 @@ ACCEPT = struct.Struct("!II")            # stream id, window
 STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
 WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
+RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
 class ProtocolError(Exception):
@@ -468,6 +480,16 @@ def decode_reset(payload):
     return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
 
 
+def encode_restarting(window_s):
+    return RESTARTING.pack(window_s)
+
+
+def decode_restarting(payload):
+    if len(payload) != RESTARTING.size:
+        raise ProtocolError("RESTARTING of %d bytes" % len(payload))
+    return RESTARTING.unpack(payload)[0]
+
+
 def ipv4_problem(packet):
     """Why packet is not a well-formed IPv4 packet, or None when it is."""
     if len(packet) < 20:
@@ -531,6 +553,8 @@ class RelayLink:
         if not data:
             self.close("the server closed the connection")
             return
+        if self.stage == "finishing":
+            return                      # we said all we had to; the server's words can wait
         self.last_received = time.monotonic()
         self.reader.feed(data)
         try:
@@ -576,6 +600,9 @@ class RelayLink:
 
     def on_ping(self, frame_type, payload):
         self.send_frame(FRAME_PONG, check_ping(payload))
+
+    def on_restarting(self, frame_type, payload):
+        self.client.restart_window_s = decode_restarting(payload)
 
     def on_pong(self, frame_type, payload):
         if len(check_ping(payload)) == 8:
@@ -625,12 +652,19 @@ class RelayLink:
             del self.out[:sent]
         if not self.out:
             self.client.loop.set_interest(self, selectors.EVENT_READ)
+            if self.stage == "finishing":
+                self.half_close()
+                return
         if len(self.out) < LOW_WATER_BYTES:
             self.client.on_link_drained()
 
     # -- ending --
 
     def check_timers(self, now):
+        if self.stage == "finishing":
+            if now > self.deadline:
+                self.close("linger over")
+            return
         if self.stage != "established":
             if now > self.deadline:
                 self.close("no answer from the server within %d s (stage %s)"
@@ -644,9 +678,30 @@ class RelayLink:
             self.last_ping = now
             self.send_frame(FRAME_PING, struct.pack("!d", now))
 
+    def finish(self, then):
+        """Send what is queued, half-close, and wait (at most LINK_LINGER_S) for the server to
+        close too; then close and call then()."""
+        self.stage, self.on_finished = "finishing", then
+        self.deadline = time.monotonic() + LINK_LINGER_S
+        self.client.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        if not self.out:
+            self.half_close()
+
+    def half_close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close("the server is gone")
+
     def close(self, reason):
         """Never raises; safe to call twice."""
         if self.stage == "closed":
+            return
+        if self.stage == "finishing":
+            self.stage = "closed"
+            self.client.loop.forget(self)
+            self.sock.close()
+            self.on_finished()
             return
         was_established = self.stage == "established"
         self.stage = "closed"
@@ -664,6 +719,7 @@ LINK_HANDLERS = {
     "welcome": {FRAME_WELCOME: RelayLink.on_welcome, FRAME_ERROR: RelayLink.on_error},
     "established": {
         FRAME_PING: RelayLink.on_ping, FRAME_PONG: RelayLink.on_pong, FRAME_ERROR: RelayLink.on_error,
+        FRAME_RESTARTING: RelayLink.on_restarting,
     },
 }
 
@@ -746,13 +802,13 @@ class LocalFd:
     or write becomes a timer that fires at once.
     """
 
-    def __init__(self, loop, fd, on_readable, on_writable, on_failure):
+    def __init__(self, loop, fd, on_readable, on_writable, on_failure, is_socket=False):
         self.loop = loop
         self.fd = fd
         self.on_readable = on_readable
         self.on_writable = on_writable
         self.close = on_failure          # the loop calls close(reason) when a callback fails
-        self.is_file = not _pollable(fd)
+        self.is_file = not is_socket and not _pollable(fd)
         self.reading = self.writing = False
         self._timer = None
 
@@ -817,7 +873,7 @@ class Stream:
         if sock is not None:
             fd = sock.fileno()
             self.reader = self.writer = LocalFd(client.loop, fd, self.on_local_readable,
-                                                self.on_local_writable, self.fail)
+                                                self.on_local_writable, self.fail, is_socket=True)
         else:
             self.reader = LocalFd(client.loop, stdio[0], self.on_local_readable, None, self.fail)
             self.writer = LocalFd(client.loop, stdio[1], None, self.on_local_writable, self.fail)
@@ -828,6 +884,7 @@ class Stream:
         self.remote_eof = False         # the far end will send no more
         self.local_shut = False         # we passed the far end's EOF on to our local side
         self.started = False
+        self.opened_by_us, self.opened_at = False, time.monotonic()
         self.state = "open"
 
     def __repr__(self):
@@ -874,11 +931,18 @@ class Stream:
         if len(self.to_local) + len(data) > STREAM_WINDOW_BYTES:
             raise ProtocolError("stream %d overran its window" % self.stream_id)
         self.to_local += data
-        self.on_local_writable()
+        self.write_local()
 
     def on_eof(self):
         self.remote_eof = True
-        self.on_local_writable()
+        self.write_local()
+
+    def write_local(self):
+        """Called from the relay's frames: a local failure ends this stream, never the relay link."""
+        try:
+            self.on_local_writable()
+        except OSError as error:
+            self.fail(describe_error(error))
 
     def on_local_writable(self):
         while self.to_local and self.state == "open":
@@ -901,7 +965,7 @@ class Stream:
             if self.sock is not None:
                 self.sock.shutdown(socket.SHUT_WR)
             else:
-                os.close(self.writer.fd)   # EOF for whoever reads our stdout
+                close_for_eof(self.writer.fd)   # EOF for whoever reads our stdout
                 self.writer.fd = -1
             self.finish_if_done()
 
@@ -930,10 +994,33 @@ class Stream:
         for local in {self.reader, self.writer}:
             local.forget()
         if self.sock is not None:
-            if not graceful:            # RST, so the local peer sees the abort, not a clean EOF
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.sock.close()
+            if graceful:
+                self.sock.close()
+            else:                       # RST, so the local peer sees the abort, not a clean EOF
+                abort_socket(self.sock)
         self.client.on_stream_end(self, graceful)
+
+
+def abort_socket(sock):
+    """Close with a RST: the other side sees a failure, never a clean end of data."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def close_for_eof(fd):
+    """Close fd so that its reader sees EOF, also when fd is a socket shared with stdin (inetd,
+    socat EXEC:), where close() alone sends no FIN."""
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        duplicate = socket.socket(fileno=os.dup(fd))
+        try:
+            duplicate.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        duplicate.close()
+    os.close(fd)
 
 
 class LocalListener:
@@ -954,13 +1041,29 @@ class LocalListener:
             sock, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as error:        # EMFILE and friends: pause, never give the port up
+            self.client.log.limited("accept", "error", "accepting a local connection failed: %s"
+                                    % describe_error(error))
+            self.client.loop.set_interest(self, 0)
+            self.client.loop.call_later(ACCEPT_PAUSE_S, self.resume)
+            return
         sock.setblocking(False)
-        self.client.on_local_connection(sock)
+        try:
+            self.client.on_local_connection(sock)
+        except OSError as error:        # that one connection failed, not the port
+            self.client.log.limited("local", "error", "a local connection failed: %s" % describe_error(error))
+            abort_socket(sock)
+
+    def resume(self):
+        if self.sock.fileno() >= 0:
+            self.client.loop.set_interest(self, selectors.EVENT_READ)
 
     def on_writable(self):
         pass
 
     def close(self, reason):
+        if not self.client.stopping:
+            self.client.log.error("stopped listening on 127.0.0.1:%d: %s" % (self.sock.getsockname()[1], reason))
         self.client.loop.forget(self)
         self.sock.close()
 
@@ -980,8 +1083,12 @@ class RelayClient:
         self.loop = EventLoop(log)
         self.link = None
         self.failures = 0               # attempts since the last WELCOME, for the backoff
+        self.restart_window_s = None    # set by RESTARTING: come back within it, not by backoff
+        self.retry_timer = None
         self.exit_code = 0
         self.stopping = False
+        self.state, self.state_since = "connecting", time.time()
+        self.reconnects = 0
 
     def start_link(self):
         self.loop.call_every(1.0, self.tick)
@@ -993,7 +1100,8 @@ class RelayClient:
         return self.exit_code
 
     def connect(self):
-        if self.stopping:
+        self.retry_timer = None
+        if self.stopping or self.link is not None:
             return
         host, port = self.config.server
         label = "%s:%d" % (host, port)
@@ -1028,6 +1136,10 @@ class RelayClient:
             self.fatal("the server refused this device: %s: %s" % (ERROR_NAMES[code], text))
         elif code == ERROR_SHUTDOWN:
             self.failures = 0           # a restart is not a failure of ours: come back quickly
+        elif code == ERROR_KICKED:
+            self.log.warning("the operator disconnected this device: %s" % text)
+        elif code == ERROR_PORT_TAKEN:  # another listener has it: ask again, but not every second
+            self.failures = max(self.failures, PORT_TAKEN_BACKOFF_STEPS)
         elif code == ERROR_REPLACED:    # two devices share a device_id: do not fight every second
             self.failures = max(self.failures, REPLACED_BACKOFF_STEPS)
             self.log.error("another connection took over device_id %s (%s): if that is another "
@@ -1036,6 +1148,8 @@ class RelayClient:
     def on_link_closed(self, link, reason, was_established):
         if link is self.link:
             self.link = None
+        if was_established:
+            self.set_state("reconnecting")
         self.on_link_lost(reason)
         if self.stopping:
             return
@@ -1051,13 +1165,25 @@ class RelayClient:
         if not self.retry_forever:
             self.fatal("cannot reach the relay: %s" % reason)
             return
+        if self.restart_window_s:       # a planned restart: a random moment in its window
+            delay = random.uniform(min(1.0, self.restart_window_s), self.restart_window_s)
+            self.restart_window_s = None
+            self.log.info("the relay is restarting: reconnecting in %.1f s" % delay)
+            self.retry_timer = self.loop.call_later(delay, self.connect)
+            return
         delay = self.next_backoff_s()
         self.log.debug("attempt %d failed; next in %.1f s" % (self.failures, delay))
         if reason:
             self.log.limited("retry", "warning", "cannot join the relay: %s; retrying in %.1f s" % (reason, delay))
         else:
             self.log.info("reconnecting in %.1f s" % delay)
-        self.loop.call_later(delay, self.connect)
+        self.retry_timer = self.loop.call_later(delay, self.connect)
+
+    def connect_now(self):
+        """Try at once instead of at the next backoff step."""
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+        self.connect()
 
     def next_backoff_s(self):
         """1 s, 2 s, 4 s ... up to 30 s, each up to 50 % longer at random, so that devices that
@@ -1069,6 +1195,11 @@ class RelayClient:
     def tick(self):
         if self.link is not None:
             self.link.check_timers(time.monotonic())
+        self.log.flush()
+
+    def set_state(self, state):
+        if state != self.state:
+            self.state, self.state_since = state, time.time()
 
     def fatal(self, message):
         self.log.error(message)
@@ -1079,13 +1210,20 @@ class RelayClient:
         self.log.info("received %s: shutting down" % signal.Signals(signum).name)
         self.stop("client shutting down")
 
-    def stop(self, reason):
+    def stop(self, reason, linger=False):
+        """Stop the loop. linger: first let the server take every frame we queued (the last
+        WINDOWs and EOFs of a finished stream): closing at once would make the kernel reset
+        the connection and the server drop what it had not yet relayed."""
         if self.stopping:
             return
         self.stopping = True
+        self.release(reason)
+        link = self.established_link()
+        if linger and link is not None:
+            link.finish(lambda: self.loop.stop())
+            return
         if self.link is not None:
             self.link.close(reason)
-        self.release(reason)
         self.loop.stop()
 
     # what each mode adds
@@ -1106,6 +1244,9 @@ class TunClient(RelayClient):
         RelayClient.__init__(self, config, log)
         self.tun = None
         self.configured = None          # (address, prefix length) the interface has
+        self.server_address = None
+        self.control = None
+        self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
 
     def start(self):
@@ -1120,7 +1261,31 @@ class TunClient(RelayClient):
         self.loop.set_interest(self.tun, selectors.EVENT_READ)
         self.log.info("created interface %s; device %s connecting to %s:%d"
                       % (interface, self.config.device_id, self.config.server[0], self.config.server[1]))
+        if self.config.control_socket:
+            self.open_control()
         self.start_link()
+
+    def open_control(self):
+        try:
+            self.control = ControlListener(self.loop, self.config.control_socket, self.on_control, self.log)
+        except OSError as error:
+            self.log.warning("no control socket at %s (%s): status will not work"
+                             % (self.config.control_socket, describe_error(error)))
+            return
+        self.loop.set_interest(self.control, selectors.EVENT_READ)
+
+    def on_control(self, request):
+        if request.get("command") != "status":
+            return {"error": "unknown command %r (status)" % request.get("command")}
+        link = self.established_link()
+        return {"device_id": self.config.device_id, "server": "%s:%d" % self.config.server,
+                "interface": self.tun.interface, "mtu": self.config.mtu,
+                "address": "%s/%d" % self.configured if self.configured else None,
+                "server_address": self.server_address, "state": self.state, "since": self.state_since,
+                "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
+                "packets_in": self.packets_in, "packets_out": self.packets_out,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "drops": dict(self.drops),
+                "pid": os.getpid()}
 
     def on_welcome(self, link, address, prefix_length, server_address):
         wanted = (ipv4_text(address), prefix_length)
@@ -1134,6 +1299,10 @@ class TunClient(RelayClient):
                 return
             self.configured = wanted
         self.failures = 0
+        if self.state == "reconnecting":
+            self.reconnects += 1
+        self.set_state("connected")
+        self.server_address = ipv4_text(server_address)
         self.log.info("connected to relay %s as %s/%d on %s (device %s); the server is %s"
                       % (link.server_label, wanted[0], prefix_length, self.tun.interface,
                          self.config.device_id, ipv4_text(server_address)))
@@ -1144,6 +1313,8 @@ class TunClient(RelayClient):
         problem = ipv4_problem(payload)
         if problem:
             raise ProtocolError(problem)
+        self.packets_in += 1
+        self.bytes_in += len(payload)
         self.tun.send_packet(payload)
 
     def forward_from_tun(self, packet):
@@ -1156,6 +1327,8 @@ class TunClient(RelayClient):
         if link is None:
             self.count_drop("no relay connection")
             return True
+        self.packets_out += 1
+        self.bytes_out += len(packet)
         return link.send_packet(packet)
 
     def count_drop(self, reason):
@@ -1169,6 +1342,8 @@ class TunClient(RelayClient):
         self.tun.resume()
 
     def release(self, reason):
+        if self.control is not None:
+            self.control.close(reason)
         if self.tun is not None:
             self.tun.close(reason)
 
@@ -1230,8 +1405,9 @@ class StreamClient(RelayClient):
     # -- the relay link --
 
     def on_welcome(self, link, address, prefix_length, server_address):
-        self.failures = 0
-        self.log.debug("stream session with relay %s as %s" % (link.server_label, ipv4_text(address)))
+        if self.command != "listen":
+            self.failures = 0           # listen: only once its port is confirmed (LISTENING)
+        self.log.debug("stream session with relay %s" % link.server_label)
         if self.command == "services":
             self.send_frame(FRAME_SERVICES, b"")
         elif self.command == "listen":
@@ -1250,6 +1426,7 @@ class StreamClient(RelayClient):
         handler(self, payload)
 
     def on_listening(self, payload):
+        self.failures = 0
         port, service = decode_listen(payload)
         self.log.info("listening on virtual port %d%s of device %s" % (
             port, " as service %s" % service if service else "", self.config.device_id))
@@ -1262,7 +1439,7 @@ class StreamClient(RelayClient):
         sys.stdout.write(json.dumps(listing, indent=1, sort_keys=True) + "\n" if self.as_json
                          else format_services(listing))
         sys.stdout.flush()
-        self.stop("done")
+        self.stop("done", linger=True)
 
     def on_link_lost(self, reason):
         for stream in list(self.streams.values()):
@@ -1274,6 +1451,7 @@ class StreamClient(RelayClient):
         stream_id = self.next_stream_id
         self.next_stream_id += 2
         stream = Stream(self, stream_id, "%s:%s" % (self.peer, self.port or "service"), sock=sock, stdio=stdio)
+        stream.opened_by_us, stream.opened_at = True, time.monotonic()
         self.streams[stream_id] = stream
         self.send_frame(FRAME_OPEN, encode_open(stream_id, self.port, STREAM_WINDOW_BYTES, self.peer))
 
@@ -1285,6 +1463,15 @@ class StreamClient(RelayClient):
             self.send_frame(FRAME_RESET, encode_reset(stream_id, RESET_REFUSED, "busy with another stream"))
             return
         self.served += 1
+        try:
+            self.start_serving(stream_id, window, caller)
+        except OSError as error:        # e.g. out of fds: refuse this stream, keep the link
+            self.log.info("Connection with %s closed suddenly: %s" % (caller, describe_error(error)))
+            self.streams.pop(stream_id, None)
+            self.send_frame(FRAME_RESET, encode_reset(stream_id, RESET_LIMIT, "%s on %s" % (
+                describe_error(error), self.config.device_id)))
+
+    def start_serving(self, stream_id, window, caller):
         if self.forward is None:
             stream = Stream(self, stream_id, caller, stdio=(0, 1))
             self.streams[stream_id] = stream
@@ -1357,7 +1544,7 @@ class StreamClient(RelayClient):
         if not graceful:
             self.exit_code = 1
         if self.once and not self.streams:
-            self.stop("the stream ended")
+            self.stop("the stream ended", linger=True)
 
     def on_local_connection(self, sock):
         if self.once and self.served:
@@ -1366,16 +1553,23 @@ class StreamClient(RelayClient):
         self.served += 1
         if self.established_link() is not None:
             self.open_stream(sock=sock)
-        else:
-            self.pending_locals.append((sock, time.monotonic() + PENDING_LOCAL_S))
+            return
+        self.pending_locals.append((sock, time.monotonic() + PENDING_LOCAL_S))
+        if self.link is None:
+            self.connect_now()          # someone is waiting: do not sit out the backoff
 
     def tick(self):
         RelayClient.tick(self)
         now = time.monotonic()
         for sock, deadline in [p for p in self.pending_locals if p[1] < now]:
-            self.log.warning("no relay connection within %d s: closing a local connection" % PENDING_LOCAL_S)
-            sock.close()
+            self.log.info("Connection with %s:%s closed suddenly: no relay connection within %d s"
+                          % (self.peer, self.port or "service", PENDING_LOCAL_S))
+            abort_socket(sock)
             self.pending_locals.remove((sock, deadline))
+        for stream in [s for s in self.streams.values() if not s.started and s.opened_by_us
+                       and now - s.opened_at > OPEN_TIMEOUT_S]:
+            self.send_frame(FRAME_RESET, encode_reset(stream.stream_id, RESET_ABORTED, "no answer"))
+            stream.end(False, "closed suddenly: the peer did not answer within %d s" % OPEN_TIMEOUT_S)
 
     def release(self, reason):
         for stream in list(self.streams.values()):
@@ -1403,14 +1597,14 @@ def format_services(listing):
     """The `services` table for people."""
     rows = ["%-20s %-24s %-15s %s" % ("SERVICE", "DEVICE", "ADDRESS", "PORT")]
     for service in listing.get("services", []):
-        rows.append("%-20s %-24s %-15s %d" % (service["name"], service["device_id"], service["address"],
+        rows.append("%-20s %-24s %-15s %d" % (service["name"], service["device_id"], service["address"] or "-",
                                               service["port"]))
     rows += ["", "%-44s %-15s %s" % ("DEVICE", "ADDRESS", "STATE")]
     for device in listing.get("devices", []):
         ways = (["tun"] if device["tun"] else []) + (
             ["%d stream session(s)" % device["stream_sessions"]] if device["stream_sessions"] else [])
         state = "online (%s)" % ", ".join(ways) if device["online"] else "offline"
-        rows.append("%-44s %-15s %s" % (device["device_id"], device["address"], state))
+        rows.append("%-44s %-15s %s" % (device["device_id"], device["address"] or "-", state))
     return "\n".join(rows) + "\n"
 
 
@@ -1419,19 +1613,34 @@ def format_services(listing):
 # protocol block, because each script is copied alone onto a board.
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+SYSLOG_PRIORITIES = {"debug": syslog.LOG_DEBUG, "info": syslog.LOG_INFO,
+                     "warning": syslog.LOG_WARNING, "error": syslog.LOG_ERR}
 LOG_REPEAT_WINDOW_S = 60.0
+HEARTBEAT_S = 5                 # the watchdog takes an older heartbeat file for a hung loop
+CONTROL_TIMEOUT_S = 5
 
 
 class Log:
-    """Timestamped lines on stderr; limited() keeps a flapping peer from flooding a board's flash."""
+    """Timestamped lines on stderr, or syslog; limited() keeps a flapping peer from flooding a
+    board's flash or its small log ring buffer."""
 
-    def __init__(self, level="info", stream=None):
+    def __init__(self, level="info", stream=None, syslog_ident=None):
         self.threshold = LOG_LEVELS[level]
         self.stream = stream or sys.stderr
-        self._windows = {}          # key -> [window start, lines suppressed]
+        self.to_syslog = bool(syslog_ident)
+        if self.to_syslog:
+            syslog.openlog(syslog_ident, syslog.LOG_PID, syslog.LOG_DAEMON)
+        self._windows = {}          # key -> [window start, lines held back, last one, level]
+
+    def set_level(self, level):
+        self.threshold = LOG_LEVELS[level]
 
     def write(self, level, message):
         if LOG_LEVELS[level] < self.threshold:
+            return
+        if self.to_syslog:
+            for line in message.splitlines() or [""]:
+                syslog.syslog(SYSLOG_PRIORITIES[level], line)
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
@@ -1453,16 +1662,27 @@ class Log:
         self.write("error", message)
 
     def limited(self, key, level, message):
-        """Log message at most once per window per key; the next line says how many were held back."""
+        """Log message at most once per window per key; flush() reports what was held back."""
         now = time.monotonic()
         window = self._windows.get(key)
         if window is not None and now - window[0] < LOG_REPEAT_WINDOW_S:
             window[1] += 1
+            window[2] = message
             return
-        if window is not None and window[1]:
-            message += " (%d more in the last %d s)" % (window[1], now - window[0])
-        self._windows[key] = [now, 0]
+        self._windows[key] = [now, 0, message, level]
         self.write(level, message)
+
+    def flush(self):
+        """Call now and then: '... (532 more in the last 60 s)' for each window that ended."""
+        now = time.monotonic()
+        for key, (start, held, message, level) in list(self._windows.items()):
+            if now - start < LOG_REPEAT_WINDOW_S:
+                continue
+            if held:
+                self.write(level, "%s (%d more in the last %d s)" % (message, held, now - start))
+                self._windows[key] = [now, 0, message, level]
+            else:
+                del self._windows[key]      # forget quiet keys: the table stays small
 
 
 class Timer:
@@ -1601,6 +1821,167 @@ class EventLoop:
             self.log.error("internal error in %r:\n%s" % (handler or function, traceback.format_exc()))
             if handler is not None:
                 handler.close("internal error")
+
+
+class DaemonFiles:
+    """The pidfile and the heartbeat file that the init scripts and the cron watchdog read.
+
+    The heartbeat is touched from the event loop itself, so a hung loop shows as a stale file,
+    which a plain "is the process there" check never catches.
+    """
+
+    def __init__(self, pidfile, heartbeat):
+        self.pidfile = pidfile
+        self.heartbeat = heartbeat
+
+    def start(self, loop):
+        """Write the pidfile and start beating; OSError if a file cannot be written."""
+        if self.pidfile:
+            temporary = self.pidfile + ".tmp"
+            with open(temporary, "w") as sink:
+                sink.write("%d\n" % os.getpid())
+            os.replace(temporary, self.pidfile)
+        if self.heartbeat:
+            self.beat()
+            loop.call_every(HEARTBEAT_S, self.beat)
+
+    def beat(self):
+        with open(self.heartbeat, "a"):
+            os.utime(self.heartbeat, None)
+
+    def remove(self):
+        """Remove both files, the pidfile only while it still names this process."""
+        try:
+            with open(self.pidfile or "") as source:
+                if source.read().strip() == str(os.getpid()):
+                    os.unlink(self.pidfile)
+        except (OSError, ValueError):
+            pass
+        try:
+            if self.heartbeat:
+                os.unlink(self.heartbeat)
+        except OSError:
+            pass
+
+
+class ControlListener:
+    """A Unix socket only root can use, for `status` and `kick`: one JSON request per connection.
+
+    handler(request dict) returns the reply dict; the loop serves it like any other socket.
+    """
+
+    def __init__(self, loop, path, handler, log):
+        self.loop = loop
+        self.path = path
+        self.handler = handler
+        self.log = log
+        self.sock = bind_control_socket(path)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "ControlListener(%s)" % self.path
+
+    def on_readable(self):
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self.loop.set_interest(ControlConnection(self, sock), selectors.EVENT_READ)
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        self.loop.forget(self)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def bind_control_socket(path):
+    """A listening Unix socket at path, mode 0600; OSError if another daemon answers there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise OSError(errno.EADDRINUSE, "another daemon answers on %s" % path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)                 # left behind by a crash
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)             # no window in which others could connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlConnection:
+    """One control request: read a JSON line, answer with a JSON line, close."""
+
+    def __init__(self, listener, sock):
+        self.listener = listener
+        self.sock = sock
+        self.inbox = bytearray()
+        self.out = b""
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        data = self.sock.recv(4096)
+        self.inbox += data
+        if data and b"\n" not in self.inbox and len(self.inbox) < 4096:
+            return
+        try:
+            request = json.loads(self.inbox.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            reply = self.listener.handler(request)
+        except ValueError as error:
+            reply = {"error": "bad request: %s" % error}
+        self.out = json.dumps(reply, sort_keys=True).encode("utf-8") + b"\n"
+        self.listener.loop.set_interest(self, selectors.EVENT_WRITE)
+
+    def on_writable(self):
+        sent = self.sock.send(self.out)
+        self.out = self.out[sent:]
+        if not self.out:
+            self.close("answered")
+
+    def close(self, reason):
+        self.listener.loop.forget(self)
+        self.sock.close()
+
+
+def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
+    """Ask the daemon listening on path; its reply dict. OSError when nobody answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except ValueError:
+        raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
 def describe_error(error):
@@ -1811,6 +2192,8 @@ class ClientConfig:
         self.interface = DEFAULT_INTERFACE
         self.mtu = DEFAULT_MTU
         self.keepalive = DEFAULT_KEEPALIVE_S
+        self.control_socket = DEFAULT_CONTROL_SOCKET
+        self.log_level = "info"
 
 
 CLIENT_KEYS = {
@@ -1821,6 +2204,8 @@ CLIENT_KEYS = {
     "interface": lambda config, text: setattr(config, "interface", check_interface_name(text)),
     "mtu": lambda config, text: setattr(config, "mtu", parse_int(text, 576, 65535)),
     "keepalive": lambda config, text: setattr(config, "keepalive", parse_int(text, 3, 3600)),
+    "control_socket": lambda config, text: setattr(config, "control_socket", text.strip()),
+    "log_level": lambda config, text: setattr(config, "log_level", parse_choice(text, tuple(LOG_LEVELS))),
 }
 
 
@@ -1889,14 +2274,17 @@ def load_client_config(args):
             CLIENT_KEYS[key](config, text)
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
-    flags = (("server", args.server), ("secret_file", args.secret_file),
-             ("device_id", args.device_id), ("interface", args.interface))
+    flags = (("server", args.server), ("secret_file", args.secret_file), ("device_id", args.device_id),
+             ("interface", args.interface), ("control_socket", args.control),
+             ("log_level", "debug" if args.verbose else None))
     for key, text in flags:
         if text is not None:
             try:
                 CLIENT_KEYS[key](config, text)
             except (ValueError, OSError) as error:
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), describe_error(error)))
+    if getattr(args, "command", None) == "status":
+        return config                   # status only needs the control socket
     if config.server is None:
         raise ConfigError("no server configured: set server in the [client] section of %s or pass "
                           "--server" % (config.source or "client-config.ini (none found)"))
@@ -1923,6 +2311,13 @@ def build_parser():
                         help="this device's name on the network")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log debug lines too")
+    common.add_argument("--syslog", action="store_true", default=argparse.SUPPRESS,
+                        help="log to syslog (daemon facility) instead of stderr")
+    common.add_argument("--pidfile", metavar="FILE", default=argparse.SUPPRESS, help="write the process id here")
+    common.add_argument("--heartbeat", metavar="FILE", default=argparse.SUPPRESS,
+                        help="touch FILE every %d s from the event loop, for the watchdog" % HEARTBEAT_S)
+    common.add_argument("--control", metavar="SOCKET", default=argparse.SUPPRESS,
+                        help="the TUN client's control socket (default %s)" % DEFAULT_CONTROL_SOCKET)
     parser = argparse.ArgumentParser(
         prog="mnedc_client.py", description=__doc__, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1950,6 +2345,8 @@ def build_parser():
     connect.add_argument("port", metavar="PORT", type=port_number, nargs="?", default=0, help="the peer's virtual port")
     services = commands.add_parser("services", parents=[common], help="list devices and named services")
     services.add_argument("--json", action="store_true", help="machine-readable output")
+    status = commands.add_parser("status", parents=[common], help="show the running TUN client's state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -1968,28 +2365,34 @@ def service_name(text):
 
 
 def peer_name(text):
-    return service_name(text) if not text.count(".") == 3 else text
-
-
-def load_or_exit(args, log):
-    try:
-        return load_client_config(args)
-    except ConfigError as error:
-        log.error(str(error))
-        return None
+    """A virtual IP (four numbers) or else a device_id or service name."""
+    parts = text.split(".")
+    if len(parts) == 4 and all(part.isdigit() and int(part) < 256 for part in parts):
+        return text
+    return service_name(text)
 
 
 def cmd_tun(args, log):
     config = load_or_exit(args, log)
     if config is None:
         return 2
-    client = TunClient(config, log)
+    return run_client(TunClient(config, log), args, log)
+
+
+def run_client(client, args, log):
+    """Start client, keep the pidfile and heartbeat while it runs; its exit status."""
+    files = DaemonFiles(args.pidfile, args.heartbeat)
     try:
         client.start()
+        files.start(client.loop)
     except OSError as error:
-        log.error(str(error))
+        log.error(str(error) if error.filename is None else
+                  "cannot write %s: %s" % (error.filename, describe_error(error)))
         return 1
-    return client.run()
+    try:
+        return client.run()
+    finally:
+        files.remove()
 
 
 def cmd_streams(args, log):
@@ -2001,26 +2404,61 @@ def cmd_streams(args, log):
                           peer=getattr(args, "peer", None), forward=getattr(args, "forward", None),
                           once=getattr(args, "once", False), service=getattr(args, "service", None) or "",
                           as_json=getattr(args, "json", False))
+    return run_client(client, args, log)
+
+
+def cmd_status(args, log):
+    config = load_or_exit(args, log)
+    if config is None:
+        return 2
     try:
-        client.start()
+        status = control_request(config.control_socket, {"command": "status"})
     except OSError as error:
-        log.error(str(error))
+        log.error("no running TUN client answers on %s: %s" % (config.control_socket, describe_error(error)))
         return 1
-    return client.run()
+    if "error" in status:
+        log.error(status["error"])
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
+        return 0
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["since"]))
+    rtt = "%.1f ms" % status["rtt_ms"] if status["rtt_ms"] is not None else "-"
+    drops = ", ".join("%s %d" % item for item in sorted(status["drops"].items())) or "none"
+    sys.stdout.write(
+        "device %s: %s on %s, server %s (%s)\n%s since %s, round trip %s, %d reconnect(s)\n"
+        "in: %d packets, %d bytes; out: %d packets, %d bytes; drops: %s\n" % (
+            status["device_id"], status["address"] or "no address yet", status["interface"],
+            status["server"], status["server_address"] or "-", status["state"], since, rtt,
+            status["reconnects"], status["packets_in"], status["bytes_in"], status["packets_out"],
+            status["bytes_out"], drops))
+    return 0
 
 
-COMMANDS = {"tun": cmd_tun, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams}
+COMMANDS = {"tun": cmd_tun, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams,
+            "status": cmd_status}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.command = args.command or "tun"
-    for name, default in (("config", None), ("server", None), ("secret_file", None),
-                          ("device_id", None), ("verbose", False)):
+    for name, default in (("config", None), ("server", None), ("secret_file", None), ("device_id", None),
+                          ("verbose", False), ("syslog", False), ("pidfile", None), ("heartbeat", None),
+                          ("control", None)):
         if not hasattr(args, name):     # options may stand before or after the command
             setattr(args, name, default)
-    log = Log("debug" if args.verbose else "info")
+    log = Log("debug" if args.verbose else "info", syslog_ident="mnedc-client" if args.syslog else None)
     return COMMANDS[args.command](args, log)
+
+
+def load_or_exit(args, log):
+    try:
+        config = load_client_config(args)
+    except ConfigError as error:
+        log.error(str(error))
+        return None
+    log.set_level(config.log_level)
+    return config
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import syslog
 import time
 import traceback
 # hashlib, hmac and struct are imported by the wire protocol block below.
@@ -50,9 +51,16 @@ MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as 
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
 HARD_QUEUE_BYTES = MAX_QUEUE_BYTES + MAX_STREAMS_PER_SESSION * MAX_STREAM_WINDOW_BYTES + 65536
+TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
+MAX_SERVICES_PER_SESSION = 16
+MAX_SERVICES = 1024
+NO_ADDRESS = b"\0\0\0\0"        # a stream session of a device that has no lease
 MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is dropped
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
 LEASE_SAVE_INTERVAL_S = 60
+DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
+DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
+HOOK_TIMEOUT_S = 30             # an on_join/on_leave script running longer is killed
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 
 
@@ -77,6 +85,8 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
+# at a random moment within it, so that a restart brings no storm of reconnects.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #
@@ -124,13 +134,14 @@ FRAME_EOF = 15
 FRAME_RESET = 16
 FRAME_SERVICES = 17
 FRAME_SERVICE_LIST = 18
+FRAME_RESTARTING = 19
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
     FRAME_PING: "PING", FRAME_PONG: "PONG", FRAME_LISTEN: "LISTEN",
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
-    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST",
+    FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
 }
 HELLO_STREAMS = 0x0001
 
@@ -142,11 +153,12 @@ ERROR_PROTOCOL = 5
 ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
+ERROR_KICKED = 9
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
-    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken",
+    ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -185,6 +197,7 @@ ACCEPT = struct.Struct("!II")            # stream id, window
 STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
 WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
+RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
 class ProtocolError(Exception):
@@ -470,6 +483,16 @@ def decode_reset(payload):
     return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
 
 
+def encode_restarting(window_s):
+    return RESTARTING.pack(window_s)
+
+
+def decode_restarting(payload):
+    if len(payload) != RESTARTING.size:
+        raise ProtocolError("RESTARTING of %d bytes" % len(payload))
+    return RESTARTING.unpack(payload)[0]
+
+
 def ipv4_problem(packet):
     """Why packet is not a well-formed IPv4 packet, or None when it is."""
     if len(packet) < 20:
@@ -712,6 +735,12 @@ class StreamSwitch:
             if taken is not None and taken[0] is not session:
                 raise PortTaken("service name %s is already offered by %s port %d"
                                 % (service, taken[0].device_id, taken[1]))
+            for name in [n for n, (holder, p) in self.services.items() if holder is session and p == port]:
+                del self.services[name]     # one name per port: a new LISTEN renames it
+            own = sum(1 for holder, _ in self.services.values() if holder is session)
+            if own >= MAX_SERVICES_PER_SESSION or len(self.services) >= MAX_SERVICES:
+                raise PortTaken("too many service names (%d per session, %d in all)"
+                                % (MAX_SERVICES_PER_SESSION, MAX_SERVICES))
             self.services[service] = (session, port)
         self.listeners[key] = session
 
@@ -743,14 +772,17 @@ class StreamSwitch:
                 raise StreamRefused(RESET_LIMIT, "%s has %d streams open already"
                                     % (session.device_id, self.max_streams))
         listener_id = self.next_server_id
-        self.next_server_id = (self.next_server_id + 2) % 0x100000000 or 2
+        while (listener, listener_id) in self.streams:      # after a wrap-around
+            listener_id = (listener_id + 2) % 0x100000000 or 2
+        self.next_server_id = (listener_id + 2) % 0x100000000 or 2
         label = "%s:%d" % (device_id, port)
         stream = RelayedStream(opener, stream_id, listener, listener_id, window, label)
         self.streams[(opener, stream_id)] = (stream, 0)
         self.streams[(listener, listener_id)] = (stream, 1)
         for session in (opener, listener):
             self.open_counts[session] = self.open_counts.get(session, 0) + 1
-        caller = "%s (%s)" % (opener.device_id, ipv4_text(opener.address))
+        caller = opener.device_id if opener.address == NO_ADDRESS else \
+            "%s (%s)" % (opener.device_id, ipv4_text(opener.address))
         listener.send_frame(FRAME_OPEN, encode_open(listener_id, port, window, caller))
         self.log.debug("stream %s -> %s opened" % (caller, label))
 
@@ -791,6 +823,7 @@ class StreamSwitch:
                                 % (stream_id, len(data), stream.credit[index]))
         stream.credit[index] -= len(data)
         receiver, receiver_id = stream.other(index)
+        receiver.bytes_out += len(data)
         receiver.send_frame(FRAME_DATA, encode_data(receiver_id, data))
 
     def window(self, session, stream_id, increment):
@@ -836,6 +869,48 @@ class StreamSwitch:
         if window > self.max_window_bytes:
             raise ProtocolError("a window of %d bytes exceeds the relay's %d"
                                 % (window, self.max_window_bytes))
+
+
+class Hooks:
+    """on_join / on_leave scripts, as OpenVPN's client-connect: run without waiting, reaped later.
+
+    The script gets MNEDC_EVENT, MNEDC_DEVICE_ID, MNEDC_VIRTUAL_IP and MNEDC_REMOTE_ADDRESS in
+    its environment. One that runs longer than HOOK_TIMEOUT_S is killed.
+    """
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.running = []           # (process, deadline, description)
+
+    def run(self, event, member):
+        path = getattr(self.config, "on_" + event)
+        if not path:
+            return
+        environment = dict(os.environ, MNEDC_EVENT=event, MNEDC_DEVICE_ID=member.device_id,
+                           MNEDC_VIRTUAL_IP=ipv4_text(member.address), MNEDC_REMOTE_ADDRESS=member.remote)
+        description = "on_%s hook %s for %s" % (event, path, member.device_id)
+        try:
+            process = subprocess.Popen([path], env=environment, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as error:
+            self.log.error("cannot run %s: %s" % (description, describe_error(error)))
+            return
+        self.running.append((process, time.monotonic() + HOOK_TIMEOUT_S, description))
+
+    def reap(self):
+        still = []
+        for process, deadline, description in self.running:
+            status = process.poll()
+            if status is None and time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                self.log.error("%s ran longer than %d s: killed" % (description, HOOK_TIMEOUT_S))
+            elif status is None:
+                still.append((process, deadline, description))
+            elif status != 0:
+                self.log.warning("%s exited with status %d" % (description, status))
+        self.running = still
 
 
 # ==== CONNECTIONS ====
@@ -909,6 +984,9 @@ class ClientConnection:
         self.deadline = now + HANDSHAKE_TIMEOUT_S
         self.last_received = self.last_ping = now
         self.closing_reason = None
+        self.connected_since = None
+        self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
+        self.drops = {}
 
     def fileno(self):
         return self.sock.fileno()
@@ -917,6 +995,8 @@ class ClientConnection:
         return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
 
     def name(self):
+        if self.address == NO_ADDRESS:
+            return "device %s" % self.device_id
         if self.address is not None:
             return "device %s (%s)" % (self.device_id, ipv4_text(self.address))
         if self.device_id is not None:
@@ -980,6 +1060,8 @@ class ClientConnection:
         problem = ipv4_problem(payload)
         if problem:
             raise ProtocolError(problem)
+        self.packets_in += 1
+        self.bytes_in += len(payload)
         self.server.route_packet(payload, self)
 
     def on_ping(self, frame_type, payload):
@@ -1022,7 +1104,9 @@ class ClientConnection:
         self.server.switch.accept(self, *decode_accept(payload))
 
     def on_data(self, frame_type, payload):
-        self.server.switch.data(self, *decode_data(payload))
+        stream_id, data = decode_data(payload)
+        self.bytes_in += len(data)
+        self.server.switch.data(self, stream_id, data)
 
     def on_window(self, frame_type, payload):
         self.server.switch.window(self, *decode_window(payload))
@@ -1045,6 +1129,8 @@ class ClientConnection:
         elif len(self.out) > self.server.max_queue_bytes:
             self.server.count_drop("queue full", self, packet, "for")
         else:
+            self.packets_out += 1
+            self.bytes_out += len(packet)
             self.send_frame(FRAME_PACKET, packet)
 
     def send_frame(self, frame_type, payload):
@@ -1062,15 +1148,19 @@ class ClientConnection:
                 return
             frame = frame[sent:]
         self.out += frame
+        self.server.queued_bytes += len(frame)
         if len(self.out) > HARD_QUEUE_BYTES:
             self.close("more than %d bytes queued: the peer is not reading" % HARD_QUEUE_BYTES)
             return
         self.server.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        if self.server.queued_bytes > TOTAL_QUEUE_BYTES:
+            self.server.cut_off_slowest_reader()
 
     def on_writable(self):
         if self.out:
             sent = self.sock.send(self.out)
             del self.out[:sent]
+            self.server.queued_bytes -= sent
         if not self.out:
             self.server.loop.set_interest(self, selectors.EVENT_READ)
             if self.stage == "closing":
@@ -1125,6 +1215,8 @@ class ClientConnection:
         self.server.withdraw(self)
         self.server.connections.discard(self)
         self.server.handshaking.pop(self, None)
+        self.server.queued_bytes -= len(self.out)
+        self.out = bytearray()
         try:
             self.server.loop.forget(self)
         except (KeyError, ValueError, OSError):
@@ -1133,7 +1225,7 @@ class ClientConnection:
         if was_established and self.streams_session:
             self.server.log.info("stream session of %s from %s closed: %s" % (self.name(), self.remote, reason))
         elif was_established:
-            self.server.log.info("%s left: %s" % (self.name(), reason))
+            self.server.log.info("%s from %s left: %s" % (self.name(), self.remote, reason))
         elif was_refused:
             self.server.log.debug("%s closed: %s" % (self.name(), reason))    # refuse() said why
         else:
@@ -1168,6 +1260,7 @@ class ServerTun:
         self.device_id = "(server)"
         self.address = server.leases.server_address
         self.closed = False
+        self.drops = {}
 
     def fileno(self):
         return self.fd
@@ -1220,10 +1313,15 @@ class ServerTun:
 class RelayServer:
     """Owns the listener, the clients, the leases and the routes."""
 
-    def __init__(self, config, log):
+    def __init__(self, config, log, reload_config=None):
+        """reload_config() gives a fresh ServerConfig on SIGHUP (ConfigError if it is bad)."""
         self.config = config
         self.log = log
+        self.reload_config = reload_config
         self.loop = EventLoop(log)
+        self.hooks = Hooks(config, log)
+        self.started = time.time()
+        self.control = None
         self.key = network_key(config.secret)
         self.keepalive_s = config.keepalive
         self.max_queue_bytes = MAX_QUEUE_BYTES
@@ -1234,6 +1332,7 @@ class RelayServer:
                                    self.device_of, self.online)
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
+        self.queued_bytes = 0           # in every connection's send queue together
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -1251,8 +1350,22 @@ class RelayServer:
         self.log.info("listening on %s:%d" % (host, port))
         if self.config.tun != "no":
             self._open_tun()
+        if self.config.control_socket:
+            self._open_control()
         self.loop.call_every(1.0, self.tick)
         self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self.on_stop_signal)
+        self.loop.on_signals((signal.SIGHUP,), self.on_reload_signal)
+
+    def _open_control(self):
+        try:
+            self.control = ControlListener(self.loop, self.config.control_socket, self.on_control, self.log)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise OSError(error.errno, "%s: is another server running?" % describe_error(error))
+            self.log.warning("no control socket at %s (%s): status and kick will not work"
+                             % (self.config.control_socket, describe_error(error)))
+            return
+        self.loop.set_interest(self.control, selectors.EVENT_READ)
 
     def _bind(self, listen):
         host, port = listen
@@ -1306,6 +1419,13 @@ class RelayServer:
         self.loop.set_interest(connection, selectors.EVENT_READ)
         self.log.debug("accepted connection from %s" % connection.remote)
 
+    def cut_off_slowest_reader(self):
+        """All queues together passed TOTAL_QUEUE_BYTES: close the connection with the most
+        bytes waiting, which is the one that reads least. Readers that keep up never get here."""
+        slowest = max(self.connections, key=lambda c: len(c.out))
+        slowest.close("%d bytes queued while the relay holds %d in all: not reading fast enough"
+                      % (len(slowest.out), self.queued_bytes))
+
     def shed_oldest_handshake(self, why):
         """Close the longest-waiting unauthenticated connection, to make room; False if none."""
         if not self.handshaking:
@@ -1314,18 +1434,24 @@ class RelayServer:
         return True
 
     def admit(self, connection):
-        """The packed address of an authenticated connection, which now owns it."""
+        """The packed address of an authenticated connection, which now owns it.
+
+        A stream session takes no lease of its own (streams need none, and containers with
+        fresh device_ids would fill the pool): it shows the device's lease if it has one.
+        """
         device_id = connection.device_id
         now = time.time()
+        connection.connected_since = now
+        if connection.streams_session:
+            lease = self.leases.leases.get(device_id)
+            connection.address = socket.inet_aton(lease["address"]) if lease else NO_ADDRESS
+            self.stream_sessions.setdefault(device_id, set()).add(connection)
+            self.log.info("%s opened a stream session from %s" % (connection.name(), connection.remote))
+            return connection.address
         online = set(self.routes.by_device)
         address = self.leases.lease_for(device_id, online, now)
         self.leases.touch(device_id, now)
         connection.address = address
-        if connection.streams_session:
-            self.stream_sessions.setdefault(device_id, set()).add(connection)
-            self.log.info("device %s (%s) opened a stream session from %s"
-                          % (device_id, ipv4_text(address), connection.remote))
-            return address
         previous = self.routes.by_device.get(device_id)
         if previous is not None:
             self.log.info("device %s reconnected from %s; closing its old connection from %s"
@@ -1334,6 +1460,7 @@ class RelayServer:
                             % (device_id, connection.remote))
         self.routes.add(connection)
         self.log.info("device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
+        self.hooks.run("join", connection)
         return address
 
     def withdraw(self, connection):
@@ -1349,7 +1476,72 @@ class RelayServer:
             return
         if self.routes.by_device.get(connection.device_id) is connection:
             self.leases.touch(connection.device_id, time.time())
+            self.hooks.run("leave", connection)
         self.routes.remove(connection)
+
+    # -- operations: status, kick, reload --
+
+    def on_control(self, request):
+        command = request.get("command")
+        if command == "status":
+            return self.status()
+        if command == "kick":
+            return self.kick(str(request.get("device_id", "")))
+        return {"error": "unknown command %r (status, kick)" % command}
+
+    def status(self):
+        members = sorted((c for c in self.connections if c.stage == "established"),
+                         key=lambda c: (c.device_id, c.streams_session, c.remote))
+        devices = [{
+            "device_id": c.device_id, "address": None if c.address == NO_ADDRESS else ipv4_text(c.address),
+            "remote": c.remote,
+            "kind": "streams" if c.streams_session else "tun", "connected_since": c.connected_since,
+            "bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "packets_in": c.packets_in,
+            "packets_out": c.packets_out, "drops": c.drops, "open_streams": self.switch.open_counts.get(c, 0),
+        } for c in members]
+        totals = {"devices": len(self.routes.by_device) - (1 if self.tun else 0),
+                  "stream_sessions": sum(len(s) for s in self.stream_sessions.values()),
+                  "handshakes_in_progress": len(self.handshaking), "streams": len(self.switch.streams) // 2,
+                  "leases": len(self.leases.leases), "drops": dict(self.drops)}
+        for counter in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
+            totals[counter] = sum(device[counter] for device in devices)
+        return {"server": {
+            "listen": "%s:%d" % self.listener.sock.getsockname()[:2], "subnet": self.leases.subnet_text(),
+            "address": ipv4_text(self.leases.server_address), "protocol": PROTOCOL_VERSION,
+            "interface": self.tun.interface if self.tun else None, "started": self.started,
+            "uptime_s": int(time.time() - self.started), "pid": os.getpid(),
+        }, "devices": devices, "totals": totals}
+
+    def kick(self, device_id):
+        targets = [c for c in self.connections if c.device_id == device_id and c.stage == "established"]
+        if not targets:
+            return {"error": "device %s is not connected" % device_id}
+        self.log.info("kicking device %s (%d connection(s)) on the operator's request" % (device_id, len(targets)))
+        for connection in targets:
+            connection.refuse(ERROR_KICKED, "disconnected by the operator; it may rejoin")
+        return {"kicked": len(targets), "device_id": device_id}
+
+    def on_reload_signal(self, signum):
+        """SIGHUP: take the secret, log level, keepalive, hooks and restart window anew; keep
+        every connection. What needs a restart (listen, subnet, TUN, paths) is only reported."""
+        try:
+            fresh = self.reload_config()
+        except (ConfigError, OSError, ValueError) as error:
+            self.log.error("reload failed, keeping the running configuration: %s" % error)
+            return
+        for name in ("listen", "subnet", "tun", "interface", "mtu", "state_dir", "control_socket"):
+            if getattr(fresh, name) != getattr(self.config, name):
+                self.log.warning("%s changed: takes effect at the next restart" % name)
+                setattr(fresh, name, getattr(self.config, name))
+        if fresh.secret is None:
+            fresh.secret, fresh.secret_source = self.config.secret, self.config.secret_source
+        self.key = network_key(fresh.secret)
+        self.keepalive_s = fresh.keepalive
+        self.log.set_level(fresh.log_level)
+        self.config = fresh
+        self.hooks.config = fresh
+        self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s)"
+                      % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive))
 
     # -- the directory: who is there, for streams and for `services` --
 
@@ -1368,23 +1560,31 @@ class RelayServer:
 
     def directory_json(self):
         """Devices, services and relay figures as JSON, trimmed to fit one frame."""
+        known = sorted(set(self.leases.leases) | set(self.stream_sessions))
         devices = []
-        for device_id, lease in sorted(self.leases.leases.items()):
-            devices.append({"device_id": device_id, "address": lease["address"],
+        for device_id in known:
+            lease = self.leases.leases.get(device_id)
+            devices.append({"device_id": device_id, "address": lease["address"] if lease else None,
                             "online": self.online(device_id), "tun": device_id in self.routes.by_device,
                             "stream_sessions": len(self.stream_sessions.get(device_id, ()))})
-        services = [{"name": name, "device_id": session.device_id, "address": ipv4_text(session.address),
+        services = [{"name": name, "device_id": session.device_id,
+                     "address": None if session.address == NO_ADDRESS else ipv4_text(session.address),
                      "port": port} for name, (session, port) in sorted(self.switch.services.items())]
-        relay = {"buffered_bytes": sum(len(c.out) for c in self.connections),
+        relay = {"buffered_bytes": self.queued_bytes, "max_buffered_bytes": TOTAL_QUEUE_BYTES,
                  "streams": len(self.switch.streams) // 2, "max_window_bytes": MAX_STREAM_WINDOW_BYTES,
                  "max_streams_per_session": MAX_STREAMS_PER_SESSION}
         while True:
             listing = json.dumps({"devices": devices, "services": services, "relay": relay,
-                                  "truncated": len(devices) < len(self.leases.leases)}).encode()
+                                  "truncated": len(devices) < len(known) or
+                                  len(services) < len(self.switch.services)}).encode()
             if len(listing) <= MAX_PAYLOAD_BYTES:
                 return listing
-            devices = [d for d in devices if d["online"]] if any(not d["online"] for d in devices) \
-                else devices[:len(devices) // 2]
+            if any(not d["online"] for d in devices):
+                devices = [d for d in devices if d["online"]]
+            elif len(devices) >= len(services):
+                devices = devices[:len(devices) // 2]
+            else:
+                services = services[:len(services) // 2]
 
     # -- the data path --
 
@@ -1398,6 +1598,7 @@ class RelayServer:
     def count_drop(self, reason, member, packet, direction="from"):
         """Count a dropped packet; log it, rate-limited per reason and member."""
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        member.drops[reason] = member.drops.get(reason, 0) + 1
         detail = ""
         if len(packet) >= 20:
             detail = " %s -> %s" % (ipv4_text(packet[12:16]), ipv4_text(packet[16:20]))
@@ -1411,6 +1612,8 @@ class RelayServer:
         now = time.monotonic()
         for connection in list(self.connections):
             connection.check_timers(now)
+        self.hooks.reap()
+        self.log.flush()
         if self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S:
             self.save_leases()
 
@@ -1431,11 +1634,15 @@ class RelayServer:
             return
         self.stopping = True
         if signum is not None:
-            self.log.info("received %s: shutting down" % signal.Signals(signum).name)
+            self.log.info("received %s: shutting down; clients will come back within %d s"
+                          % (signal.Signals(signum).name, self.config.restart_window))
         for connection in list(self.connections):
             if connection.stage == "established":
+                connection.send_frame(FRAME_RESTARTING, encode_restarting(self.config.restart_window))
                 connection.send_frame(FRAME_ERROR, encode_error(ERROR_SHUTDOWN, "the relay is restarting"))
             connection.close("server shutting down")
+        if self.control is not None:
+            self.control.close("server shutting down")
         if self.tun is not None:
             self.tun.close("server shutting down")
         self.listener.close("server shutting down")
@@ -1448,19 +1655,34 @@ class RelayServer:
 # protocol block, because each script is copied alone onto a board.
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+SYSLOG_PRIORITIES = {"debug": syslog.LOG_DEBUG, "info": syslog.LOG_INFO,
+                     "warning": syslog.LOG_WARNING, "error": syslog.LOG_ERR}
 LOG_REPEAT_WINDOW_S = 60.0
+HEARTBEAT_S = 5                 # the watchdog takes an older heartbeat file for a hung loop
+CONTROL_TIMEOUT_S = 5
 
 
 class Log:
-    """Timestamped lines on stderr; limited() keeps a flapping peer from flooding a board's flash."""
+    """Timestamped lines on stderr, or syslog; limited() keeps a flapping peer from flooding a
+    board's flash or its small log ring buffer."""
 
-    def __init__(self, level="info", stream=None):
+    def __init__(self, level="info", stream=None, syslog_ident=None):
         self.threshold = LOG_LEVELS[level]
         self.stream = stream or sys.stderr
-        self._windows = {}          # key -> [window start, lines suppressed]
+        self.to_syslog = bool(syslog_ident)
+        if self.to_syslog:
+            syslog.openlog(syslog_ident, syslog.LOG_PID, syslog.LOG_DAEMON)
+        self._windows = {}          # key -> [window start, lines held back, last one, level]
+
+    def set_level(self, level):
+        self.threshold = LOG_LEVELS[level]
 
     def write(self, level, message):
         if LOG_LEVELS[level] < self.threshold:
+            return
+        if self.to_syslog:
+            for line in message.splitlines() or [""]:
+                syslog.syslog(SYSLOG_PRIORITIES[level], line)
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
@@ -1482,16 +1704,27 @@ class Log:
         self.write("error", message)
 
     def limited(self, key, level, message):
-        """Log message at most once per window per key; the next line says how many were held back."""
+        """Log message at most once per window per key; flush() reports what was held back."""
         now = time.monotonic()
         window = self._windows.get(key)
         if window is not None and now - window[0] < LOG_REPEAT_WINDOW_S:
             window[1] += 1
+            window[2] = message
             return
-        if window is not None and window[1]:
-            message += " (%d more in the last %d s)" % (window[1], now - window[0])
-        self._windows[key] = [now, 0]
+        self._windows[key] = [now, 0, message, level]
         self.write(level, message)
+
+    def flush(self):
+        """Call now and then: '... (532 more in the last 60 s)' for each window that ended."""
+        now = time.monotonic()
+        for key, (start, held, message, level) in list(self._windows.items()):
+            if now - start < LOG_REPEAT_WINDOW_S:
+                continue
+            if held:
+                self.write(level, "%s (%d more in the last %d s)" % (message, held, now - start))
+                self._windows[key] = [now, 0, message, level]
+            else:
+                del self._windows[key]      # forget quiet keys: the table stays small
 
 
 class Timer:
@@ -1630,6 +1863,167 @@ class EventLoop:
             self.log.error("internal error in %r:\n%s" % (handler or function, traceback.format_exc()))
             if handler is not None:
                 handler.close("internal error")
+
+
+class DaemonFiles:
+    """The pidfile and the heartbeat file that the init scripts and the cron watchdog read.
+
+    The heartbeat is touched from the event loop itself, so a hung loop shows as a stale file,
+    which a plain "is the process there" check never catches.
+    """
+
+    def __init__(self, pidfile, heartbeat):
+        self.pidfile = pidfile
+        self.heartbeat = heartbeat
+
+    def start(self, loop):
+        """Write the pidfile and start beating; OSError if a file cannot be written."""
+        if self.pidfile:
+            temporary = self.pidfile + ".tmp"
+            with open(temporary, "w") as sink:
+                sink.write("%d\n" % os.getpid())
+            os.replace(temporary, self.pidfile)
+        if self.heartbeat:
+            self.beat()
+            loop.call_every(HEARTBEAT_S, self.beat)
+
+    def beat(self):
+        with open(self.heartbeat, "a"):
+            os.utime(self.heartbeat, None)
+
+    def remove(self):
+        """Remove both files, the pidfile only while it still names this process."""
+        try:
+            with open(self.pidfile or "") as source:
+                if source.read().strip() == str(os.getpid()):
+                    os.unlink(self.pidfile)
+        except (OSError, ValueError):
+            pass
+        try:
+            if self.heartbeat:
+                os.unlink(self.heartbeat)
+        except OSError:
+            pass
+
+
+class ControlListener:
+    """A Unix socket only root can use, for `status` and `kick`: one JSON request per connection.
+
+    handler(request dict) returns the reply dict; the loop serves it like any other socket.
+    """
+
+    def __init__(self, loop, path, handler, log):
+        self.loop = loop
+        self.path = path
+        self.handler = handler
+        self.log = log
+        self.sock = bind_control_socket(path)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "ControlListener(%s)" % self.path
+
+    def on_readable(self):
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self.loop.set_interest(ControlConnection(self, sock), selectors.EVENT_READ)
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        self.loop.forget(self)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def bind_control_socket(path):
+    """A listening Unix socket at path, mode 0600; OSError if another daemon answers there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise OSError(errno.EADDRINUSE, "another daemon answers on %s" % path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)                 # left behind by a crash
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)             # no window in which others could connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlConnection:
+    """One control request: read a JSON line, answer with a JSON line, close."""
+
+    def __init__(self, listener, sock):
+        self.listener = listener
+        self.sock = sock
+        self.inbox = bytearray()
+        self.out = b""
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        data = self.sock.recv(4096)
+        self.inbox += data
+        if data and b"\n" not in self.inbox and len(self.inbox) < 4096:
+            return
+        try:
+            request = json.loads(self.inbox.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            reply = self.listener.handler(request)
+        except ValueError as error:
+            reply = {"error": "bad request: %s" % error}
+        self.out = json.dumps(reply, sort_keys=True).encode("utf-8") + b"\n"
+        self.listener.loop.set_interest(self, selectors.EVENT_WRITE)
+
+    def on_writable(self):
+        sent = self.sock.send(self.out)
+        self.out = self.out[sent:]
+        if not self.out:
+            self.close("answered")
+
+    def close(self, reason):
+        self.listener.loop.forget(self)
+        self.sock.close()
+
+
+def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
+    """Ask the daemon listening on path; its reply dict. OSError when nobody answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except ValueError:
+        raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
 def describe_error(error):
@@ -1842,6 +2236,10 @@ class ServerConfig:
         self.mtu = DEFAULT_MTU
         self.state_dir = DEFAULT_STATE_DIR
         self.keepalive = DEFAULT_KEEPALIVE_S
+        self.control_socket = DEFAULT_CONTROL_SOCKET
+        self.restart_window = DEFAULT_RESTART_WINDOW_S
+        self.on_join = self.on_leave = None
+        self.log_level = "info"
 
 
 SERVER_KEYS = {
@@ -1854,7 +2252,19 @@ SERVER_KEYS = {
     "mtu": lambda config, text: setattr(config, "mtu", parse_int(text, 576, 65535)),
     "state_dir": lambda config, text: setattr(config, "state_dir", text.strip()),
     "keepalive": lambda config, text: setattr(config, "keepalive", parse_int(text, 3, 3600)),
+    "control_socket": lambda config, text: setattr(config, "control_socket", text.strip()),
+    "restart_window": lambda config, text: setattr(config, "restart_window", parse_int(text, 1, 600)),
+    "on_join": lambda config, text: setattr(config, "on_join", check_hook(text)),
+    "on_leave": lambda config, text: setattr(config, "on_leave", check_hook(text)),
+    "log_level": lambda config, text: setattr(config, "log_level", parse_choice(text, tuple(LOG_LEVELS))),
 }
+
+
+def check_hook(text):
+    path = text.strip()
+    if not os.path.isabs(path) or not os.access(path, os.X_OK):
+        raise ValueError("%r is not an executable file given by its absolute path" % path)
+    return path
 
 
 def parse_listen(text):
@@ -1883,7 +2293,8 @@ def load_server_config(args):
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
     flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
-             ("tun", "no" if args.no_tun else None))
+             ("tun", "no" if args.no_tun else None), ("control_socket", args.control),
+             ("log_level", "debug" if args.verbose else None))
     for key, text in flags:
         if text is not None:
             try:
@@ -1936,32 +2347,46 @@ def reachable_address(listen_host):
 # ==== CLI ====
 
 def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="INI file with a [server] section")
+    common.add_argument("--control", metavar="SOCKET", default=argparse.SUPPRESS,
+                        help="the control socket (default %s)" % DEFAULT_CONTROL_SOCKET)
     parser = argparse.ArgumentParser(
-        prog="mnedc_server.py", description=__doc__,
+        prog="mnedc_server.py", description=__doc__, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", metavar="FILE", help="INI file with a [server] section")
     parser.add_argument("--listen", metavar="HOST:PORT", help="accept clients here (default %s)" % DEFAULT_LISTEN)
     parser.add_argument("--subnet", metavar="CIDR", help="virtual network (default %s)" % DEFAULT_SUBNET)
     parser.add_argument("--no-tun", action="store_true", help="do not join the network as .1 through TUN")
     parser.add_argument("--state-dir", metavar="DIR", help="leases and generated secret (default %s)" % DEFAULT_STATE_DIR)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    parser.add_argument("--syslog", action="store_true", help="log to syslog (daemon facility) instead of stderr")
+    parser.add_argument("--pidfile", metavar="FILE", help="write the process id here")
+    parser.add_argument("--heartbeat", metavar="FILE",
+                        help="touch FILE every %d s from the event loop, for the watchdog" % HEARTBEAT_S)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    status = commands.add_parser("status", parents=[common], help="show the running server's devices and counters")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    kick = commands.add_parser("kick", parents=[common], help="disconnect a device (it may rejoin)")
+    kick.add_argument("device_id", metavar="DEVICE_ID")
     return parser
 
 
 def cmd_run(args):
-    log = Log("debug" if args.verbose else "info")
+    log = Log("debug" if args.verbose else "info", syslog_ident="mnedc-server" if args.syslog else None)
     try:
         config = load_server_config(args)
     except ConfigError as error:
         log.error(str(error))
         return 2
+    log.set_level(config.log_level)
     try:
         os.makedirs(config.state_dir, exist_ok=True)
         generated = ensure_secret(config)
     except (OSError, ValueError) as error:
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
-    server = RelayServer(config, log)
+    server = RelayServer(config, log, reload_config=lambda: load_server_config(args))
     try:
         server.start()
     except OSError as error:
@@ -1969,15 +2394,96 @@ def cmd_run(args):
         return 1
     if generated:
         print_client_lines(config, server.listener.sock.getsockname()[1], log)
+    files = DaemonFiles(args.pidfile, args.heartbeat)
+    try:
+        files.start(server.loop)
+    except OSError as error:
+        log.error("cannot write %s: %s" % (error.filename, describe_error(error)))
+        return 1
     log.info("MNEDC server ready (protocol %d, secret from %s)" % (PROTOCOL_VERSION, config.secret_source or "config"))
-    server.run()
+    try:
+        server.run()
+    finally:
+        files.remove()
     log.info("stopped")
     return server.exit_code
 
 
+def ask_server(args, request):
+    """The running server's reply to request, or an exit status after saying why not."""
+    try:
+        config = load_server_config(args)
+    except ConfigError as error:
+        sys.stderr.write("mnedc_server.py: %s\n" % error)
+        return 2
+    try:
+        reply = control_request(config.control_socket, request)
+    except OSError as error:
+        sys.stderr.write("mnedc_server.py: no running server answers on %s: %s\n"
+                         % (config.control_socket, describe_error(error)))
+        return 1
+    if "error" in reply:
+        sys.stderr.write("mnedc_server.py: %s\n" % reply["error"])
+        return 1
+    return reply
+
+
+def cmd_status(args):
+    reply = ask_server(args, {"command": "status"})
+    if isinstance(reply, int):
+        return reply
+    sys.stdout.write(json.dumps(reply, indent=1, sort_keys=True) + "\n" if args.json else format_status(reply))
+    return 0
+
+
+def cmd_kick(args):
+    reply = ask_server(args, {"command": "kick", "device_id": args.device_id})
+    if isinstance(reply, int):
+        return reply
+    print("disconnected %s (%d connection(s)); it may rejoin" % (reply["device_id"], reply["kicked"]))
+    return 0
+
+
+def format_status(status):
+    server, totals = status["server"], status["totals"]
+    rows = ["MNEDC server on %s, subnet %s (this host %s%s), up %s" % (
+        server["listen"], server["subnet"], server["address"],
+        " on " + server["interface"] if server["interface"] else ", no TUN", format_duration(server["uptime_s"])),
+        "%d device(s), %d stream session(s), %d stream(s), %d handshake(s) in progress" % (
+            totals["devices"], totals["stream_sessions"], totals["streams"], totals["handshakes_in_progress"]),
+        "", "%-24s %-15s %-21s %-7s %-9s %12s %12s %s" % (
+            "DEVICE", "ADDRESS", "REMOTE", "KIND", "SINCE", "BYTES IN", "BYTES OUT", "DROPS")]
+    now = time.time()
+    for device in status["devices"]:
+        drops = ", ".join("%s %d" % item for item in sorted(device["drops"].items())) or "-"
+        rows.append("%-24s %-15s %-21s %-7s %-9s %12d %12d %s" % (
+            device["device_id"], device["address"] or "-", device["remote"], device["kind"],
+            format_duration(now - device["connected_since"]), device["bytes_in"], device["bytes_out"], drops))
+    if totals["drops"]:
+        rows += ["", "drops: " + ", ".join("%s %d" % item for item in sorted(totals["drops"].items()))]
+    return "\n".join(rows) + "\n"
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    if seconds < 3600:
+        return "%dm%02ds" % (seconds // 60, seconds % 60)
+    if seconds < 86400:
+        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "kick": cmd_kick}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return cmd_run(args)
+    args.command = args.command or "run"
+    for name, default in (("config", None), ("control", None), ("listen", None), ("subnet", None),
+                          ("no_tun", False), ("state_dir", None), ("verbose", False)):
+        if not hasattr(args, name):     # options may stand before or after the command
+            setattr(args, name, default)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

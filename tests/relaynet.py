@@ -32,6 +32,7 @@ class RelayNetwork:
         self.vip = {}
         self.server_vip = re.sub(r"\.0/\d+$", ".1", subnet)
         self.secret_path = os.path.join(self.workdir, "network.secret")
+        self.control_socket = os.path.join(self.workdir, "server.sock")
         with open(self.secret_path, "w") as sink:
             sink.write((secret or os.urandom(16).hex()) + "\n")
 
@@ -44,11 +45,13 @@ class RelayNetwork:
                     sink.write("%s = %s\n" % (key, value))
         return path
 
-    def start_server(self, extra=()):
-        config = self.write_config("server", "server", {
-            "listen": "0.0.0.0:3334", "subnet": self.subnet, "secret_file": self.secret_path,
-            "state_dir": os.path.join(self.workdir, "server-state"), "keepalive": self.keepalive,
-            "tun": "yes"})
+    def start_server(self, extra=(), options=None):
+        """The server in srv; options adds or overrides [server] keys."""
+        values = {"listen": "0.0.0.0:3334", "subnet": self.subnet, "secret_file": self.secret_path,
+                  "state_dir": os.path.join(self.workdir, "server-state"), "keepalive": self.keepalive,
+                  "tun": "yes", "control_socket": self.control_socket}
+        values.update(options or {})
+        config = self.write_config("server", "server", values)
         self.server = self.topo.spawn("srv", [self.python, "-u", SERVER, "-c", config] + list(extra))
         self.server.wait_for(r"MNEDC server ready", timeout=20)
         return self.server
@@ -60,7 +63,7 @@ class RelayNetwork:
         config = self.write_config("client-" + label, "client", {
             "server": self.topo.server_ip, "secret_file": secret_path or self.secret_path,
             "device_id": device_id or "device-" + name, "keepalive": self.keepalive,
-            "interface": interface})
+            "interface": interface, "control_socket": os.path.join(self.workdir, "client-%s.sock" % label)})
         proc = self.topo.spawn(name, [self.python, "-u", CLIENT, "-c", config] + list(extra))
         self.clients[label] = proc
         if wait:

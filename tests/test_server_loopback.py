@@ -236,7 +236,7 @@ def test_a_silent_peer_is_presumed_dead_after_keepalive(tmp_path):
         started = time.monotonic()
         assert peer.closed_within(8)                     # we never answered
         assert time.monotonic() - started < 6
-        proc.wait_for(r"device mute \(198\.18\.0\.2\) left: no frame for 3 s: peer presumed dead")
+        proc.wait_for(r"device mute \(198\.18\.0\.2\) from 127\.0\.0\.1:\d+ left: no frame for 3 s: peer presumed dead")
         lively = join(port, secret, "lively")
         time.sleep(0.1)
         for _ in range(6):                               # answering pings keeps it up for 6 s
@@ -254,6 +254,8 @@ def test_sigterm_tells_clients_and_saves_leases(tmp_path):
     try:
         peer = join(port, secret, "watcher")
         proc.send_signal(15)
+        frame_type, payload = peer.recv_frame()
+        assert frame_type == wire.FRAME_RESTARTING and wire.decode_restarting(payload) == 10
         code, text = peer.expect_error()
         assert code == wire.ERROR_SHUTDOWN
         assert proc.wait(10) == 0

@@ -124,16 +124,21 @@ def ipv4_packet(source, destination, payload=b"", protocol=17):
 
 
 def start_server(state_dir, *extra, **kw):
-    """(Proc, port, secret) of a --no-tun server on loopback with an ephemeral port."""
+    """(Proc, port, secret) of a --no-tun server on loopback with an ephemeral port.
+
+    secret is the one the server generated, or None when extra configures one.
+    """
     python = kw.get("python", sys.executable)
+    control = os.path.join(os.path.dirname(str(state_dir)), "server.sock")
     argv = list(kw.get("prefix", [])) + [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
-            "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir)] + list(extra)
+            "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir),
+            "--control", control] + list(extra)
     proc = Proc.start(argv)
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout=15).group(1))
         proc.wait_for(r"MNEDC server ready", timeout=10)
-        with open(os.path.join(str(state_dir), "secret")) as source:
-            secret = source.read().strip().encode()
+        generated = os.path.join(str(state_dir), "secret")
+        secret = open(generated).read().strip().encode() if os.path.exists(generated) else None
     except BaseException:
         proc.stop()
         raise

@@ -1,0 +1,187 @@
+"""Operating a relay: status, kick, hooks, SIGHUP reload, restart without a storm, syslog, and
+rate-limited logs (issue #4), against live processes."""
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mnedc_server
+from tests.nettopo import Proc, Topology, have_netns_support
+from tests.relaynet import RelayNetwork
+from tests.streamnet import StreamNet, free_port
+from tests.wire_peer import CLIENT, SERVER, WirePeer, ipv4_packet, start_server
+
+SUPPORTED, WHY_NOT = have_netns_support()
+needs_netns = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
+
+
+def run(*argv):
+    result = subprocess.run([sys.executable] + list(argv), capture_output=True, text=True, timeout=30)
+    return result
+
+
+@needs_netns
+def test_status_kick_and_hooks_with_two_live_tun_clients(tmp_path):
+    record = tmp_path / "hooks.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text('#!/bin/sh\necho "$MNEDC_EVENT $MNEDC_DEVICE_ID $MNEDC_VIRTUAL_IP $MNEDC_REMOTE_ADDRESS" >> %s\n' % record)
+    hook.chmod(0o755)
+    with Topology(layout="flat", clients=2) as topo:
+        net = RelayNetwork(topo, tmp_path)
+        net.start_server(options={"on_join": str(hook), "on_leave": str(hook)})
+        for name in topo.clients:
+            net.start_client(name)
+        assert topo.ping("c1", net.vip["c2"], count=3)
+
+        status = json.loads(run(SERVER, "--control", net.control_socket, "status", "--json").stdout)
+        devices = {d["device_id"]: d for d in status["devices"]}
+        assert set(devices) == {"device-c1", "device-c2"}
+        for name in topo.clients:
+            device = devices["device-" + name]
+            assert device["address"] == net.vip[name] and device["kind"] == "tun"
+            assert device["remote"].startswith(topo.addr(name) + ":")
+            assert device["packets_in"] >= 3 and device["packets_out"] >= 3 and device["bytes_in"] > 0
+        assert status["totals"]["devices"] == 2 and status["server"]["address"] == "198.18.0.1"
+        table = run(SERVER, "--control", net.control_socket, "status").stdout
+        assert re.search(r"device-c1 +198\.18\.0\.\d+ +192\.0\.2\.\d+:\d+ +tun", table), table
+
+        client_status = json.loads(run(CLIENT, "--control", os.path.join(net.workdir, "client-c1.sock"),
+                                       "status", "--json").stdout)
+        assert client_status["state"] == "connected" and client_status["address"] == net.vip["c1"] + "/24"
+        assert client_status["packets_out"] >= 3 and client_status["server_address"] == "198.18.0.1"
+
+        mark = len(net.clients["c1"].lines())
+        kicked = run(SERVER, "--control", net.control_socket, "kick", "device-c1")
+        assert kicked.returncode == 0 and "disconnected device-c1" in kicked.stdout
+        net.clients["c1"].wait_for(r"the operator disconnected this device", start=mark)
+        again = net.clients["c1"].wait_for(r"connected to relay \S+ as (\S+)/", start=mark, timeout=20)
+        assert again.group(1) == net.vip["c1"]                  # it may rejoin, and keeps its address
+        missing = run(SERVER, "--control", net.control_socket, "kick", "nobody")
+        assert missing.returncode == 1 and "nobody is not connected" in missing.stderr
+
+        deadline = time.monotonic() + 10
+        while record.read_text().count("\n") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = [line.split() for line in record.read_text().splitlines()]
+        kinds = [tuple(e[:3]) for e in events]
+        assert kinds.count(("join", "device-c1", net.vip["c1"])) == 2
+        assert kinds.count(("leave", "device-c1", net.vip["c1"])) == 1
+        assert kinds.count(("join", "device-c2", net.vip["c2"])) == 1 and len(kinds) == 4
+        assert all(re.match(r"192\.0\.2\.\d+:\d+$", e[3]) for e in events), events
+
+
+def test_status_and_kick_say_clearly_when_no_server_runs(tmp_path):
+    result = run(SERVER, "--control", str(tmp_path / "none.sock"), "status")
+    assert result.returncode == 1 and "no running server answers on" in result.stderr
+    result = run(CLIENT, "--control", str(tmp_path / "none.sock"), "status")
+    assert result.returncode == 1 and "no running TUN client answers on" in result.stderr
+
+
+def test_sighup_takes_a_new_secret_and_log_level_without_dropping_anyone(tmp_path):
+    config = tmp_path / "server.ini"
+    old, new = "old-secret-0123456789", "new-secret-9876543210"
+    config.write_text("[server]\nsecret = %s\n" % old)
+    proc, port, _ = start_server(tmp_path / "state", "-c", str(config))
+    try:
+        member = WirePeer(port)
+        member.handshake(old.encode(), "steady")
+        config.write_text("[server]\nsecret = %s\nlog_level = debug\n" % new)
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reloaded the configuration .*log level debug")
+        with pytest.raises(AssertionError, match="server proof wrong"):
+            WirePeer(port).handshake(old.encode(), "late")
+        newcomer = WirePeer(port)
+        newcomer.handshake(new.encode(), "late")
+        packet = ipv4_packet(member.address, newcomer.address, b"still connected")
+        member.send_packet(packet)
+        assert newcomer.recv_packet() == packet
+        config.write_text("[server]\nsubnet = banana\n")
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reload failed, keeping the running configuration: .*subnet")
+        assert proc.alive()
+        WirePeer(port).handshake(new.encode(), "after-bad-reload")
+    finally:
+        proc.stop()
+
+
+def test_a_restart_spreads_50_reconnects_over_the_window(tmp_path):
+    net = StreamNet(tmp_path)
+    try:
+        listeners = [net.spawn("dev-%02d" % n, "listen", "--forward=%d" % free_port(), "7") for n in range(50)]
+        for listener in listeners:
+            listener.wait_for(r"listening on virtual port 7", timeout=60)
+        marks = [len(l.lines()) for l in listeners]
+        net.server.send_signal(signal.SIGTERM)
+        assert net.server.wait(15) == 0
+        net.start_server()
+        delays = [float(l.wait_for(r"the relay is restarting: reconnecting in ([\d.]+) s", start=m).group(1))
+                  for l, m in zip(listeners, marks)]
+        for listener, mark in zip(listeners, marks):
+            listener.wait_for(r"listening on virtual port 7", start=mark, timeout=30)
+        window = mnedc_server.DEFAULT_RESTART_WINDOW_S
+        assert all(1.0 <= d <= window for d in delays), delays
+        assert max(delays) - min(delays) > window / 2 and statistics.pstdev(delays) > window / 6, delays
+        in_first_second = sum(1 for d in delays if d < 2.0)
+        assert in_first_second < 20, "%d of 50 came back at once" % in_first_second
+    finally:
+        net.stop()
+
+
+def test_repeated_log_lines_are_summarised_with_a_count(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(mnedc_server.time, "monotonic", lambda: clock[0])
+    sink = io.StringIO()
+    log = mnedc_server.Log("info", stream=sink)
+    for _ in range(533):
+        log.limited("flap", "warning", "client flapping")
+        clock[0] += 0.1                                     # 53 s of flapping
+    clock[0] += 10
+    log.flush()
+    lines = sink.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("WARNING client flapping")
+    assert re.search(r"WARNING client flapping \(532 more in the last 63 s\)$", lines[1]), lines
+    clock[0] += 61
+    log.flush()
+    assert len(sink.getvalue().splitlines()) == 2 and "flap" not in log._windows
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare to give the server a private /dev/log")
+def test_syslog_gets_one_line_per_event_and_stderr_stays_quiet(tmp_path):
+    collector = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    collector.bind(str(tmp_path / "log"))
+    collector.settimeout(10)
+    script = ("mount -t tmpfs tmpfs /dev && touch /dev/log && mount --bind %s /dev/log && exec \"$@\""
+              % (tmp_path / "log"))
+    port = free_port()
+    proc = Proc.start(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                       sys.executable, "-u", SERVER, "--no-tun", "--syslog", "--listen", "127.0.0.1:%d" % port,
+                       "--subnet", "198.18.0.0/24",
+                       "--state-dir", str(tmp_path / "state"), "--control", str(tmp_path / "s.sock")])
+    try:
+        messages = []
+        deadline = time.monotonic() + 15
+        while not any("MNEDC server ready" in m for m in messages) and time.monotonic() < deadline:
+            messages.append(collector.recv(4096).decode())
+        assert any(re.match(r"<30>.*mnedc-server\[%d\]: listening on 127\.0\.0\.1:%d" % (proc.pid, port), m)
+                   for m in messages), messages
+        secret = (tmp_path / "state" / "secret").read_text().strip().encode()
+        WirePeer(port).handshake(secret, "logged")
+        joined = collector.recv(4096).decode()
+        assert re.match(r"<30>.*mnedc-server\[%d\]: device logged joined as 198\.18\.0\.2 from 127\.0\.0\.1:\d+$"
+                        % proc.pid, joined), joined
+        assert proc.output() == ""
+    finally:
+        proc.stop()
+        collector.close()
