@@ -553,6 +553,7 @@ class LeaseTable:
         self.leases = {}            # device_id -> {"address": "a.b.c.d", "last_seen": epoch s}
         self.owner_of = {}          # packed address -> device_id
         self.dirty = False
+        self.save_failed = False    # a new lease is not on disk yet: save at the next tick
 
     def subnet_text(self):
         return "%s/%d" % (ipv4_text(packed_address(self.network)), self.prefix_length)
@@ -607,12 +608,14 @@ class LeaseTable:
             os.fsync(directory)
         finally:
             os.close(directory)
-        self.dirty = False
+        self.dirty = self.save_failed = False
 
     def lease_for(self, device_id, online, now):
         """The packed address of device_id, allocating and saving one if it has none.
 
-        online: device_ids connected now, whose addresses are never reclaimed.
+        online: device_ids connected now, whose addresses are never reclaimed. If the save
+        fails (disk full, out of fds) the lease still holds and the table stays dirty, so the
+        next housekeeping tick tries again: the device is not turned away for it.
         """
         lease = self.leases.get(device_id)
         if lease is None:
@@ -620,7 +623,12 @@ class LeaseTable:
             lease = {"address": ipv4_text(packed_address(number)), "last_seen": now}
             self.leases[device_id] = lease
             self.owner_of[packed_address(number)] = device_id
-            self.save()
+            self.dirty = True
+            try:
+                self.save()
+            except OSError as error:
+                self.save_failed = True
+                self.log.error("cannot save leases to %s: %s; retrying" % (self.path, describe_error(error)))
         return socket.inet_aton(lease["address"])
 
     def touch(self, device_id, now):
@@ -1614,7 +1622,7 @@ class RelayServer:
             connection.check_timers(now)
         self.hooks.reap()
         self.log.flush()
-        if self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S:
+        if self.leases.save_failed or (self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S):
             self.save_leases()
 
     def save_leases(self):

@@ -109,3 +109,13 @@ def test_a_stale_member_never_removes_its_successor():
     routes.add(new)
     routes.remove(old)
     assert routes.by_address[new.address] is new and routes.by_device["alice"] is new
+
+
+def test_a_lease_survives_a_failed_save_and_is_saved_later(tmp_path):
+    leases = server.LeaseTable(server.parse_subnet("198.18.0.0/24"), str(tmp_path / "missing" / "leases.json"),
+                               quiet_log())
+    address = leases.lease_for("unlucky", set(), 1.0)          # its directory does not exist yet
+    assert socket.inet_ntoa(address) == "198.18.0.2" and leases.save_failed
+    (tmp_path / "missing").mkdir()
+    leases.save()
+    assert not leases.save_failed and "unlucky" in (tmp_path / "missing" / "leases.json").read_text()
