@@ -13,7 +13,7 @@ else ./client-config.ini), then command-line flags.
   secret      the network secret, or secret_file = PATH      (required)
   device_id   this device's name; it keeps its address by it (default /etc/machine-id, else hostname)
   interface   TUN interface name                             (default mnedc0)
-  mtu         TUN interface MTU                              (default 1500)
+  mtu         TUN interface MTU                              (default 65535)
   keepalive   seconds without a frame before the server is presumed dead (default 30)
 Needs root (or CAP_NET_ADMIN) and /dev/net/tun.
 """
@@ -41,7 +41,7 @@ import traceback
 DEFAULT_PORT = 3334
 DEFAULT_CONFIG_PATHS = ("/etc/mnedc/client-config.ini", "client-config.ini")
 DEFAULT_INTERFACE = "mnedc0"
-DEFAULT_MTU = 1500
+DEFAULT_MTU = 65535
 DEFAULT_KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10
 HANDSHAKE_TIMEOUT_S = 10
@@ -214,9 +214,14 @@ class VersionMismatch(ProtocolError):
 
 def encode_frame(frame_type, payload=b""):
     """One frame as bytes; raises ValueError for a payload the header cannot describe."""
+    return frame_header(frame_type, payload) + payload
+
+
+def frame_header(frame_type, payload):
+    """The 4 header bytes for payload: send them and payload together without joining them."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD_BYTES))
-    return FRAME_HEADER.pack(len(payload), frame_type, 0) + payload
+    return FRAME_HEADER.pack(len(payload), frame_type, 0)
 
 
 class FrameReader:
@@ -243,18 +248,22 @@ class FrameReader:
         """
         buffer, offset, frames = self._buffer, 0, []
         header_size = FRAME_HEADER.size
-        while len(buffer) - offset >= header_size:
-            length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
-            if length > self.max_payload:
-                raise ProtocolError("frame of %d bytes exceeds the limit of %d"
-                                    % (length, self.max_payload))
-            if flags:
-                raise ProtocolError("frame flags 0x%02x are reserved" % flags)
-            end = offset + header_size + length
-            if end > len(buffer):
-                break
-            frames.append((frame_type, bytes(buffer[offset + header_size:end])))
-            offset = end
+        view = memoryview(buffer)           # one copy per payload, not two
+        try:
+            while len(buffer) - offset >= header_size:
+                length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
+                if length > self.max_payload:
+                    raise ProtocolError("frame of %d bytes exceeds the limit of %d"
+                                        % (length, self.max_payload))
+                if flags:
+                    raise ProtocolError("frame flags 0x%02x are reserved" % flags)
+                end = offset + header_size + length
+                if end > len(buffer):
+                    break
+                frames.append((frame_type, bytes(view[offset + header_size:end])))
+                offset = end
+        finally:
+            view.release()                  # a bytearray with a live view cannot be resized
         del buffer[:offset]
         return frames
 
@@ -628,18 +637,20 @@ class RelayLink:
 
     def send_frame(self, frame_type, payload):
         """Send at once; queue only what the kernel did not take. Failures close the link."""
-        frame = encode_frame(frame_type, payload)
+        header = frame_header(frame_type, payload)
         if not self.out:
             try:
-                sent = self.sock.send(frame)
+                sent = self.sock.sendmsg((header, payload))     # no copy to join them
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
                 self.close(describe_error(error))
                 return
-            if sent == len(frame):
+            if sent == len(header) + len(payload):
                 return
-            frame = frame[sent:]
+            frame = (header + payload)[sent:]
+        else:
+            frame = header + payload
         self.out += frame
         self.client.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
 

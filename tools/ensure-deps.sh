@@ -11,6 +11,8 @@ package_for() {
         ping) echo iputils-ping ;;
         nc) echo netcat-openbsd ;;
         iperf3) echo iperf3 ;;
+        openvpn) echo openvpn ;;
+        openssl) echo openssl ;;
         sshd) echo openssh-server ;;
         ssh) echo openssh-client ;;
         *) echo "$1" ;;

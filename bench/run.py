@@ -1,0 +1,290 @@
+"""MNEDC benchmark: the raw path, MNEDC (TUN and stream mode) and OpenVPN on one topology, one run.
+
+    sudo python3 bench/run.py [--runs 3] [--duration 5] [--quick] [--no-openvpn]
+
+It builds the nested-NAT namespaces of the tests (tests/nettopo.py), then measures, each figure
+the median of --runs runs:
+  raw        iperf3 from a to srv over the underlay, no tunnel
+  mnedc      a -> relay -> b through the TUN interfaces, with MNEDC's default settings:
+             one stream each way (-R) and 4 parallel streams
+  mnedc-1500 the same with MNEDC forced to MTU 1500 (for the OpenVPN default comparison)
+  stream     MNEDC stream mode: connect --forward on a, listen --forward on b
+  openvpn    OpenVPN 2.6 in TCP mode on the same topology (bench/openvpn_peer.py): its default
+             (AES-GCM, MTU 1500) and its best TCP setting here (no data cipher, tun-mtu 48000)
+and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
+(/proc/PID/stat), and their peak RSS (VmHWM). It prints a table with ratios to the raw path and
+to OpenVPN, and writes it to bench/results/latest.md and latest.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.nettopo import Topology, have_netns_support  # noqa: E402
+from tests.relaynet import CLIENT, RelayNetwork  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "results")
+IPERF_PORT = 5201
+STREAM_LOCAL_PORT = 15201
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / float(CLOCK_TICKS)
+
+
+def peak_rss_kb(pid):
+    try:
+        for line in open("/proc/%d/status" % pid):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def wait_listening(topo, name, port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not topo.run(name, ["ss", "-Hltn", "sport = :%d" % port]).stdout.strip():
+        if time.monotonic() > deadline:
+            raise RuntimeError("nothing listens on port %d in %s" % (port, name))
+        time.sleep(0.05)
+
+
+def iperf(topo, client_ns, server_ns, target, duration, extra=(), tunnel_pids=()):
+    """(Gbit/s, CPU s per GB of the tunnel processes) of one iperf3 run."""
+    server = topo.spawn(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
+    try:
+        wait_listening(topo, server_ns, IPERF_PORT)
+        cpu_before = cpu_seconds(tunnel_pids)
+        result = topo.run(client_ns, ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(duration),
+                                      "-J"] + list(extra), timeout=duration + 30)
+        cpu = cpu_seconds(tunnel_pids) - cpu_before
+    finally:
+        server.stop()
+    summary = json.loads(result.stdout)["end"]["sum_received"]
+    gigabytes = summary["bytes"] / 1e9
+    return summary["bits_per_second"] / 1e9, (cpu / gigabytes if tunnel_pids and gigabytes else None)
+
+
+def ping_ms(topo, source, target):
+    result = topo.run(source, ["ping", "-n", "-q", "-c", "50", "-i", "0.02", "-W", "2", target], timeout=30)
+    line = [l for l in result.stdout.splitlines() if "min/avg/max" in l][0]
+    return float(line.split("=")[1].split("/")[1])
+
+
+class Measurement:
+    """The runs of one path: medians of throughput, RTT, CPU per GB; peak RSS."""
+
+    def __init__(self, name, label):
+        self.name, self.label = name, label
+        self.samples = {}
+
+    def add(self, key, value):
+        if value is not None:
+            self.samples.setdefault(key, []).append(value)
+
+    def median(self, key):
+        values = self.samples.get(key)
+        return statistics.median(values) if values else None
+
+    def as_dict(self):
+        return {"name": self.name, "label": self.label,
+                "median": {key: self.median(key) for key in self.samples}, "samples": self.samples}
+
+
+def measure_tunnel(topo, measurement, a_target, duration, runs, pids, stream_pids=None):
+    for _ in range(runs):
+        gbps, cpu = iperf(topo, "a", "b", a_target, duration, tunnel_pids=pids)
+        measurement.add("gbps", gbps)
+        measurement.add("cpu_s_per_gb", cpu)
+        measurement.add("gbps_reverse", iperf(topo, "a", "b", a_target, duration, ["-R"], pids)[0])
+        measurement.add("gbps_4_streams", iperf(topo, "a", "b", a_target, duration, ["-P", "4"], pids)[0])
+    measurement.add("rtt_ms", ping_ms(topo, "a", a_target))
+
+
+def bench_raw(topo, args):
+    raw = Measurement("raw", "raw underlay a -> srv (no tunnel)")
+    for _ in range(args.runs):
+        raw.add("gbps", iperf(topo, "a", "srv", topo.server_ip, args.duration)[0])
+        raw.add("gbps_reverse", iperf(topo, "a", "srv", topo.server_ip, args.duration, ["-R"])[0])
+        raw.add("gbps_4_streams", iperf(topo, "a", "srv", topo.server_ip, args.duration, ["-P", "4"])[0])
+    raw.add("rtt_ms", ping_ms(topo, "a", topo.server_ip))
+    return raw
+
+
+def bench_mnedc(topo, workdir, args, mtu=None):
+    name = "mnedc" if mtu is None else "mnedc-%d" % mtu
+    label = "MNEDC TUN a -> relay -> b, %s" % ("default settings" if mtu is None else "MTU %d" % mtu)
+    os.makedirs(os.path.join(workdir, name))
+    net = RelayNetwork(topo, os.path.join(workdir, name))
+    net.start_server(options={"mtu": mtu} if mtu else None)
+    for client in ("a", "b"):
+        net.start_client(client, extra=[])
+    if mtu:
+        for client in ("a", "b"):
+            topo.run(client, ["ip", "link", "set", "mnedc0", "mtu", str(mtu)])
+    pids = [net.server.pid, net.clients["a"].pid, net.clients["b"].pid]
+    measurement = Measurement(name, label)
+    try:
+        measure_tunnel(topo, measurement, net.vip["b"], args.duration, args.runs, pids)
+        if mtu is None:
+            stream = bench_stream(topo, net, args)
+        else:
+            stream = None
+        measurement.add("peak_rss_server_kb", peak_rss_kb(net.server.pid))
+        measurement.add("peak_rss_client_kb", max(peak_rss_kb(net.clients[c].pid) for c in ("a", "b")))
+    finally:
+        for proc in [net.server] + list(net.clients.values()):
+            proc.stop()
+    return measurement, stream
+
+
+def bench_stream(topo, net, args):
+    """iperf3 through a forwarded port: connect --forward on a, listen --forward on b."""
+    stream = Measurement("stream", "MNEDC stream mode, forwarded port a -> b")
+    config_a = os.path.join(net.workdir, "client-a.ini")
+    config_b = os.path.join(net.workdir, "client-b.ini")
+    listener = topo.spawn("b", [net.python, "-u", CLIENT, "-c", config_b, "listen", "--forward=%d" % IPERF_PORT, "5201"])
+    listener.wait_for(r"listening on virtual port 5201")
+    forwarder = topo.spawn("a", [net.python, "-u", CLIENT, "-c", config_a, "connect",
+                                 "--forward=%d" % STREAM_LOCAL_PORT, "device-b", "5201"])
+    forwarder.wait_for(r"listening on 127\.0\.0\.1:%d" % STREAM_LOCAL_PORT)
+    pids = [net.server.pid, listener.pid, forwarder.pid]
+    try:
+        for _ in range(args.runs):
+            server = topo.spawn("b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
+            wait_listening(topo, "b", IPERF_PORT)
+            cpu_before = cpu_seconds(pids)
+            result = topo.run("a", ["iperf3", "-c", "127.0.0.1", "-p", str(STREAM_LOCAL_PORT), "-t",
+                                    str(args.duration), "-J"], timeout=args.duration + 30)
+            cpu = cpu_seconds(pids) - cpu_before
+            server.stop()
+            summary = json.loads(result.stdout)["end"]["sum_received"]
+            stream.add("gbps", summary["bits_per_second"] / 1e9)
+            stream.add("cpu_s_per_gb", cpu / (summary["bytes"] / 1e9))
+        stream.add("peak_rss_client_kb", max(peak_rss_kb(listener.pid), peak_rss_kb(forwarder.pid)))
+    finally:
+        listener.stop()
+        forwarder.stop()
+    return stream
+
+
+def bench_openvpn(topo, workdir, args, variant):
+    from bench.openvpn_peer import OpenVpnNetwork
+    label = {"default": "OpenVPN TCP, default (AES-GCM, MTU 1500)",
+             "fast": "OpenVPN TCP, no data cipher, tun-mtu 48000"}[variant]
+    measurement = Measurement("openvpn-" + variant, label)
+    network = OpenVpnNetwork(topo, os.path.join(workdir, "openvpn-" + variant), variant).start(clients=("a", "b"))
+    try:
+        pids = [network.server_proc.pid] + [p.pid for p in network.client_procs.values()]
+        measure_tunnel(topo, measurement, network.vip["b"], args.duration, args.runs, pids)
+        measurement.add("peak_rss_server_kb", peak_rss_kb(network.server_proc.pid))
+        measurement.add("peak_rss_client_kb", max(peak_rss_kb(p.pid) for p in network.client_procs.values()))
+    finally:
+        network.stop()
+    return measurement
+
+
+def ratio(value, base):
+    return value / base if value is not None and base else None
+
+
+def report(measurements, args):
+    by_name = {m.name: m for m in measurements}
+    raw = by_name["raw"].median("gbps")
+    openvpn_best = by_name.get("openvpn-fast")
+    openvpn_default = by_name.get("openvpn-default")
+    rows = ["| path | Gbit/s | reverse | 4 streams | RTT ms | CPU s/GB | peak RSS server/client MB | vs raw | vs OpenVPN best |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(value, digits=2):
+        return "-" if value is None else ("%.*f" % (digits, value))
+    for m in measurements:
+        rss_server, rss_client = m.median("peak_rss_server_kb"), m.median("peak_rss_client_kb")
+        rss = "%s / %s" % (cell(rss_server and rss_server / 1024.0, 1), cell(rss_client and rss_client / 1024.0, 1))
+        best = openvpn_best.median("gbps") if openvpn_best else None
+        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            m.label, cell(m.median("gbps")), cell(m.median("gbps_reverse")), cell(m.median("gbps_4_streams")),
+            cell(m.median("rtt_ms"), 3), cell(m.median("cpu_s_per_gb")), rss,
+            cell(ratio(m.median("gbps"), raw)), cell(ratio(m.median("gbps"), best))))
+    goals = []
+    mnedc, mnedc1500, stream = by_name.get("mnedc"), by_name.get("mnedc-1500"), by_name.get("stream")
+    if mnedc:
+        goals.append(("MNEDC default >= 35 % of raw", ratio(mnedc.median("gbps"), raw), 0.35))
+    if mnedc and openvpn_best:
+        goals.append(("MNEDC default >= 1.5 x OpenVPN best", ratio(mnedc.median("gbps"), openvpn_best.median("gbps")), 1.5))
+        goals.append(("MNEDC RTT <= OpenVPN RTT (ratio <= 1)", ratio(mnedc.median("rtt_ms"), openvpn_best.median("rtt_ms")), None))
+    if mnedc1500 and openvpn_default:
+        goals.append(("MNEDC at MTU 1500 >= 5 x OpenVPN default", ratio(mnedc1500.median("gbps"), openvpn_default.median("gbps")), 5.0))
+    if stream:
+        goals.append(("stream mode >= 50 % of raw", ratio(stream.median("gbps"), raw), 0.5))
+    if mnedc:
+        goals.append(("client peak RSS <= 15 MB", (mnedc.median("peak_rss_client_kb") or 0) / 1024.0, None))
+    lines = ["# MNEDC benchmark", "",
+             "%s, %d run(s) of %d s each, medians; %s." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
+                                                        "nested-NAT namespaces (tests/nettopo.py)"), ""] + rows + [
+        "", "| goal | measured | target | met |", "|---|---|---|---|"]
+    for name, value, target in goals:
+        met = "-" if target is None or value is None else ("yes" if value >= target else "NO")
+        lines.append("| %s | %s | %s | %s |" % (name, cell(value), "-" if target is None else target, met))
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    parser.add_argument("--quick", action="store_true", help="1 run of 1 s: checks that the benchmark works")
+    parser.add_argument("--no-openvpn", action="store_true", help="skip the OpenVPN comparison")
+    parser.add_argument("--output", default=RESULTS, help="directory for latest.md and latest.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.duration = 1, 1
+    ok, why = have_netns_support()
+    if not ok:
+        print("the benchmark needs root, ip netns, iptables and /dev/net/tun: %s" % why)
+        return 2
+    tools = ["ip", "ss", "iptables", "ping", "iperf3"] + ([] if args.no_openvpn else ["openvpn", "openssl"])
+    if subprocess.run([os.path.join(ROOT, "tools", "ensure-deps.sh")] + tools).returncode != 0:
+        print("missing tools: %s" % " ".join(tools))
+        return 2
+    started = time.monotonic()
+    measurements = []
+    with tempfile.TemporaryDirectory(prefix="mnedc-bench-") as workdir, Topology() as topo:
+        measurements.append(bench_raw(topo, args))
+        mnedc, stream = bench_mnedc(topo, workdir, args)
+        measurements += [mnedc, stream]
+        measurements.append(bench_mnedc(topo, workdir, args, mtu=1500)[0])
+        if not args.no_openvpn:
+            for variant in ("default", "fast"):
+                measurements.append(bench_openvpn(topo, workdir, args, variant))
+    table = report(measurements, args)
+    print(table)
+    print("(took %.0f s)" % (time.monotonic() - started))
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "latest.md"), "w") as sink:
+        sink.write(table)
+    with open(os.path.join(args.output, "latest.json"), "w") as sink:
+        json.dump({"when": time.time(), "runs": args.runs, "duration_s": args.duration,
+                   "measurements": [m.as_dict() for m in measurements]}, sink, indent=1, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

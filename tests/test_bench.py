@@ -1,0 +1,30 @@
+"""The benchmark runs (in its quick mode) and reports every path it promises, with figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.nettopo import have_netns_support
+
+SUPPORTED, WHY_NOT = have_netns_support()
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the benchmark needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
+def test_bench_quick_measures_raw_mnedc_and_stream_mode(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--no-openvpn",
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "latest.md").read_text()
+    for label in ("raw underlay", "MNEDC TUN a -> relay -> b, default settings", "MNEDC stream mode",
+                  "MNEDC TUN a -> relay -> b, MTU 1500"):
+        assert label in table
+    figures = {m["name"]: m["median"] for m in json.loads((tmp_path / "latest.json").read_text())["measurements"]}
+    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-1500"}
+    for name in ("raw", "mnedc", "stream", "mnedc-1500"):
+        assert figures[name]["gbps"] > 0.01, (name, figures[name])
+    assert figures["mnedc"]["rtt_ms"] > 0 and figures["mnedc"]["cpu_s_per_gb"] > 0
+    assert figures["mnedc"]["peak_rss_client_kb"] > 1000
