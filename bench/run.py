@@ -1,6 +1,6 @@
 """MNEDC benchmark: the raw path, MNEDC (TUN and stream mode) and OpenVPN on one topology, one run.
 
-    sudo python3 bench/run.py [--runs 3] [--duration 5] [--quick] [--no-openvpn]
+    sudo python3 bench/run.py [--runs 3] [--duration 3] [--quick] [--no-openvpn]
 
 It builds the nested-NAT namespaces of the tests (tests/nettopo.py), then measures, each figure
 the median of --runs runs:
@@ -12,8 +12,10 @@ the median of --runs runs:
   openvpn    OpenVPN 2.6 in TCP mode on the same topology (bench/openvpn_peer.py): its default
              (AES-GCM, MTU 1500) and its best TCP setting here (no data cipher, tun-mtu 48000)
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
-(/proc/PID/stat), and their peak RSS (VmHWM). It prints a table with ratios to the raw path and
-to OpenVPN, and writes it to bench/results/latest.md and latest.json.
+(/proc/PID/stat), and their peak RSS (VmHWM). Then a scale run (bench/scale.py): 500 stream
+sessions, each its own device_id, idle with keepalives for 60 s on one server: the time for all
+to join, the server's CPU % and RSS. It prints a table with ratios to the raw path and to
+OpenVPN and the goals, and writes it to bench/results/latest.md and latest.json.
 """
 
 import argparse
@@ -201,6 +203,15 @@ def bench_openvpn(topo, workdir, args, variant):
     return measurement
 
 
+def bench_scale(workdir, args):
+    from bench.scale import scale_run
+    result = scale_run(workdir, clients=args.scale_clients, idle_s=args.scale_idle)
+    measurement = Measurement("scale", "%d idle stream sessions on one server" % args.scale_clients)
+    for key, value in result.items():
+        measurement.add(key, value)
+    return measurement
+
+
 def ratio(value, base):
     return value / base if value is not None and base else None
 
@@ -215,7 +226,10 @@ def report(measurements, args):
 
     def cell(value, digits=2):
         return "-" if value is None else ("%.*f" % (digits, value))
+    scale = by_name.get("scale")
     for m in measurements:
+        if m is scale:
+            continue
         rss_server, rss_client = m.median("peak_rss_server_kb"), m.median("peak_rss_client_kb")
         rss = "%s / %s" % (cell(rss_server and rss_server / 1024.0, 1), cell(rss_client and rss_client / 1024.0, 1))
         best = openvpn_best.median("gbps") if openvpn_best else None
@@ -229,33 +243,46 @@ def report(measurements, args):
         goals.append(("MNEDC default >= 35 % of raw", ratio(mnedc.median("gbps"), raw), 0.35))
     if mnedc and openvpn_best:
         goals.append(("MNEDC default >= 1.5 x OpenVPN best", ratio(mnedc.median("gbps"), openvpn_best.median("gbps")), 1.5))
-        goals.append(("MNEDC RTT <= OpenVPN RTT (ratio <= 1)", ratio(mnedc.median("rtt_ms"), openvpn_best.median("rtt_ms")), None))
+        goals.append(("MNEDC RTT / OpenVPN RTT", ratio(mnedc.median("rtt_ms"), openvpn_best.median("rtt_ms")), ("<=", 1.0)))
     if mnedc1500 and openvpn_default:
         goals.append(("MNEDC at MTU 1500 >= 5 x OpenVPN default", ratio(mnedc1500.median("gbps"), openvpn_default.median("gbps")), 5.0))
     if stream:
         goals.append(("stream mode >= 50 % of raw", ratio(stream.median("gbps"), raw), 0.5))
     if mnedc:
-        goals.append(("client peak RSS <= 15 MB", (mnedc.median("peak_rss_client_kb") or 0) / 1024.0, None))
+        goals.append(("client peak RSS, MB", (mnedc.median("peak_rss_client_kb") or 0) / 1024.0, ("<=", 15)))
+    if scale:
+        clients = int(scale.median("clients"))
+        goals.append(("seconds for %d clients to join" % clients, scale.median("join_s"), ("<=", 10)))
+        goals.append(("server CPU %% of a core, %d idle clients" % clients, scale.median("server_cpu_percent"), ("<=", 3)))
+        goals.append(("server RSS MB, %d idle clients" % clients, scale.median("server_rss_mb"), ("<=", 60)))
     lines = ["# MNEDC benchmark", "",
              "%s, %d run(s) of %d s each, medians; %s." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
                                                         "nested-NAT namespaces (tests/nettopo.py)"), ""] + rows + [
         "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for name, value, target in goals:
-        met = "-" if target is None or value is None else ("yes" if value >= target else "NO")
-        lines.append("| %s | %s | %s | %s |" % (name, cell(value), "-" if target is None else target, met))
+        if target is None or value is None:
+            met = "-"
+        elif isinstance(target, tuple):             # ("<=", bound): lower is better
+            met = "yes" if value <= target[1] else "NO"
+        else:
+            met = "yes" if value >= target else "NO"
+        shown = "-" if target is None else ("<= %s" % target[1] if isinstance(target, tuple) else ">= %s" % target)
+        lines.append("| %s | %s | %s | %s |" % (name, cell(value), shown, met))
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per iperf3 run (default 3, to stay under 5 minutes)")
     parser.add_argument("--quick", action="store_true", help="1 run of 1 s: checks that the benchmark works")
     parser.add_argument("--no-openvpn", action="store_true", help="skip the OpenVPN comparison")
+    parser.add_argument("--scale-clients", type=int, default=500, help="stream sessions in the scale run (500)")
+    parser.add_argument("--scale-idle", type=float, default=60, help="seconds they stay idle (60)")
     parser.add_argument("--output", default=RESULTS, help="directory for latest.md and latest.json")
     args = parser.parse_args()
     if args.quick:
-        args.runs, args.duration = 1, 1
+        args.runs, args.duration, args.scale_clients, args.scale_idle = 1, 1, 50, 2
     ok, why = have_netns_support()
     if not ok:
         print("the benchmark needs root, ip netns, iptables and /dev/net/tun: %s" % why)
@@ -274,6 +301,7 @@ def main():
         if not args.no_openvpn:
             for variant in ("default", "fast"):
                 measurements.append(bench_openvpn(topo, workdir, args, variant))
+        measurements.append(bench_scale(workdir, args))
     table = report(measurements, args)
     print(table)
     print("(took %.0f s)" % (time.monotonic() - started))
