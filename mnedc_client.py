@@ -53,6 +53,7 @@ RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
 LOW_WATER_BYTES = 128 * 1024    # ... and read it again once the queue drained below this
+MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
 STREAM_WINDOW_BYTES = 256 * 1024   # credit we grant each stream: the most we buffer for it
 PENDING_LOCAL_S = 20            # how long a local connection may wait for the relay
 OPEN_TIMEOUT_S = 15             # a stream the peer neither accepts nor refuses by then fails
@@ -543,6 +544,7 @@ class RelayLink:
         self.stage = "connecting"
         self.reader = FrameReader()
         self.out = bytearray()
+        self.batch, self.batch_bytes = [], 0     # packets held back while the client batches
         self.client_nonce = os.urandom(NONCE_BYTES)
         now = time.monotonic()
         self.deadline = now + CONNECT_TIMEOUT_S
@@ -631,26 +633,52 @@ class RelayLink:
                                                   self.client.hello_flags))
 
     def send_packet(self, packet):
-        """Queue one packet; True while the queue is below the high-water mark."""
+        """Queue one packet; True while the queue is below the high-water mark.
+
+        Only self.out counts: a batch always leaves at the end of the wakeup, and pausing the
+        TUN for it would wait for a writable event that an emptied queue never brings.
+        """
         self.send_frame(FRAME_PACKET, packet)
         return len(self.out) < HIGH_WATER_BYTES
 
     def send_frame(self, frame_type, payload):
-        """Send at once; queue only what the kernel did not take. Failures close the link."""
+        """Send at once; queue only what the kernel did not take. Failures close the link.
+
+        While the client handles one wakeup's packets (client.batching), PACKET frames wait in
+        self.batch and leave together in one sendmsg; any other frame sends the batch first.
+        """
         header = frame_header(frame_type, payload)
+        if not self.out and self.client.batching and frame_type == FRAME_PACKET:
+            self.batch += (header, payload)
+            self.batch_bytes += len(header) + len(payload)
+            if len(self.batch) >= MAX_BATCH_BUFFERS:
+                self.send_batch()
+            return
+        if self.batch:
+            self.send_batch()
+        if self.stage != "closed":
+            self.send_buffers([header, payload])
+
+    def send_batch(self):
+        buffers, self.batch, self.batch_bytes = self.batch, [], 0
+        if self.stage != "closed" and buffers:
+            self.send_buffers(buffers)
+
+    def send_buffers(self, buffers):
+        """Write buffers in order: straight to the socket if nothing waits, else to self.out."""
         if not self.out:
             try:
-                sent = self.sock.sendmsg((header, payload))     # no copy to join them
+                sent = self.sock.sendmsg(buffers)              # no copy to join them
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
                 self.close(describe_error(error))
                 return
-            if sent == len(header) + len(payload):
+            if sent == sum(len(buffer) for buffer in buffers):
                 return
-            frame = (header + payload)[sent:]
+            frame = b"".join(buffers)[sent:]
         else:
-            frame = header + payload
+            frame = b"".join(buffers)
         self.out += frame
         self.client.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
 
@@ -752,14 +780,18 @@ class ClientTun:
         return "ClientTun(%s)" % self.interface
 
     def on_readable(self):
-        for _ in range(TUN_PACKETS_PER_WAKEUP):
-            try:
-                packet = os.read(self.fd, TUN_READ_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not self.client.forward_from_tun(packet):
-                self.pause()
-                return
+        self.client.batching = True     # this wakeup's packets leave in one sendmsg
+        try:
+            for _ in range(TUN_PACKETS_PER_WAKEUP):
+                try:
+                    packet = os.read(self.fd, TUN_READ_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not self.client.forward_from_tun(packet):
+                    self.pause()
+                    return
+        finally:
+            self.client.send_batch()
 
     def send_packet(self, packet):
         try:
@@ -1096,6 +1128,7 @@ class RelayClient:
         self.failures = 0               # attempts since the last WELCOME, for the backoff
         self.restart_window_s = None    # set by RESTARTING: come back within it, not by backoff
         self.retry_timer = None
+        self.batching = False
         self.exit_code = 0
         self.stopping = False
         self.state, self.state_since = "connecting", time.time()
@@ -1132,6 +1165,12 @@ class RelayClient:
             return
         self.link = RelayLink(self, sock, label)
         self.loop.set_interest(self.link, selectors.EVENT_WRITE)
+
+    def send_batch(self):
+        """End of a wakeup: send the packets held back, in one sendmsg."""
+        self.batching = False
+        if self.link is not None:
+            self.link.send_batch()
 
     def established_link(self):
         link = self.link

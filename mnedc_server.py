@@ -57,6 +57,7 @@ MAX_SERVICES = 1024
 NO_ADDRESS = b"\0\0\0\0"        # a stream session of a device that has no lease
 MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is dropped
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
+MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
 LEASE_SAVE_INTERVAL_S = 60
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
 DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
@@ -1002,6 +1003,7 @@ class ClientConnection:
         self.last_received = self.last_ping = now
         self.closing_reason = None
         self.connected_since = None
+        self.batch, self.batch_bytes = [], 0     # frames held back while the server batches
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
 
@@ -1031,6 +1033,7 @@ class ClientConnection:
             return                  # the peer's last words after our ERROR: ignored
         self.last_received = time.monotonic()
         self.reader.feed(data)
+        self.server.batching = True
         try:
             for frame_type, payload in self.reader.take_frames():
                 handlers = STREAM_HANDLERS if self.streams_session and self.stage == "established" \
@@ -1042,6 +1045,8 @@ class ClientConnection:
             self.refuse(ERROR_VERSION, str(error))
         except ProtocolError as error:
             self.refuse(ERROR_PROTOCOL, str(error))
+        finally:
+            self.server.send_batches()
 
     def on_unexpected(self, frame_type, payload):
         name = FRAME_NAMES.get(frame_type, "unknown frame type %d" % frame_type)
@@ -1143,7 +1148,7 @@ class ClientConnection:
         """Queue one packet for this client; drop it (as a router would) above the queue cap."""
         if self.stage != "established":
             self.server.count_drop("destination not ready", self, packet, "for")
-        elif len(self.out) > self.server.max_queue_bytes:
+        elif len(self.out) + self.batch_bytes > self.server.max_queue_bytes:
             self.server.count_drop("queue full", self, packet, "for")
         else:
             self.packets_out += 1
@@ -1151,21 +1156,48 @@ class ClientConnection:
             self.send_frame(FRAME_PACKET, packet)
 
     def send_frame(self, frame_type, payload):
-        """Send at once; queue only what the kernel did not take. Failures close self only."""
+        """Send at once; queue only what the kernel did not take. Failures close self only.
+
+        While the server handles one wakeup's frames (server.batching), PACKET and DATA frames
+        wait in self.batch and leave together in one sendmsg: one syscall for a whole recv()
+        worth of small packets. Any other frame first sends the batch, so order is kept.
+        """
         header = frame_header(frame_type, payload)
+        if not self.out and self.server.batching and frame_type in BATCHED_FRAMES:
+            if not self.batch:
+                self.server.batched.append(self)
+            self.batch += (header, payload)
+            self.batch_bytes += len(header) + len(payload)
+            if len(self.batch) >= MAX_BATCH_BUFFERS:
+                self.send_batch()
+            return
+        if self.batch:
+            self.send_batch()
+        if self.stage == "closed":
+            return
+        self.send_buffers([header, payload])
+
+    def send_batch(self):
+        buffers, self.batch, self.batch_bytes = self.batch, [], 0
+        if self.stage != "closed" and buffers:
+            self.send_buffers(buffers)
+
+    def send_buffers(self, buffers):
+        """Write buffers in order: straight to the socket if nothing waits, else to self.out."""
         if not self.out:
             try:
-                sent = self.sock.sendmsg((header, payload))     # no copy to join them
+                sent = self.sock.sendmsg(buffers)              # no copy to join them
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
                 self.close(describe_error(error))
                 return
-            if sent == len(header) + len(payload):
+            total = sum(len(buffer) for buffer in buffers)
+            if sent == total:
                 return
-            frame = (header + payload)[sent:]
+            frame = b"".join(buffers)[sent:]
         else:
-            frame = header + payload
+            frame = b"".join(buffers)
         self.out += frame
         self.server.queued_bytes += len(frame)
         if len(self.out) > HARD_QUEUE_BYTES:
@@ -1259,6 +1291,7 @@ HANDLERS = {
         FRAME_PONG: ClientConnection.on_pong, FRAME_ERROR: ClientConnection.on_error,
     },
 }
+BATCHED_FRAMES = (FRAME_PACKET, FRAME_DATA)
 STREAM_HANDLERS = {
     FRAME_LISTEN: ClientConnection.on_listen, FRAME_OPEN: ClientConnection.on_open,
     FRAME_ACCEPT: ClientConnection.on_accept, FRAME_DATA: ClientConnection.on_data,
@@ -1291,15 +1324,19 @@ class ServerTun:
         return "server interface %s" % self.interface
 
     def on_readable(self):
-        for _ in range(TUN_PACKETS_PER_WAKEUP):
-            try:
-                packet = os.read(self.fd, TUN_READ_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            if ipv4_problem(packet):
-                self.server.count_drop("not IPv4", self, packet)
-            else:
-                self.server.route_packet(packet, self)
+        self.server.batching = True
+        try:
+            for _ in range(TUN_PACKETS_PER_WAKEUP):
+                try:
+                    packet = os.read(self.fd, TUN_READ_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if ipv4_problem(packet):
+                    self.server.count_drop("not IPv4", self, packet)
+                else:
+                    self.server.route_packet(packet, self)
+        finally:
+            self.server.send_batches()
 
     def send_packet(self, packet):
         try:
@@ -1352,6 +1389,8 @@ class RelayServer:
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.queued_bytes = 0           # in every connection's send queue together
+        self.batching = False           # handling one wakeup's frames: hold PACKET/DATA back
+        self.batched = []               # connections with frames held back
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -1437,6 +1476,13 @@ class RelayServer:
         self.handshaking[connection] = None
         self.loop.set_interest(connection, selectors.EVENT_READ)
         self.log.debug("accepted connection from %s" % connection.remote)
+
+    def send_batches(self):
+        """End of a wakeup: send every connection's held-back frames, one sendmsg each."""
+        self.batching = False
+        batched, self.batched = self.batched, []
+        for connection in batched:
+            connection.send_batch()
 
     def cut_off_slowest_reader(self):
         """All queues together passed TOTAL_QUEUE_BYTES: close the connection with the most
