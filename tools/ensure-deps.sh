@@ -35,6 +35,7 @@ apt_install() {
         return 1
     fi
     echo "ensure-deps: installing$1" >&2
+    # shellcheck disable=SC2086 # $1 is a list of package names: split it on purpose
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $1 >/dev/null
 }
