@@ -39,6 +39,21 @@ STREAM_LOCAL_PORT = 15201
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def board_python():
+    """The interpreter a board has: the system python3 (no site-packages of a dev setup) when it
+    is 3.7 or newer, else this one."""
+    for path in ("/usr/bin/python3",):
+        if os.path.exists(path) and subprocess.run(
+                [path, "-c", "import sys; sys.exit(sys.version_info < (3, 7))"]).returncode == 0:
+            return path
+    return sys.executable
+
+
+BOARD_PYTHON = board_python()
+PYTHON_VERSION = subprocess.run([BOARD_PYTHON, "-c", "import platform; print(platform.python_version())"],
+                                stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+
+
 def cpu_seconds(pids):
     total = 0
     for pid in pids:
@@ -134,13 +149,11 @@ def bench_mnedc(topo, workdir, args, mtu=None):
     name = "mnedc" if mtu is None else "mnedc-%d" % mtu
     label = "MNEDC TUN a -> relay -> b, %s" % ("default settings" if mtu is None else "MTU %d" % mtu)
     os.makedirs(os.path.join(workdir, name))
-    net = RelayNetwork(topo, os.path.join(workdir, name))
+    # run as install.sh runs the services: python3 -m, from bytecode
+    net = RelayNetwork(topo, os.path.join(workdir, name), python=BOARD_PYTHON, as_module=True)
     net.start_server(options={"mtu": mtu} if mtu else None)
     for client in ("a", "b"):
-        net.start_client(client, extra=[])
-    if mtu:
-        for client in ("a", "b"):
-            topo.run(client, ["ip", "link", "set", "mnedc0", "mtu", str(mtu)])
+        net.start_client(client, options={"mtu": mtu} if mtu else None)
     pids = [net.server.pid, net.clients["a"].pid, net.clients["b"].pid]
     measurement = Measurement(name, label)
     try:
@@ -162,10 +175,12 @@ def bench_stream(topo, net, args):
     stream = Measurement("stream", "MNEDC stream mode, forwarded port a -> b")
     config_a = os.path.join(net.workdir, "client-a.ini")
     config_b = os.path.join(net.workdir, "client-b.ini")
-    listener = topo.spawn("b", [net.python, "-u", CLIENT, "-c", config_b, "listen", "--forward=%d" % IPERF_PORT, "5201"])
+    listener = topo.spawn("b", net.command(CLIENT) + ["-c", config_b, "listen", "--forward=%d" % IPERF_PORT, "5201"],
+                          env=net.env())
     listener.wait_for(r"listening on virtual port 5201")
-    forwarder = topo.spawn("a", [net.python, "-u", CLIENT, "-c", config_a, "connect",
-                                 "--forward=%d" % STREAM_LOCAL_PORT, "device-b", "5201"])
+    forwarder = topo.spawn("a", net.command(CLIENT) + ["-c", config_a, "connect",
+                                                       "--forward=%d" % STREAM_LOCAL_PORT, "device-b", "5201"],
+                           env=net.env())
     forwarder.wait_for(r"listening on 127\.0\.0\.1:%d" % STREAM_LOCAL_PORT)
     pids = [net.server.pid, listener.pid, forwarder.pid]
     try:
@@ -256,8 +271,10 @@ def report(measurements, args):
         goals.append(("server CPU %% of a core, %d idle clients" % clients, scale.median("server_cpu_percent"), ("<=", 3)))
         goals.append(("server RSS MB, %d idle clients" % clients, scale.median("server_rss_mb"), ("<=", 60)))
     lines = ["# MNEDC benchmark", "",
-             "%s, %d run(s) of %d s each, medians; %s." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
-                                                        "nested-NAT namespaces (tests/nettopo.py)"), ""] + rows + [
+             "%s, %d run(s) of %d s each, medians; %s. MNEDC runs as install.sh runs it: %s -m, from "
+             "bytecode (Python %s)." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
+                                        "nested-NAT namespaces (tests/nettopo.py)", BOARD_PYTHON, PYTHON_VERSION),
+             ""] + rows + [
         "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for name, value, target in goals:
         if target is None or value is None:

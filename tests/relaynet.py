@@ -3,8 +3,11 @@
 Shared by the end-to-end tests and the demo, so the demo shows exactly what the tests prove.
 """
 
+import json
 import os
+import py_compile
 import re
+import subprocess
 import sys
 
 from tests.conftest import ROOT
@@ -21,8 +24,13 @@ class RelayNetwork:
     """
 
     def __init__(self, topo, workdir, python=sys.executable, subnet="198.18.0.0/24",
-                 keepalive=None, secret=None):
+                 keepalive=None, secret=None, as_module=False):
+        """as_module runs the scripts as install.sh's services do: python3 -m, from bytecode."""
         self.topo = topo
+        self.as_module = as_module
+        if as_module:
+            for script in (SERVER, CLIENT):
+                py_compile.compile(script, doraise=True)
         self.workdir = str(workdir)
         self.python = python
         self.subnet = subnet
@@ -45,6 +53,14 @@ class RelayNetwork:
                     sink.write("%s = %s\n" % (key, value))
         return path
 
+    def command(self, script):
+        if self.as_module:
+            return [self.python, "-u", "-m", os.path.basename(script)[:-3]]
+        return [self.python, "-u", script]
+
+    def env(self):
+        return dict(os.environ, PYTHONPATH=ROOT) if self.as_module else None
+
     def start_server(self, extra=(), options=None):
         """The server in srv; options adds or overrides [server] keys."""
         values = {"listen": "0.0.0.0:3334", "subnet": self.subnet, "secret_file": self.secret_path,
@@ -52,23 +68,35 @@ class RelayNetwork:
                   "tun": "yes", "control_socket": self.control_socket}
         values.update(options or {})
         config = self.write_config("server", "server", values)
-        self.server = self.topo.spawn("srv", [self.python, "-u", SERVER, "-c", config] + list(extra))
+        self.server = self.topo.spawn("srv", self.command(SERVER) + ["-c", config] + list(extra), env=self.env())
         self.server.wait_for(r"MNEDC server ready", timeout=20)
         return self.server
 
     def start_client(self, name, device_id=None, secret_path=None, interface=None, wait=True, extra=(),
-                     label=None):
-        """A TUN client in namespace name, known as clients[label or name]."""
+                     label=None, options=None):
+        """A TUN client in namespace name, known as clients[label or name]; options adds or
+        overrides [client] keys."""
         label = label or name
-        config = self.write_config("client-" + label, "client", {
+        values = {
             "server": self.topo.server_ip, "secret_file": secret_path or self.secret_path,
             "device_id": device_id or "device-" + name, "keepalive": self.keepalive,
-            "interface": interface, "control_socket": os.path.join(self.workdir, "client-%s.sock" % label)})
-        proc = self.topo.spawn(name, [self.python, "-u", CLIENT, "-c", config] + list(extra))
+            "interface": interface, "control_socket": self.control_path(label)}
+        values.update(options or {})
+        config = self.write_config("client-" + label, "client", values)
+        proc = self.topo.spawn(name, self.command(CLIENT) + ["-c", config] + list(extra), env=self.env())
         self.clients[label] = proc
         if wait:
             self.vip[label] = proc.wait_for(JOINED, timeout=30).group(1)
         return proc
+
+    def control_path(self, label):
+        return os.path.join(self.workdir, "client-%s.sock" % label)
+
+    def client_status(self, label):
+        """The running TUN client's `status --json`, as a dict."""
+        result = subprocess.run([self.python, CLIENT, "status", "--json", "--control", self.control_path(label)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=15, check=True)
+        return json.loads(result.stdout.decode())
 
     def start(self, names=None):
         self.start_server()

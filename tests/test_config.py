@@ -58,7 +58,7 @@ def test_missing_config_file_is_named(tmp_path):
     ("[client]\nsecret = aaaaaaaaaaaaaaaa\n", "no server configured"),
     ("[client]\nserver = 192.0.2.1\n", "no secret configured"),
     ("[client]\nserver = 192.0.2.1:0\nsecret = aaaaaaaaaaaaaaaa\n", "[client] server: '192.0.2.1:0': give the server's address"),
-    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\nmtu = 70000\n", "[client] mtu: 70000 is outside 576..65535"),
+    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\nmtu = 70000\n", "[client] mtu: 70000 is outside 576..65525"),
     ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ndevice_id = my pi\n", "[client] device_id: device_id 'my pi' may only hold"),
     ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ninterface = much-too-long-name\n", "[client] interface: 'much-too-long-name' is not an interface name"),
 ])

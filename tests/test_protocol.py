@@ -9,6 +9,36 @@ import pytest
 import mnedc_client as wire
 
 
+def taken(reader):
+    """The frames ready now, their payloads copied: views are valid only until the next feed."""
+    return [(frame_type, bytes(payload)) for frame_type, payload in reader.take_frames()]
+
+
+def test_data_payloads_are_views_into_one_buffer_that_grows_only_when_needed():
+    import socket
+    left, right = socket.socketpair()
+    with left, right:
+        reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES, receive_bytes=128 * 1024)
+        left.sendall(wire.encode_frame(wire.FRAME_PING, b"12345678") + wire.encode_frame(wire.FRAME_PACKET, b"p" * 100))
+        assert reader.receive(right.recv_into) == 4 + 8 + 4 + 100
+        (ping_type, ping), (packet_type, packet) = reader.take_frames()
+        assert type(ping) is bytes and ping == b"12345678"            # control frames: copies
+        assert type(packet) is memoryview and packet == b"p" * 100    # data frames: no copy
+        assert reader.capacity() == wire.FrameReader.SMALL_BYTES      # an idle peer costs 4 KB
+        big = os.urandom(60000)                 # a frame larger than the buffer makes it grow
+        left.sendall(wire.encode_frame(wire.FRAME_PACKET, big))
+        got = []
+        for _ in range(100):
+            if reader.receive(right.recv_into) and not got:
+                got = taken(reader)
+            if got:
+                break
+        assert got == [(wire.FRAME_PACKET, big)]
+        assert reader.capacity() >= 128 * 1024 and reader.buffered_bytes() == 0
+        left.close()
+        assert reader.receive(right.recv_into) == 0                    # end of stream
+
+
 def test_frames_survive_any_split_of_the_stream():
     frames = [(wire.FRAME_PING, b""), (wire.FRAME_PACKET, bytes(range(256)) * 3),
               (wire.FRAME_PONG, b"12345678")]
@@ -16,9 +46,9 @@ def test_frames_survive_any_split_of_the_stream():
     for cut in range(len(stream) + 1):
         reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES)
         reader.feed(stream[:cut])
-        got = reader.take_frames()
+        got = taken(reader)
         reader.feed(stream[cut:])
-        got += reader.take_frames()
+        got += taken(reader)
         assert got == frames
         assert reader.buffered_bytes() == 0
 
@@ -29,7 +59,7 @@ def test_byte_by_byte_feeding_gives_the_same_frames():
     got = []
     for byte in wire.encode_frame(wire.FRAME_PACKET, payload):
         reader.feed(bytes([byte]))
-        got += reader.take_frames()
+        got += taken(reader)
     assert got == [(wire.FRAME_PACKET, payload)]
 
 
@@ -171,3 +201,54 @@ def test_fuzzed_stream_never_breaks_the_frame_reader():
         except wire.ProtocolError:
             pass
         assert reader.buffered_bytes() < 4 + wire.HANDSHAKE_MAX_PAYLOAD_BYTES + 64
+
+
+def internet_checksum(data):
+    """RFC 1071, word by word: the reference finished_packet must agree with."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@pytest.mark.parametrize("protocol, checksum_at", [(6, 16), (17, 6)])
+def test_finished_packet_completes_the_checksum_a_tso_sender_left_open(protocol, checksum_at):
+    rng = random.Random(protocol)
+    for size in (0, 1, 2, 3, 1000, 1461, 65000):
+        body = bytearray(rng.getrandbits(8) for _ in range(20)) + bytes(rng.getrandbits(8) for _ in range(size))
+        body[checksum_at:checksum_at + 2] = b"\0\0"
+        source, destination = bytes([198, 18, 0, 2]), bytes([198, 18, 0, 3])
+        packet = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, protocol, 0,
+                                       source, destination) + body)
+        pseudo = source + destination + struct.pack("!BBH", 0, protocol, len(body))
+        complete = bytearray(packet)
+        complete[20 + checksum_at:22 + checksum_at] = struct.pack("!H", internet_checksum(pseudo + bytes(body)) or 0xFFFF)
+        # what the kernel hands over: the pseudo-header sum, folded and not inverted
+        packet[20 + checksum_at:22 + checksum_at] = struct.pack("!H", ~internet_checksum(pseudo) & 0xFFFF)
+        header = wire.VNET_HEADER.pack(wire.VNET_NEEDS_CSUM, 1 if protocol == 6 else 0, 40, 1448, 20, checksum_at)
+        assert wire.vnet_packet_problem(header + packet) is None
+        assert wire.finished_packet(memoryview(header + packet)) == bytes(complete), size
+        assert internet_checksum(pseudo + bytes(complete[20:])) in (0, 0xFFFF)   # it verifies
+
+
+def test_vnet_packet_problems_are_named():
+    packet = bytes([0x45, 0, 0, 40]) + bytes(36)
+    assert wire.vnet_packet_problem(wire.VNET_HEADER.pack(0, 0, 0, 0, 0, 0) + packet) is None
+    assert "too short" in wire.vnet_packet_problem(b"\x01" * 12)
+    assert "offload type 7" in wire.vnet_packet_problem(wire.VNET_HEADER.pack(0, 7, 0, 0, 0, 0) + packet)
+    assert "outside the packet" in wire.vnet_packet_problem(wire.VNET_HEADER.pack(1, 1, 0, 0, 30, 16) + packet)
+
+
+def test_hmac_sha256_matches_the_hmac_module():
+    import hashlib
+    import hmac
+    rng = random.Random(3)
+    for size in (0, 1, 31, 32, 63, 64, 65, 200):         # keys around the 64-byte block
+        key, message = bytes(rng.getrandbits(8) for _ in range(size)), os.urandom(size * 3)
+        assert wire.hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).digest()
+    # RFC 4231 test case 2
+    assert wire.hmac_sha256(b"Jefe", b"what do ya want for nothing?").hex() == \
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    assert wire.equal_digests(b"abc", b"abc") and not wire.equal_digests(b"abc", b"abd")

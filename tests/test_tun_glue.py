@@ -25,7 +25,7 @@ PROBE = textwrap.dedent("""
     if mode == "swapped-ioctl":       # as if this machine had the other architecture's numbers
         first, second = m.tunsetiff_numbers()
         m.tunsetiff_numbers = lambda: (second, first)
-    fd, name = m.open_tun("mnt-probe0")
+    fd, name, offload = m.open_tun("mnt-probe0", offload=mode != "no-offload")
     if mode == "ip":
         m.configure_with_ip(name, "198.18.7.9", 24, 1400)
         how = "ip"
@@ -35,7 +35,7 @@ PROBE = textwrap.dedent("""
         mtu = int(f.read())
     with open("/sys/class/net/%%s/flags" %% name) as f:
         up = bool(int(f.read(), 16) & 1)
-    print(json.dumps({"name": name, "how": how, "mtu": mtu, "up": up,
+    print(json.dumps({"name": name, "how": how, "mtu": mtu, "up": up, "offload": offload,
                       "addr": subprocess.run([sys.argv[2], "-o", "-4", "addr", "show", "dev", name],
                                              capture_output=True, text=True).stdout}))
 """) % {"root": ROOT}
@@ -51,6 +51,7 @@ def topo():
     ("auto", {"PATH": "/nonexistent"}, "ioctl"),     # no `ip` anywhere on PATH: ioctls alone
     ("ip", None, "ip"),                              # the `ip` path on its own
     ("swapped-ioctl", None, "ioctl"),                # EBADFD from the wrong encoding: retried
+    ("no-offload", None, "ioctl"),                   # a plain TUN, as `offload = no` asks
 ])
 def test_tun_interface_gets_address_mtu_and_up(topo, mode, env, expected_how):
     prefix = ["env"] + ["%s=%s" % item for item in env.items()] if env else []
@@ -59,5 +60,6 @@ def test_tun_interface_gets_address_mtu_and_up(topo, mode, env, expected_how):
     assert probe["name"] == "mnt-probe0"
     assert probe["how"] == expected_how
     assert probe["mtu"] == 1400 and probe["up"]
+    assert probe["offload"] == (mode != "no-offload")     # TUNSETOFFLOAD in the encoding that worked
     assert "198.18.7.9/24" in probe["addr"]
     assert "mnt-probe0" not in topo.run("c1", ["ip", "-o", "link"]).stdout   # gone with the fd

@@ -64,7 +64,8 @@ class WirePeer:
             if not data:
                 raise EOFError("server closed the connection")
             self.reader.feed(data)
-            self.pending.extend(self.reader.take_frames())
+            self.pending.extend((frame_type, bytes(payload))   # views live until the next feed
+                                for frame_type, payload in self.reader.take_frames())
 
     def expect_error(self, timeout=5.0):
         """(code, text) of the ERROR frame the server sends before closing."""
