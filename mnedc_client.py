@@ -16,6 +16,8 @@ else ./client-config.ini), then command-line flags.
   mtu         TUN interface MTU, up to 65525                 (default 65520)
   offload     yes or no: TSO and checksum offload on the TUN (default yes)
   keepalive   seconds without a frame before the server is presumed dead (default 30)
+  tls         yes: TLS to the server, verified against tls_ca; tls_cert and tls_key for a
+              client certificate (mutual TLS); tls_server_name if it differs from server
 Needs root (or CAP_NET_ADMIN) and /dev/net/tun.
 """
 
@@ -164,11 +166,13 @@ ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
 ERROR_KICKED = 9
+ERROR_LIMIT = 10
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
     ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
+    ERROR_LIMIT: "limit reached",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -177,10 +181,12 @@ RESET_UNREACHABLE = 3       # the peer is known but not connected
 RESET_ABORTED = 4           # one end failed or was killed mid-stream
 RESET_RELAY_LOST = 5        # the relay connection of one end went down
 RESET_LIMIT = 6             # too many streams
+RESET_DENIED = 7            # the relay's access policy forbids it
 RESET_NAMES = {
     RESET_REFUSED: "connection refused", RESET_UNKNOWN_PEER: "unknown peer",
     RESET_UNREACHABLE: "peer unreachable", RESET_ABORTED: "aborted",
     RESET_RELAY_LOST: "relay connection lost", RESET_LIMIT: "too many streams",
+    RESET_DENIED: "denied by policy",
 }
 
 NONCE_BYTES = 16
@@ -658,7 +664,14 @@ class RelayLink:
     # -- receiving, in the order a frame travels --
 
     def on_readable(self):
-        if not self.reader.receive(self.sock.recv_into):
+        if self.stage == "tls":
+            self.continue_tls()
+            return
+        try:
+            received = self.reader.receive(self.sock.recv_into)
+        except BlockingIOError:         # a TLS record is not complete yet
+            return
+        if not received:
             self.close("the server closed the connection")
             return
         if self.stage == "finishing":
@@ -723,8 +736,28 @@ class RelayLink:
         failure = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if failure:
             raise OSError(failure, os.strerror(failure))
-        self.stage = "challenge"
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        config = self.client.config
+        if config.tls_context is not None:
+            self.sock = TlsTransport(config.tls_context, self.sock, config.tls_server_name or config.server[0])
+            self.stage = "tls"
+            self.continue_tls()
+            return
+        self.send_hello()
+
+    def continue_tls(self):
+        try:
+            events = self.sock.handshake()
+        except OSError as error:        # the verification failure says what is wrong
+            self.close("TLS handshake with %s failed: %s" % (self.server_label, describe_error(error)))
+            return
+        if events:
+            self.client.loop.set_interest(self, events)
+        else:
+            self.send_hello()
+
+    def send_hello(self):
+        self.stage = "challenge"
         self.client.loop.set_interest(self, selectors.EVENT_READ)
         self.send_frame(FRAME_HELLO, encode_hello(self.client_nonce, self.client.config.device_id,
                                                   self.client.hello_flags))
@@ -783,8 +816,14 @@ class RelayLink:
         if self.stage == "connecting":
             self.on_connected()
             return
+        if self.stage == "tls":
+            self.continue_tls()
+            return
         if self.out:
-            sent = self.sock.send(self.out)
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:     # TLS: not yet
+                return
             del self.out[:sent]
         if not self.out:
             self.client.loop.set_interest(self, selectors.EVENT_READ)
@@ -852,6 +891,7 @@ class RelayLink:
 BATCHED_FRAMES = (FRAME_PACKET, FRAME_VNET_PACKET)
 LINK_HANDLERS = {
     "connecting": {},
+    "tls": {},
     "challenge": {FRAME_CHALLENGE: RelayLink.on_challenge, FRAME_ERROR: RelayLink.on_error},
     "welcome": {FRAME_WELCOME: RelayLink.on_welcome, FRAME_ERROR: RelayLink.on_error},
     "established": {
@@ -2149,10 +2189,104 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
         raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
+# TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
+# apart (python3-openssl) and it costs a board some 4 MB.
+
+def load_ssl():
+    """The ssl module, or ValueError saying why tls = yes cannot work here."""
+    try:
+        import ssl
+    except ImportError:
+        raise ValueError("tls = yes needs Python's ssl module, which this Python lacks "
+                         "(OpenWrt: opkg install python3-openssl)")
+    return ssl
+
+
+def tls_context(server_side, cert=None, key=None, ca=None):
+    """A TLS 1.2+ context. Server: its cert and key; ca set means client certs are required.
+    Client: ca verifies the server (always required); cert and key for mutual TLS."""
+    ssl = load_ssl()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if cert:
+            context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as error:
+        raise ValueError("%s (check the certificate, key and CA files)" % describe_error(error))
+    return context
+
+
+class TlsTransport:
+    """A non-blocking TLS socket that the connection classes use like a plain one.
+
+    handshake() advances the handshake; SSLWantRead/WantWrite come out as BlockingIOError;
+    sendmsg joins its buffers, as TLS has no scatter write; recv_into reads every record that
+    is ready, since select() cannot see what OpenSSL already holds.
+    """
+
+    def __init__(self, context, sock, server_hostname=None):
+        import ssl
+        self.want = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        self.sock = context.wrap_socket(sock, server_side=server_hostname is None,
+                                        server_hostname=server_hostname, do_handshake_on_connect=False)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def handshake(self):
+        """0 once the handshake is done, else the selector events it waits for; OSError
+        (ssl.SSLError, with the verification failure) if it fails."""
+        try:
+            self.sock.do_handshake()
+            return 0
+        except self.want[0]:
+            return selectors.EVENT_READ
+        except self.want[1]:
+            return selectors.EVENT_READ | selectors.EVENT_WRITE
+
+    def peer_name(self):
+        """The commonName of the peer's verified certificate, or None without one."""
+        for field in (self.sock.getpeercert() or {}).get("subject", ()):
+            for name, value in field:
+                if name == "commonName":
+                    return value
+        return None
+
+    def recv_into(self, view):
+        total = 0
+        while total < len(view):
+            try:
+                count = self.sock.recv_into(view[total:])
+            except self.want:
+                if total:
+                    break
+                raise BlockingIOError(errno.EAGAIN, "TLS record incomplete")
+            if not count:
+                break
+            total += count
+        return total
+
+    def send(self, data):
+        try:
+            return self.sock.send(data)
+        except self.want:
+            raise BlockingIOError(errno.EAGAIN, "TLS wants to wait")
+
+    def sendmsg(self, buffers):
+        return self.send(b"".join(buffers))
+
+
 def describe_error(error):
     """One readable phrase for an exception, e.g. 'connection refused'."""
     if isinstance(error, socket.gaierror):
         return (error.strerror or str(error)).lower()
+    if hasattr(error, "reason") and hasattr(error, "library"):     # ssl.SSLError: its own words
+        reason = (error.reason or "").replace("_", " ").lower() or str(error)
+        verify = getattr(error, "verify_message", None)
+        return "%s (%s)" % (reason, verify) if verify else reason
     if isinstance(error, OSError) and error.errno is not None:
         return os.strerror(error.errno).lower()
     return str(error) or error.__class__.__name__
@@ -2415,6 +2549,9 @@ class ClientConfig:
         self.keepalive = DEFAULT_KEEPALIVE_S
         self.control_socket = DEFAULT_CONTROL_SOCKET
         self.log_level = "info"
+        self.tls = False
+        self.tls_ca = self.tls_cert = self.tls_key = self.tls_server_name = None
+        self.tls_context = None                 # built from those when tls = yes
 
 
 CLIENT_KEYS = {
@@ -2428,7 +2565,13 @@ CLIENT_KEYS = {
     "keepalive": lambda config, text: setattr(config, "keepalive", parse_int(text, 3, 3600)),
     "control_socket": lambda config, text: setattr(config, "control_socket", text.strip()),
     "log_level": lambda config, text: setattr(config, "log_level", parse_choice(text, tuple(LOG_LEVELS))),
+    "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
+    "tls_ca": lambda config, path: setattr(config, "tls_ca", path),
+    "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
+    "tls_key": lambda config, path: setattr(config, "tls_key", path),
+    "tls_server_name": lambda config, text: setattr(config, "tls_server_name", text.strip()),
 }
+PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 
 
 def parse_server(text):
@@ -2490,7 +2633,7 @@ def load_client_config(args):
         raise ConfigError(where + "secret_file: set secret or secret_file, not both")
     base = os.path.dirname(os.path.abspath(config.source or "."))
     for key, text in values.items():
-        if key == "secret_file":
+        if key in PATH_KEYS:
             text = os.path.join(base, text.strip())
         try:
             CLIENT_KEYS[key](config, text)
@@ -2516,6 +2659,16 @@ def load_client_config(args):
                           % (config.source or "client-config.ini"))
     if config.device_id is None:
         config.device_id = default_device_id()
+    if config.tls:
+        if not config.tls_ca:
+            raise ConfigError(where + "tls: tls = yes needs tls_ca, the CA that signed the server's "
+                              "certificate (install.sh certs makes it)")
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ConfigError(where + "tls_key: a client certificate needs both tls_cert and tls_key")
+        try:
+            config.tls_context = tls_context(False, config.tls_cert, config.tls_key, config.tls_ca)
+        except (ValueError, OSError) as error:
+            raise ConfigError(where + "tls: %s" % describe_error(error))
     return config
 
 

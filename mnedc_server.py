@@ -16,6 +16,13 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   offload     yes or no: TSO and checksum offload on the TUN (default yes)
   state_dir   where leases.json and the secret live     (default /var/lib/mnedc)
   keepalive   seconds without a frame before a client is presumed dead (default 30)
+  keys_file   per-device secrets: DEVICE_ID SECRET, or DEVICE_ID revoked (SIGHUP reloads)
+  network_secret  no: only devices in keys_file may join (default yes)
+  policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all)
+  max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
+  max_streams_per_client   limits (default 1024, 256, 256, 65535, 1048576, 64; README)
+  tls         yes: TLS with tls_cert and tls_key; tls_client_ca requires client certificates
+              whose commonName is the device_id (install.sh certs makes them all)
 """
 
 import argparse
@@ -48,12 +55,13 @@ TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
-HARD_QUEUE_BYTES = MAX_QUEUE_BYTES + MAX_STREAMS_PER_SESSION * MAX_STREAM_WINDOW_BYTES + 65536
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
 MAX_SERVICES_PER_SESSION = 16
 MAX_SERVICES = 1024
 NO_ADDRESS = b"\0\0\0\0"        # a stream session of a device that has no lease
 MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is dropped
+MAX_CLIENTS = 1024              # connections in all; past it a new one is refused
+MAX_CONNECTIONS_PER_SOURCE = 256   # from one address (a NAT fronts many devices)
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
 MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
 LEASE_SAVE_INTERVAL_S = 60
@@ -168,11 +176,13 @@ ERROR_SHUTDOWN = 6
 ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
 ERROR_KICKED = 9
+ERROR_LIMIT = 10
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
     ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
+    ERROR_LIMIT: "limit reached",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -181,10 +191,12 @@ RESET_UNREACHABLE = 3       # the peer is known but not connected
 RESET_ABORTED = 4           # one end failed or was killed mid-stream
 RESET_RELAY_LOST = 5        # the relay connection of one end went down
 RESET_LIMIT = 6             # too many streams
+RESET_DENIED = 7            # the relay's access policy forbids it
 RESET_NAMES = {
     RESET_REFUSED: "connection refused", RESET_UNKNOWN_PEER: "unknown peer",
     RESET_UNREACHABLE: "peer unreachable", RESET_ABORTED: "aborted",
     RESET_RELAY_LOST: "relay connection lost", RESET_LIMIT: "too many streams",
+    RESET_DENIED: "denied by policy",
 }
 
 NONCE_BYTES = 16
@@ -826,12 +838,14 @@ class RelayedStream:
 class StreamSwitch:
     """Virtual ports, service names and the streams between stream sessions."""
 
-    def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online):
+    def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online, permits):
         """device_of(name): the device_id a virtual IP or device_id names, or None;
-        online(device_id): whether any session of that device is connected."""
+        online(device_id): whether any session of that device is connected;
+        permits(from device, to device, port): whether the access policy lets a stream through."""
         self.log = log
         self.device_of = device_of
         self.online = online
+        self.permits = permits
         self.max_window_bytes = max_window_bytes
         self.max_streams = max_streams_per_session
         self.listeners = {}         # (device_id, port) -> session
@@ -882,6 +896,9 @@ class StreamSwitch:
             raise ProtocolError("OPEN with stream id %d, which is not a free odd id" % stream_id)
         self.check_window(window)
         device_id, port = self.resolve(target, port)
+        if not self.permits(opener.device_id, device_id, port):
+            raise StreamRefused(RESET_DENIED, "the relay's policy does not let %s reach port %d of %s"
+                                % (opener.device_id, port, device_id))
         listener = self.listeners.get((device_id, port))
         if listener is None:
             raise StreamRefused(RESET_REFUSED, "nothing listens on port %d of %s" % (port, device_id))
@@ -989,6 +1006,118 @@ class StreamSwitch:
                                 % (window, self.max_window_bytes))
 
 
+REVOKED = "revoked"
+
+
+class DeviceKeys:
+    """keys_file: a secret per device, so that one device can be revoked without re-keying all.
+
+    One line per device, '#' starts a comment:
+        DEVICE_ID  SECRET       the device proves this secret instead of the network secret
+        DEVICE_ID  revoked      the device may not join at all
+    """
+
+    def __init__(self, path, cache=None):
+        """Raises ValueError naming the line. cache: the key derivations of a previous load."""
+        self.path = path
+        self.secrets = {}
+        self.keys = {}
+        cache = cache or {}
+        with open(path, encoding="utf-8") as source:
+            for number, line in enumerate(source, 1):
+                words = line.split("#", 1)[0].split()
+                if not words:
+                    continue
+                if len(words) != 2:
+                    raise ValueError("%s line %d: want DEVICE_ID SECRET or DEVICE_ID revoked" % (path, number))
+                try:
+                    device_id = check_device_id(words[0])
+                    secret = words[1] if words[1] == REVOKED else check_secret(words[1])
+                except ValueError as error:
+                    raise ValueError("%s line %d: %s" % (path, number, error))
+                if device_id in self.secrets:
+                    raise ValueError("%s line %d: %s is listed twice" % (path, number, device_id))
+                self.secrets[device_id] = secret
+                if secret != REVOKED:       # PBKDF2 now, not while a client waits in the loop
+                    self.keys[device_id] = cache.get(secret) or network_key(secret)
+                    cache[secret] = self.keys[device_id]
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.secrets)
+
+    def revoked(self):
+        return sorted(d for d, secret in self.secrets.items() if secret == REVOKED)
+
+
+class Policy:
+    """policy_file: who may reach whom. Rules are read top down and the first that matches
+    decides; with no rule matching, traffic is allowed.
+
+        group NAME = DEVICE_ID ...              name a set of devices (use it as @NAME)
+        allow|deny FROM -> TO [port N[,M...]]   FROM and TO: a device_id, @NAME, or *
+
+    A rule with ports governs streams only (a virtual port); one without governs streams and
+    TUN packets alike. Packets are judged one by one in the direction they travel, so a TCP
+    conversation over TUN needs both directions allowed. The relay host's own TUN is (server).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.groups = {}
+        self.rules = []             # (allow?, from, to, ports or None)
+        self.verdicts = {}          # (from, to, port) -> allowed, for the packet path
+        with open(path, encoding="utf-8") as source:
+            for number, line in enumerate(source, 1):
+                words = line.split("#", 1)[0].split()
+                if words:
+                    try:
+                        self.parse(words)
+                    except ValueError as error:
+                        raise ValueError("%s line %d: %s" % (path, number, error))
+
+    def parse(self, words):
+        if words[0] == "group":
+            if len(words) < 3 or words[2] != "=":
+                raise ValueError("want: group NAME = DEVICE_ID ...")
+            self.groups[words[1]] = set(check_device_id(word) for word in words[3:])
+            return
+        if words[0] not in ("allow", "deny") or len(words) not in (4, 6) or words[2] != "->":
+            raise ValueError("want: allow|deny FROM -> TO [port N[,M...]] or group NAME = ...")
+        ports = None
+        if len(words) == 6:
+            if words[4] != "port":
+                raise ValueError("want 'port N' after the TO")
+            ports = set(parse_int(port, 1, 65535) for port in words[5].split(","))
+        for pattern in (words[1], words[3]):
+            if pattern.startswith("@") and pattern[1:] not in self.groups:
+                raise ValueError("group %s is not defined above" % pattern[1:])
+            if pattern != "*" and not pattern.startswith("@") and pattern != "(server)":
+                check_device_id(pattern)
+        self.rules.append((words[0] == "allow", words[1], words[3], ports))
+
+    def matches(self, pattern, device_id):
+        if pattern.startswith("@"):
+            return device_id in self.groups[pattern[1:]]
+        return pattern == "*" or pattern == device_id
+
+    def permits(self, source, target, port=None):
+        """Whether source may reach target (a stream to port, or a packet when port is None)."""
+        verdict = self.verdicts.get((source, target, port))
+        if verdict is None:
+            verdict = True
+            for allow, from_pattern, to_pattern, ports in self.rules:
+                if ports is not None and port not in ports:
+                    continue
+                if self.matches(from_pattern, source) and self.matches(to_pattern, target):
+                    verdict = allow
+                    break
+            if len(self.verdicts) > 65536:
+                self.verdicts.clear()
+            self.verdicts[(source, target, port)] = verdict
+        return verdict
+
+
 class Hooks:
     """on_join / on_leave scripts, as OpenVPN's client-connect: run without waiting, reaped later.
 
@@ -1092,12 +1221,15 @@ class ClientConnection:
         self.sock = sock
         self.remote = "%s:%d" % remote[:2]
         self.stage = "hello"
+        self.certificate_name = None        # with mutual TLS: the commonName the client proved
+        if server.config.tls_context is not None:
+            self.sock, self.stage = TlsTransport(server.config.tls_context, sock), "tls"
         self.device_id = None
         self.address = None
         self.streams_session = False        # a listen/connect session rather than a TUN member
         self.reader = FrameReader(receive_bytes=RECV_BYTES)
         self.out = bytearray()
-        self.client_nonce = self.server_nonce = None
+        self.client_nonce = self.server_nonce = self.key = None
         now = time.monotonic()
         self.deadline = now + HANDSHAKE_TIMEOUT_S
         self.last_received = self.last_ping = now
@@ -1125,7 +1257,14 @@ class ClientConnection:
     # -- receiving, in the order a frame travels --
 
     def on_readable(self):
-        if not self.reader.receive(self.sock.recv_into):
+        if self.stage == "tls":
+            self.continue_tls()
+            return
+        try:
+            received = self.reader.receive(self.sock.recv_into)
+        except BlockingIOError:             # a TLS record is not complete yet
+            return
+        if not received:
             self.close("closed by peer" if self.stage != "closing" else self.closing_reason)
             return
         if self.stage == "closing":
@@ -1147,6 +1286,23 @@ class ClientConnection:
         finally:
             self.server.send_batches()
 
+    def continue_tls(self):
+        try:
+            events = self.sock.handshake()
+        except OSError as error:
+            self.server.log.limited(("tls", self.remote_ip()), "warning", "TLS handshake with %s failed: %s"
+                                    % (self.remote, describe_error(error)))
+            self.close("TLS handshake failed")
+            return
+        if events:
+            self.server.loop.set_interest(self, events)
+            return
+        self.stage = "hello"
+        self.certificate_name = self.sock.peer_name()
+        self.server.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        if self.sock.pending():             # the HELLO may have come with the handshake
+            self.on_readable()
+
     def on_unexpected(self, frame_type, payload):
         name = FRAME_NAMES.get(frame_type, "unknown frame type %d" % frame_type)
         if self.stage == "established":
@@ -1156,22 +1312,31 @@ class ClientConnection:
     def on_hello(self, frame_type, payload):
         self.client_nonce, self.device_id, flags = decode_hello(payload)
         self.streams_session = bool(flags & HELLO_STREAMS)
+        if self.certificate_name is not None and self.certificate_name != self.device_id:
+            self.refuse(ERROR_AUTH, "the client certificate is for %s, not for device %s"
+                        % (self.certificate_name, self.device_id))
+            return
+        self.key, refusal = self.server.key_for(self.device_id)
+        if refusal:
+            self.refuse(ERROR_AUTH, refusal)
+            return
         self.server_nonce = os.urandom(NONCE_BYTES)
-        proof = server_proof(self.server.key, self.client_nonce, self.server_nonce, self.device_id)
+        proof = server_proof(self.key, self.client_nonce, self.server_nonce, self.device_id)
         self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, proof))
         self.stage = "auth"
 
     def on_auth(self, frame_type, payload):
-        expected = client_proof(self.server.key, self.client_nonce, self.server_nonce, self.device_id)
+        expected = client_proof(self.key, self.client_nonce, self.server_nonce, self.device_id)
         if not equal_digests(decode_auth(payload), expected):
-            self.refuse(ERROR_AUTH, "wrong secret for this network (device %s)" % self.device_id)
+            self.refuse(ERROR_AUTH, "wrong secret for %s (device %s)" % (
+                "this device" if self.key is not self.server.key else "this network", self.device_id))
             return
         try:
             self.address = self.server.admit(self)
         except PoolExhausted as error:
             self.refuse(ERROR_POOL_FULL, str(error))
             return
-        self.reader.max_payload = MAX_PAYLOAD_BYTES
+        self.reader.max_payload = self.server.config.max_frame_bytes
         self.stage = "established"
         self.server.handshaking.pop(self, None)
         self.send_frame(FRAME_WELCOME, encode_welcome(
@@ -1299,16 +1464,23 @@ class ClientConnection:
             frame = b"".join(buffers)
         self.out += frame
         self.server.queued_bytes += len(frame)
-        if len(self.out) > HARD_QUEUE_BYTES:
-            self.close("more than %d bytes queued: the peer is not reading" % HARD_QUEUE_BYTES)
+        hard_limit = self.server.hard_queue_bytes()
+        if len(self.out) > hard_limit:
+            self.close("more than %d bytes queued: the peer is not reading" % hard_limit)
             return
         self.server.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
         if self.server.queued_bytes > TOTAL_QUEUE_BYTES:
             self.server.cut_off_slowest_reader()
 
     def on_writable(self):
+        if self.stage == "tls":
+            self.continue_tls()
+            return
         if self.out:
-            sent = self.sock.send(self.out)
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:         # TLS: not yet
+                return
             del self.out[:sent]
             self.server.queued_bytes -= sent
         if not self.out:
@@ -1344,7 +1516,7 @@ class ClientConnection:
         return self.remote.rpartition(":")[0]
 
     def check_timers(self, now):
-        if self.stage in ("hello", "auth") and now > self.deadline:
+        if self.stage in ("tls", "hello", "auth") and now > self.deadline:
             self.refuse(ERROR_TIMEOUT, "handshake not completed within %d s" % HANDSHAKE_TIMEOUT_S)
         elif self.stage == "closing" and now > self.deadline:
             self.close(self.closing_reason)
@@ -1363,8 +1535,7 @@ class ClientConnection:
         was_established, was_refused = self.stage == "established", self.stage == "closing"
         self.stage = "closed"
         self.server.withdraw(self)
-        self.server.connections.discard(self)
-        self.server.handshaking.pop(self, None)
+        self.server.forget_connection(self)
         self.server.queued_bytes -= len(self.out)
         self.out = bytearray()
         try:
@@ -1383,6 +1554,7 @@ class ClientConnection:
 
 
 HANDLERS = {
+    "tls": {},
     "hello": {FRAME_HELLO: ClientConnection.on_hello},
     "auth": {FRAME_AUTH: ClientConnection.on_auth, FRAME_ERROR: ClientConnection.on_error},
     "established": {
@@ -1484,12 +1656,13 @@ class RelayServer:
         self.control = None
         self.key = network_key(config.secret)
         self.keepalive_s = config.keepalive
-        self.max_queue_bytes = MAX_QUEUE_BYTES
+        self.max_queue_bytes = config.max_queue_bytes
+        self.per_source = {}            # remote IP -> its connections
         self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
         self.routes = RouteTable()
         self.stream_sessions = {}       # device_id -> its connected stream sessions
-        self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, MAX_STREAMS_PER_SESSION,
-                                   self.device_of, self.online)
+        self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, config.max_streams_per_client,
+                                   self.device_of, self.online, self.permits)
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.queued_bytes = 0           # in every connection's send queue together
@@ -1576,11 +1749,58 @@ class RelayServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         connection = ClientConnection(self, sock, remote)
         self.connections.add(connection)
-        if len(self.handshaking) >= MAX_PENDING_HANDSHAKES:
-            self.shed_oldest_handshake("more than %d handshakes in progress" % MAX_PENDING_HANDSHAKES)
-        self.handshaking[connection] = None
+        self.per_source[connection.remote_ip()] = self.per_source.get(connection.remote_ip(), 0) + 1
         self.loop.set_interest(connection, selectors.EVENT_READ)
         self.log.debug("accepted connection from %s" % connection.remote)
+        limit = self.over_limit(connection)
+        if limit:
+            connection.refuse(ERROR_LIMIT, limit)
+            return
+        if len(self.handshaking) >= self.config.max_handshakes:
+            self.shed_oldest_handshake("more than %d handshakes in progress (max_handshakes)"
+                                       % self.config.max_handshakes)
+        self.handshaking[connection] = None
+
+    def over_limit(self, connection):
+        """Why a new connection is one too many (the reason it is refused with), or None."""
+        config, ip = self.config, connection.remote_ip()
+        if self.per_source[ip] > config.max_connections_per_source:
+            return "more than %d connections from %s (max_connections_per_source)" % (
+                config.max_connections_per_source, ip)
+        if len(self.connections) > config.max_clients:
+            return "more than %d connections (max_clients)" % config.max_clients
+        return None
+
+    def hard_queue_bytes(self):
+        """A connection queued past this is cut off: its packets and all its streams' windows."""
+        return self.max_queue_bytes + self.switch.max_streams * MAX_STREAM_WINDOW_BYTES + 65536
+
+    def forget_connection(self, connection):
+        self.connections.discard(connection)
+        self.handshaking.pop(connection, None)
+        ip = connection.remote_ip()
+        count = self.per_source.get(ip, 0) - 1
+        if count > 0:
+            self.per_source[ip] = count
+        else:
+            self.per_source.pop(ip, None)
+
+    # -- access: keys and policy --
+
+    def key_for(self, device_id):
+        """The key device_id must prove, or (None, why it may not join)."""
+        keys = self.config.keys
+        if keys is not None and device_id in keys.secrets:
+            if device_id not in keys.keys:
+                return None, "device %s is revoked" % device_id
+            return keys.keys[device_id], None
+        if not self.config.network_secret:
+            return None, "device %s has no key of its own, and this network takes no other" % device_id
+        return self.key, None
+
+    def permits(self, source, target, port=None):
+        policy = self.config.policy
+        return policy is None or policy.permits(source, target, port)
 
     def send_batches(self):
         """End of a wakeup: send every connection's held-back frames, one sendmsg each."""
@@ -1705,13 +1925,28 @@ class RelayServer:
                 setattr(fresh, name, getattr(self.config, name))
         if fresh.secret is None:
             fresh.secret, fresh.secret_source = self.config.secret, self.config.secret_source
-        self.key = network_key(fresh.secret)
+        self.key = network_key(fresh.secret) if fresh.secret != self.config.secret else self.key
         self.keepalive_s = fresh.keepalive
         self.log.set_level(fresh.log_level)
         self.config = fresh
         self.hooks.config = fresh
-        self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s)"
-                      % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive))
+        self.max_queue_bytes = fresh.max_queue_bytes
+        self.switch.max_streams = fresh.max_streams_per_client
+        self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
+                      % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
+                         "%d device keys" % len(fresh.keys) if fresh.keys else "no keys file",
+                         "policy of %d rules" % len(fresh.policy.rules) if fresh.policy else "no policy"))
+        self.drop_revoked()
+
+    def drop_revoked(self):
+        """After a reload: disconnect every device that may no longer join, so that revoking a
+        device takes effect at once. A changed secret, like the network's, keeps its members."""
+        for connection in list(self.connections):
+            if connection.stage == "established":
+                refusal = self.key_for(connection.device_id)[1]
+                if refusal:
+                    self.log.info("disconnecting %s: %s" % (connection.name(), refusal))
+                    connection.refuse(ERROR_AUTH, refusal)
 
     # -- the directory: who is there, for streams and for `services` --
 
@@ -1742,7 +1977,7 @@ class RelayServer:
                      "port": port} for name, (session, port) in sorted(self.switch.services.items())]
         relay = {"buffered_bytes": self.queued_bytes, "max_buffered_bytes": TOTAL_QUEUE_BYTES,
                  "streams": len(self.switch.streams) // 2, "max_window_bytes": MAX_STREAM_WINDOW_BYTES,
-                 "max_streams_per_session": MAX_STREAMS_PER_SESSION}
+                 "max_streams_per_session": self.switch.max_streams}
         while True:
             listing = json.dumps({"devices": devices, "services": services, "relay": relay,
                                   "truncated": len(devices) < len(known) or
@@ -1763,6 +1998,8 @@ class RelayServer:
         target, reason = self.routes.decide(packet, sender, offset)
         if target is None:
             self.count_drop(reason, sender, frame_type, packet)
+        elif self.config.policy is not None and not self.config.policy.permits(sender.device_id, target.device_id):
+            self.count_drop("denied by policy", sender, frame_type, packet)
         else:
             target.send_packet(frame_type, packet)
 
@@ -2205,10 +2442,104 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
         raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
+# TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
+# apart (python3-openssl) and it costs a board some 4 MB.
+
+def load_ssl():
+    """The ssl module, or ValueError saying why tls = yes cannot work here."""
+    try:
+        import ssl
+    except ImportError:
+        raise ValueError("tls = yes needs Python's ssl module, which this Python lacks "
+                         "(OpenWrt: opkg install python3-openssl)")
+    return ssl
+
+
+def tls_context(server_side, cert=None, key=None, ca=None):
+    """A TLS 1.2+ context. Server: its cert and key; ca set means client certs are required.
+    Client: ca verifies the server (always required); cert and key for mutual TLS."""
+    ssl = load_ssl()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if cert:
+            context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as error:
+        raise ValueError("%s (check the certificate, key and CA files)" % describe_error(error))
+    return context
+
+
+class TlsTransport:
+    """A non-blocking TLS socket that the connection classes use like a plain one.
+
+    handshake() advances the handshake; SSLWantRead/WantWrite come out as BlockingIOError;
+    sendmsg joins its buffers, as TLS has no scatter write; recv_into reads every record that
+    is ready, since select() cannot see what OpenSSL already holds.
+    """
+
+    def __init__(self, context, sock, server_hostname=None):
+        import ssl
+        self.want = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        self.sock = context.wrap_socket(sock, server_side=server_hostname is None,
+                                        server_hostname=server_hostname, do_handshake_on_connect=False)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def handshake(self):
+        """0 once the handshake is done, else the selector events it waits for; OSError
+        (ssl.SSLError, with the verification failure) if it fails."""
+        try:
+            self.sock.do_handshake()
+            return 0
+        except self.want[0]:
+            return selectors.EVENT_READ
+        except self.want[1]:
+            return selectors.EVENT_READ | selectors.EVENT_WRITE
+
+    def peer_name(self):
+        """The commonName of the peer's verified certificate, or None without one."""
+        for field in (self.sock.getpeercert() or {}).get("subject", ()):
+            for name, value in field:
+                if name == "commonName":
+                    return value
+        return None
+
+    def recv_into(self, view):
+        total = 0
+        while total < len(view):
+            try:
+                count = self.sock.recv_into(view[total:])
+            except self.want:
+                if total:
+                    break
+                raise BlockingIOError(errno.EAGAIN, "TLS record incomplete")
+            if not count:
+                break
+            total += count
+        return total
+
+    def send(self, data):
+        try:
+            return self.sock.send(data)
+        except self.want:
+            raise BlockingIOError(errno.EAGAIN, "TLS wants to wait")
+
+    def sendmsg(self, buffers):
+        return self.send(b"".join(buffers))
+
+
 def describe_error(error):
     """One readable phrase for an exception, e.g. 'connection refused'."""
     if isinstance(error, socket.gaierror):
         return (error.strerror or str(error)).lower()
+    if hasattr(error, "reason") and hasattr(error, "library"):     # ssl.SSLError: its own words
+        reason = (error.reason or "").replace("_", " ").lower() or str(error)
+        verify = getattr(error, "verify_message", None)
+        return "%s (%s)" % (reason, verify) if verify else reason
     if isinstance(error, OSError) and error.errno is not None:
         return os.strerror(error.errno).lower()
     return str(error) or error.__class__.__name__
@@ -2475,6 +2806,18 @@ class ServerConfig:
         self.restart_window = DEFAULT_RESTART_WINDOW_S
         self.on_join = self.on_leave = None
         self.log_level = "info"
+        self.keys_file = self.policy_file = None
+        self.keys = self.policy = None          # DeviceKeys and Policy, loaded from those files
+        self.network_secret = True              # no: only devices in keys_file may join
+        self.max_clients = MAX_CLIENTS
+        self.max_connections_per_source = MAX_CONNECTIONS_PER_SOURCE
+        self.max_handshakes = MAX_PENDING_HANDSHAKES
+        self.max_frame_bytes = MAX_PAYLOAD_BYTES
+        self.max_queue_bytes = MAX_QUEUE_BYTES
+        self.max_streams_per_client = MAX_STREAMS_PER_SESSION
+        self.tls = False
+        self.tls_cert = self.tls_key = self.tls_client_ca = None
+        self.tls_context = None                 # built from those when tls = yes
 
 
 SERVER_KEYS = {
@@ -2493,7 +2836,22 @@ SERVER_KEYS = {
     "on_join": lambda config, text: setattr(config, "on_join", check_hook(text)),
     "on_leave": lambda config, text: setattr(config, "on_leave", check_hook(text)),
     "log_level": lambda config, text: setattr(config, "log_level", parse_choice(text, tuple(LOG_LEVELS))),
+    "keys_file": lambda config, path: setattr(config, "keys_file", path),
+    "network_secret": lambda config, text: setattr(config, "network_secret", parse_choice(text, ("yes", "no")) == "yes"),
+    "policy_file": lambda config, path: setattr(config, "policy_file", path),
+    "max_clients": lambda config, text: setattr(config, "max_clients", parse_int(text, 1, 1000000)),
+    "max_connections_per_source": lambda config, text: setattr(
+        config, "max_connections_per_source", parse_int(text, 1, 1000000)),
+    "max_handshakes": lambda config, text: setattr(config, "max_handshakes", parse_int(text, 1, 100000)),
+    "max_frame_bytes": lambda config, text: setattr(config, "max_frame_bytes", parse_int(text, 1024, MAX_PAYLOAD_BYTES)),
+    "max_queue_bytes": lambda config, text: setattr(config, "max_queue_bytes", parse_int(text, 65536, 1 << 30)),
+    "max_streams_per_client": lambda config, text: setattr(config, "max_streams_per_client", parse_int(text, 1, 4096)),
+    "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
+    "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
+    "tls_key": lambda config, path: setattr(config, "tls_key", path),
+    "tls_client_ca": lambda config, path: setattr(config, "tls_client_ca", path),
 }
+PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
 
 
 def check_hook(text):
@@ -2512,8 +2870,10 @@ def parse_listen(text):
     return host, port
 
 
-def load_server_config(args):
-    """ServerConfig from -c FILE and the flags; ConfigError names what is wrong."""
+def load_server_config(args, key_cache=None):
+    """ServerConfig from -c FILE and the flags; ConfigError names what is wrong.
+
+    key_cache keeps the keys_file's PBKDF2 derivations from one load to the next (SIGHUP)."""
     config = ServerConfig()
     values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
     where = "%s: [server] " % args.config
@@ -2521,13 +2881,27 @@ def load_server_config(args):
         raise ConfigError(where + "secret_file: set secret or secret_file, not both")
     for key, text in values.items():
         try:
+            if key in PATH_KEYS:
+                text = os.path.join(os.path.dirname(os.path.abspath(args.config)), text.strip())
             if key == "secret_file":
-                path = os.path.join(os.path.dirname(os.path.abspath(args.config)), text.strip())
-                config.secret, config.secret_source = check_secret(read_secret_file(path)), path
+                config.secret, config.secret_source = check_secret(read_secret_file(text)), text
             else:
                 SERVER_KEYS[key](config, text)
+            if key == "keys_file":
+                config.keys = DeviceKeys(text, key_cache)
+            elif key == "policy_file":
+                config.policy = Policy(text)
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
+    if not config.network_secret and config.keys is None:
+        raise ConfigError(where + "network_secret: 'no' needs a keys_file, or nobody could join")
+    if config.tls:
+        if not (config.tls_cert and config.tls_key):
+            raise ConfigError(where + "tls: tls = yes needs tls_cert and tls_key (install.sh certs makes them)")
+        try:
+            config.tls_context = tls_context(True, config.tls_cert, config.tls_key, config.tls_client_ca)
+        except (ValueError, OSError) as error:
+            raise ConfigError(where + "tls: %s" % describe_error(error))
     flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
              ("tun", "no" if args.no_tun else None), ("control_socket", args.control),
              ("log_level", "debug" if args.verbose else None))
@@ -2622,7 +2996,8 @@ def cmd_run(args):
     except (OSError, ValueError) as error:
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
-    server = RelayServer(config, log, reload_config=lambda: load_server_config(args))
+    key_cache = config.keys.cache if config.keys else {}
+    server = RelayServer(config, log, reload_config=lambda: load_server_config(args, key_cache))
     try:
         server.start()
     except OSError as error:
@@ -2636,7 +3011,9 @@ def cmd_run(args):
     except OSError as error:
         log.error("cannot write %s: %s" % (error.filename, describe_error(error)))
         return 1
-    log.info("MNEDC server ready (protocol %d, secret from %s)" % (PROTOCOL_VERSION, config.secret_source or "config"))
+    tls = "no TLS" if not config.tls else "TLS, client certificates required" if config.tls_client_ca else "TLS"
+    log.info("MNEDC server ready (protocol %d, secret from %s, %s)"
+             % (PROTOCOL_VERSION, config.secret_source or "config", tls))
     try:
         server.run()
     finally:

@@ -104,7 +104,10 @@ def scale_run(workdir, clients=500, idle_s=60, python=sys.executable):
     """{'clients', 'join_s', 'idle_s', 'server_cpu_percent', 'server_rss_mb', 'server_peak_rss_mb'}."""
     port = free_port()
     state = os.path.join(workdir, "scale-state")
-    server = Proc.start([python, "-u", os.path.join(ROOT, "mnedc_server.py"), "--no-tun", "--listen",
+    config = os.path.join(workdir, "scale.ini")
+    with open(config, "w") as sink:         # every session comes from 127.0.0.1: lift that limit
+        sink.write("[server]\nmax_connections_per_source = %d\nmax_clients = %d\n" % (clients + 16, clients + 16))
+    server = Proc.start([python, "-u", os.path.join(ROOT, "mnedc_server.py"), "-c", config, "--no-tun", "--listen",
                          "127.0.0.1:%d" % port, "--subnet", "198.18.0.0/24", "--state-dir", state,
                          "--control", os.path.join(workdir, "scale.sock")])
     selector = selectors.DefaultSelector()

@@ -22,20 +22,25 @@ def free_port():
 class StreamNet:
     """A --no-tun relay on loopback and `mnedc_client.py` stream commands against it."""
 
-    def __init__(self, workdir, keepalive=None, python=sys.executable):
+    def __init__(self, workdir, keepalive=None, python=sys.executable, server_lines=(), client_lines=()):
+        """server_lines, client_lines: more lines for the [server] and every [client] section;
+        %(device_id)s in a client line becomes the client's device_id."""
         self.workdir = str(workdir)
         self.keepalive = keepalive
         self.python = python
+        self.server_lines = list(server_lines)
+        self.client_lines = list(client_lines)
         self.procs = []
         self.port = free_port()
         self.start_server()
 
     def start_server(self):
         extra = ["--listen", "127.0.0.1:%d" % self.port]
-        if self.keepalive:
+        lines = (["keepalive = %d" % self.keepalive] if self.keepalive else []) + self.server_lines
+        if lines:
             config = os.path.join(self.workdir, "server.ini")
             with open(config, "w") as sink:
-                sink.write("[server]\nkeepalive = %d\n" % self.keepalive)
+                sink.write("[server]\n" + "".join(line + "\n" for line in lines))
             extra += ["-c", config]
         self.server, _, self.secret = start_server(os.path.join(self.workdir, "state"), *extra)
         self.procs.append(self.server)
@@ -48,6 +53,7 @@ class StreamNet:
                        % (self.port, self.secret.decode(), device_id))
             if self.keepalive:
                 sink.write("keepalive = %d\n" % self.keepalive)
+            sink.write("".join(line % {"device_id": device_id} + "\n" for line in self.client_lines))
         return path
 
     def argv(self, device_id, *command):

@@ -1,0 +1,233 @@
+"""Who may join and whom they may reach: per-device keys, revocation, the access policy, and the
+named limits, against a live server on loopback (no root needed).
+
+Each refusal names its reason to the peer, and nobody else is affected.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.streamnet import StreamNet, free_port
+from tests.wire_peer import Refused, WirePeer, ipv4_packet, start_server, wire
+
+SECRETS = {"dev-a": "key-of-dev-a-0123456789", "dev-c": "key-of-dev-c-0123456789"}
+NETWORK_SECRET = "network-secret-0123456789"
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def keyed_server(tmp_path, keys_text, more=""):
+    keys = write(tmp_path / "keys", keys_text)
+    config = write(tmp_path / "server.ini", "[server]\nsecret = %s\nkeys_file = %s\n%s" % (NETWORK_SECRET, keys, more))
+    proc, port, _ = start_server(tmp_path / "state", "-c", config)
+    return proc, port, config
+
+
+def forged_auth(port, device_id, secret):
+    """HELLO as device_id, then an AUTH proven with secret (not that device's): the ERROR text."""
+    peer = WirePeer(port)
+    try:
+        nonce = os.urandom(wire.NONCE_BYTES)
+        peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id))
+        frame_type, payload = peer.recv_frame()
+        assert frame_type == wire.FRAME_CHALLENGE
+        server_nonce, _ = wire.decode_challenge(payload)
+        key = wire.network_key(secret.encode())
+        peer.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
+        code, text = peer.expect_error()
+        assert code == wire.ERROR_AUTH
+        assert peer.closed_within(5)
+        return text
+    finally:
+        peer.close()
+
+
+def test_per_device_keys_revocation_and_another_devices_id(tmp_path):
+    proc, port, config = keyed_server(tmp_path, "dev-a %s\ndev-c %s  # the camera\ndev-b revoked\n"
+                                      % (SECRETS["dev-a"], SECRETS["dev-c"]))
+    try:
+        alice = WirePeer(port)
+        alice.handshake(SECRETS["dev-a"].encode(), "dev-a")
+        carol = WirePeer(port)
+        carol.handshake(SECRETS["dev-c"].encode(), "dev-c")
+        other = WirePeer(port)
+        other.handshake(NETWORK_SECRET.encode(), "dev-unlisted")      # the network secret still works
+        # dev-c presenting dev-a's device_id with its own key is refused; so is dev-a's network secret
+        assert "wrong secret for this device (device dev-a)" in forged_auth(port, "dev-a", SECRETS["dev-c"])
+        assert "wrong secret for this device" in forged_auth(port, "dev-a", NETWORK_SECRET)
+        with pytest.raises(Refused, match="device dev-b is revoked"):
+            WirePeer(port).handshake(NETWORK_SECRET.encode(), "dev-b")
+        packet = ipv4_packet(alice.address, carol.address, b"keyed")
+        alice.send_packet(packet)
+        assert carol.recv_packet() == packet
+
+        # revoking dev-a with SIGHUP disconnects it at once; dev-c stays
+        write(tmp_path / "keys", "dev-a revoked\ndev-c %s\n" % SECRETS["dev-c"])
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reloaded the configuration .*2 device keys")
+        code, text = alice.expect_error()
+        assert (code, text) == (wire.ERROR_AUTH, "device dev-a is revoked")
+        with pytest.raises(Refused, match="device dev-a is revoked"):
+            WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-a")
+        packet = ipv4_packet(other.address, carol.address, b"still here")
+        other.send_packet(packet)
+        assert carol.recv_packet() == packet
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_network_secret_no_admits_only_listed_devices(tmp_path):
+    proc, port, _ = keyed_server(tmp_path, "dev-a %s\n" % SECRETS["dev-a"], "network_secret = no\n")
+    try:
+        WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-a")
+        with pytest.raises(Refused, match="dev-x has no key of its own"):
+            WirePeer(port).handshake(NETWORK_SECRET.encode(), "dev-x")
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("keys, complaint", [
+    ("dev-a short\n", "keys line 1: the secret must have at least"),
+    ("dev-a %s\ndev-a %s\n" % (SECRETS["dev-a"], SECRETS["dev-c"]), "keys line 2: dev-a is listed twice"),
+    ("just-one-word\n", "keys line 1: want DEVICE_ID SECRET"),
+])
+def test_a_bad_keys_file_is_refused_with_its_line(tmp_path, keys, complaint):
+    import subprocess
+    import sys
+    keys_path = write(tmp_path / "keys", keys)
+    config = write(tmp_path / "server.ini", "[server]\nkeys_file = %s\n" % keys_path)
+    result = subprocess.run([sys.executable, wire.__file__.replace("mnedc_client", "mnedc_server"), "-c", config,
+                             "--no-tun", "--state-dir", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and complaint in result.stderr and "Traceback" not in result.stderr
+
+
+POLICY = """
+group sensors = sensor-1 sensor-2
+deny @sensors -> @sensors          # sensors never talk to each other
+deny * -> camera port 22           # nobody gets a shell on the camera ...
+allow admin -> camera port 22,23   # (never reached: the deny above comes first)
+allow * -> *
+"""
+
+
+def test_policy_drops_denied_packets_and_counts_them(tmp_path):
+    policy = write(tmp_path / "policy", POLICY)
+    config = write(tmp_path / "server.ini", "[server]\npolicy_file = %s\n" % policy)
+    proc, port, secret = start_server(tmp_path / "state", "-c", config)
+    try:
+        peers = {}
+        for name in ("sensor-1", "sensor-2", "gateway"):
+            peers[name] = WirePeer(port)
+            peers[name].handshake(secret, name)
+        denied = ipv4_packet(peers["sensor-1"].address, peers["sensor-2"].address, b"denied")
+        peers["sensor-1"].send_packet(denied)
+        allowed = ipv4_packet(peers["sensor-1"].address, peers["gateway"].address, b"allowed")
+        peers["sensor-1"].send_packet(allowed)
+        assert peers["gateway"].recv_packet() == allowed
+        with pytest.raises(socket.timeout):
+            peers["sensor-2"].recv_packet(timeout=0.5)
+        proc.wait_for(r"dropped packet from device sensor-1.*denied by policy")
+    finally:
+        proc.stop()
+
+
+def test_policy_refuses_a_stream_by_port_and_lets_the_others_through(tmp_path):
+    policy = write(tmp_path / "policy", POLICY)
+    net = StreamNet(tmp_path, server_lines=["policy_file = %s" % policy])
+    try:
+        net.listen("camera", "--forward=%d" % free_port(), "22")
+        net.listen("camera", "--forward=%d" % free_port(), "80")
+        refused = net.run("admin", "connect", "camera", "22", timeout=30)
+        assert refused.returncode == 1 and "denied by policy" in refused.stderr, refused.stderr
+        # port 80 is allowed: the connect gets past the relay (and then finds nothing on the port)
+        other = net.run("admin", "connect", "camera", "80", timeout=30)
+        assert "denied by policy" not in other.stderr, other.stderr
+    finally:
+        net.stop()
+
+
+def connect_from(port, source):
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_limits_refuse_the_new_connection_with_a_reason_and_reload(tmp_path):
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nmax_connections_per_source = 3\nmax_frame_bytes = 2048\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config))
+    held = []
+    try:
+        held = [connect_from(port, "127.0.0.2") for _ in range(3)]
+        fourth = WirePeer(port, host="127.0.0.1")     # another source is not affected ...
+        fourth.handshake(secret, "bystander")
+        extra = connect_from(port, "127.0.0.2")      # ... but a 4th from 127.0.0.2 is refused
+        held.append(extra)
+        reader = wire.FrameReader()
+        reader.feed(extra.recv(4096))
+        (frame_type, payload), = reader.take_frames()
+        code, text = wire.decode_error(bytes(payload))
+        assert code == wire.ERROR_LIMIT and "more than 3 connections from 127.0.0.2 (max_connections_per_source)" in text
+
+        # max_frame_bytes: a 1500-byte packet routes, a 3000-byte frame ends that connection only
+        other = WirePeer(port)
+        other.handshake(secret, "other")
+        small = ipv4_packet(other.address, fourth.address, bytes(1480))
+        other.send_packet(small)
+        assert fourth.recv_packet() == small
+        other.send_packet(ipv4_packet(other.address, fourth.address, bytes(2980)))
+        code, text = other.expect_error()
+        assert code == wire.ERROR_PROTOCOL and "exceeds the limit of 2048" in text
+
+        # SIGHUP raises the limit: a 4th connection from 127.0.0.2 is now taken
+        config.write_text("[server]\nmax_connections_per_source = 5\n")
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reloaded the configuration")
+        late = WirePeer(port)
+        late.sock.close()
+        late.sock = connect_from(port, "127.0.0.2")
+        late.handshake(secret, "late")
+        assert "Traceback" not in proc.output()
+    finally:
+        for sock in held:
+            sock.close()
+        proc.stop()
+
+
+def test_max_clients_and_max_streams_per_client(tmp_path):
+    net = StreamNet(tmp_path, server_lines=["max_clients = 4", "max_streams_per_client = 1"])
+    target = socket.socket()            # the printer's port: the kernel's backlog takes the stream
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    try:
+        net.listen("printer", "--forward=%d" % target.getsockname()[1], "9100")
+        first, local = net.forward("laptop", "printer", 9100)   # a session; streams open on demand
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as one:
+            one.sendall(b"x")
+            time.sleep(0.5)
+            second = net.run("phone", "connect", "printer", "9100", timeout=30)
+            # the printer's one stream is taken: the phone's is refused, the laptop's lives on
+            assert second.returncode == 1 and "too many streams" in second.stderr, second.stderr
+        peers = [WirePeer(net.port) for _ in range(3)]     # with listen + connect: 5 > max_clients
+        refused = 0
+        for peer in peers:
+            try:
+                peer.handshake(net.secret, "filler-%d" % id(peer))
+            except (Refused, EOFError) as error:
+                refused += 1
+                assert "max_clients" in str(error) or isinstance(error, EOFError)
+        assert refused >= 1
+    finally:
+        target.close()
+        net.stop()
