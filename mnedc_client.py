@@ -518,6 +518,13 @@ def decode_accept(payload):
     return ACCEPT.unpack(payload)
 
 
+def data_frame_head(stream_id, data):
+    """The bytes before data in its DATA frame: send both together and data is never copied."""
+    if len(data) > MAX_DATA_BYTES:
+        raise ValueError("DATA of %d bytes exceeds %d" % (len(data), MAX_DATA_BYTES))
+    return FRAME_HEADER.pack(STREAM_ID.size + len(data), FRAME_DATA, 0) + STREAM_ID.pack(stream_id)
+
+
 def encode_data(stream_id, data):
     return STREAM_ID.pack(stream_id) + data
 
@@ -777,7 +784,10 @@ class RelayLink:
         While the client handles one wakeup's packets (client.batching), PACKET frames wait in
         self.batch and leave together in one sendmsg; any other frame sends the batch first.
         """
-        header = frame_header(frame_type, payload)
+        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
+
+    def send_parts(self, frame_type, header, payload):
+        """send_frame with the header given: the frame header and any fields before payload."""
         if not self.out and self.client.batching and frame_type in BATCHED_FRAMES:
             self.batch += (header, payload)
             self.batch_bytes += len(header) + len(payload)
@@ -1096,7 +1106,7 @@ class Stream:
             self.finish_if_done()
             return
         self.send_credit -= len(data)
-        self.client.send_frame(FRAME_DATA, encode_data(self.stream_id, data))
+        self.client.send_data(self.stream_id, data)
         if self.send_credit <= 0:
             self.reader.want(reading=False)
 
@@ -1112,21 +1122,30 @@ class Stream:
             raise ProtocolError("DATA on stream %d after its EOF" % self.stream_id)
         if len(self.to_local) + len(data) > STREAM_WINDOW_BYTES:
             raise ProtocolError("stream %d overran its window" % self.stream_id)
-        self.to_local += data
-        self.write_local()
+        self.write_local(data)
 
     def on_eof(self):
         self.remote_eof = True
         self.write_local()
 
-    def write_local(self):
+    def write_local(self, fresh=b""):
         """Called from the relay's frames: a local failure ends this stream, never the relay link."""
         try:
-            self.on_local_writable()
+            self.on_local_writable(fresh)
         except OSError as error:
             self.fail(describe_error(error))
 
-    def on_local_writable(self):
+    def on_local_writable(self, fresh=b""):
+        """Write what waits, then fresh (a view into the relay's receive buffer): straight to the
+        local end when nothing waits, so that only what it does not take is copied."""
+        if fresh and not self.to_local and self.state == "open":
+            try:
+                written = self.sock.send(fresh) if self.sock is not None else os.write(self.writer.fd, fresh)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            self.consumed += written
+            fresh = fresh[written:]
+        self.to_local += fresh
         while self.to_local and self.state == "open":
             try:
                 if self.sock is not None:
@@ -1324,6 +1343,11 @@ class RelayClient:
         link = self.established_link()
         if link is not None:
             link.send_frame(frame_type, payload)
+
+    def send_data(self, stream_id, data):
+        link = self.established_link()
+        if link is not None:
+            link.send_parts(FRAME_DATA, data_frame_head(stream_id, data), data)
 
     def on_server_error(self, code, text):
         if code in FATAL_SERVER_ERRORS:

@@ -528,6 +528,13 @@ def decode_accept(payload):
     return ACCEPT.unpack(payload)
 
 
+def data_frame_head(stream_id, data):
+    """The bytes before data in its DATA frame: send both together and data is never copied."""
+    if len(data) > MAX_DATA_BYTES:
+        raise ValueError("DATA of %d bytes exceeds %d" % (len(data), MAX_DATA_BYTES))
+    return FRAME_HEADER.pack(STREAM_ID.size + len(data), FRAME_DATA, 0) + STREAM_ID.pack(stream_id)
+
+
 def encode_data(stream_id, data):
     return STREAM_ID.pack(stream_id) + data
 
@@ -959,7 +966,7 @@ class StreamSwitch:
         stream.credit[index] -= len(data)
         receiver, receiver_id = stream.other(index)
         receiver.bytes_out += len(data)
-        receiver.send_frame(FRAME_DATA, encode_data(receiver_id, data))
+        receiver.send_parts(FRAME_DATA, data_frame_head(receiver_id, data), data)
 
     def window(self, session, stream_id, increment):
         stream, index = self.lookup(session, stream_id)
@@ -1426,7 +1433,10 @@ class ClientConnection:
         wait in self.batch and leave together in one sendmsg: one syscall for a whole recv()
         worth of small packets. Any other frame first sends the batch, so order is kept.
         """
-        header = frame_header(frame_type, payload)
+        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
+
+    def send_parts(self, frame_type, header, payload):
+        """send_frame with the header given: the frame header and any fields before payload."""
         if not self.out and self.server.batching and frame_type in BATCHED_FRAMES:
             if not self.batch:
                 self.server.batched.append(self)

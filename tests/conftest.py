@@ -16,3 +16,14 @@ def pytest_sessionstart(session):
         if not ok:
             import pytest
             pytest.exit("CI must run the root tests, but: %s" % why, returncode=3)
+
+
+SUMMARY = []    # (title, lines) that tests report after the run, e.g. tests/test_soak.py
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reports in SUMMARY at the end, whatever -r, -s or -q say."""
+    for title, lines in SUMMARY:
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)

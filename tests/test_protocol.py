@@ -252,3 +252,10 @@ def test_hmac_sha256_matches_the_hmac_module():
     assert wire.hmac_sha256(b"Jefe", b"what do ya want for nothing?").hex() == \
         "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     assert wire.equal_digests(b"abc", b"abc") and not wire.equal_digests(b"abc", b"abd")
+
+
+def test_a_data_frame_sent_in_parts_is_the_same_bytes():
+    data = os.urandom(3000)
+    assert wire.data_frame_head(7, data) + data == wire.encode_frame(wire.FRAME_DATA, wire.encode_data(7, data))
+    with pytest.raises(ValueError):
+        wire.data_frame_head(7, bytes(wire.MAX_DATA_BYTES + 1))
