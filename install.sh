@@ -4,9 +4,12 @@
 #   ./install.sh server|client [--config FILE] [--prefix DIR] [--root DIR]
 #                              [--init procd|sysv|systemd] [--no-start]
 #   ./install.sh uninstall [--root DIR] [--purge]
+#   ./install.sh certs --dir DIR [--server-name NAME]... [--client DEVICE_ID]... [--days N]
 #
 # What it installs (paths for --prefix /usr/local, the default):
 #   /usr/local/sbin/mnedc_server.py or mnedc_client.py   the script, copied from beside install.sh
+#   /usr/local/sbin/__pycache__/mnedc_*.cpython-3NN.pyc  its bytecode, compiled by the python3
+#                                                        the service runs (3NN: its version)
 #   /etc/mnedc/server.ini or client-config.ini           --config FILE; else kept if present; else
 #                                                        a minimal server.ini / the client template
 #   /var/lib/mnedc (0700)                                state: leases, generated secret
@@ -19,11 +22,29 @@
 #                                                        OpenWrt: /etc/crontabs/root
 #   /etc/mnedc/install.manifest                          what to remove again (uninstall)
 #
+# The service runs the script as a module, python3 -u -m mnedc_server (or mnedc_client), with
+# PYTHONPATH=/usr/local/sbin for that process only, so that Python loads the bytecode instead of
+# compiling the script's 2,700 lines at every start: 5 to 7 MB less peak memory (VmHWM), which
+# small boards feel. Python checks the bytecode against the script's mtime and size at each start
+# and compiles afresh (writing a new .pyc) when the script changed or python3 was upgraded.
+#
 # --root DIR installs into DIR as if it were /: every path written into the generated files points
 # inside DIR, nothing outside DIR is touched, and nothing is enabled or started (implies
 # --no-start); the installed tree runs for real (tests use it). MNEDC_TUN_DEV overrides the TUN
 # device checked for a client (default /dev/net/tun). Re-running is safe; uninstall keeps the
 # state directory unless --purge.
+#
+# certs makes the certificates for TLS with the openssl command (Debian: openssl; OpenWrt:
+# openssl-util), needs no root and writes only in DIR (created 0700):
+#   ca.pem, ca.key                  the CA (EC P-256, self-signed), made unless it is there
+#   server.pem, server.key          the server's, for every --server-name: IP addresses and DNS
+#                                   names in subjectAltName, CN the first (default: this host's
+#                                   name); extendedKeyUsage serverAuth
+#   client-DEVICE_ID.pem, .key      one per --client, CN = DEVICE_ID (the server checks it against
+#                                   the device_id the client presents); extendedKeyUsage clientAuth
+# Keys are 0600, certificates 0644 and valid for --days (3650). An existing file is never
+# replaced: running it again only adds what is missing. It ends with the lines for the configs:
+# [server] tls, tls_cert, tls_key, tls_client_ca; [client] tls, tls_ca, tls_cert, tls_key.
 set -u
 umask 022
 
@@ -31,8 +52,10 @@ SRC_DIR=$(cd "$(dirname "$0")" && pwd) || exit 1
 PYTHON_MIN_MAJOR=3
 PYTHON_MIN_MINOR=7
 TUN_DEV=${MNEDC_TUN_DEV:-/dev/net/tun}
+CERTS_USAGE="install.sh certs --dir DIR [--server-name NAME]... [--client DEVICE_ID]... [--days N]"
 USAGE="usage: install.sh server|client [--config FILE] [--prefix DIR] [--root DIR] [--init procd|sysv|systemd] [--no-start]
-       install.sh uninstall [--root DIR] [--purge]"
+       install.sh uninstall [--root DIR] [--purge]
+       $CERTS_USAGE"
 
 ROOT=''             # '' is the real /
 PREFIX=/usr/local
@@ -43,6 +66,10 @@ PURGE=no
 CHANGED=no          # did this run change an installed file? then a running service restarts
 NEW_MANIFEST=''     # manifest lines this run adds, one per line
 TEMP_FILES=''
+CERT_DIR=''         # certs --dir
+CERT_DAYS=3650
+SERVER_NAMES=''     # certs --server-name, blank-separated (each checked: no blanks, no globs)
+CLIENT_IDS=''       # certs --client, likewise
 
 die() {
 	echo "install.sh: $*" >&2
@@ -95,7 +122,7 @@ check_python() {
 # needs, e.g. Debian's python3-minimal has no hmac.
 check_modules() {
 	output=$("$PYTHON" -B -c 'import sys; sys.path.insert(0, sys.argv[1]); __import__(sys.argv[2])' \
-		"$SRC_DIR" "${SCRIPT%.py}" 2>&1) ||
+		"$SRC_DIR" "$MODULE" 2>&1) ||
 		die "$PYTHON cannot load $SCRIPT ($(printf '%s\n' "$output" | tail -n 1)): install the full python3 (Debian: apt-get install python3; OpenWrt: opkg install python3-light)"
 }
 
@@ -142,11 +169,11 @@ set_paths() {
 set_service() {
 	case $1 in
 	server)
-		NAME=mnedc-server SCRIPT=mnedc_server.py CONFIG_NAME=server.ini
+		NAME=mnedc-server SCRIPT=mnedc_server.py MODULE=mnedc_server CONFIG_NAME=server.ini
 		TITLE="MNEDC relay server"
 		;;
 	client)
-		NAME=mnedc-client SCRIPT=mnedc_client.py CONFIG_NAME=client-config.ini
+		NAME=mnedc-client SCRIPT=mnedc_client.py MODULE=mnedc_client CONFIG_NAME=client-config.ini
 		TITLE="MNEDC client (TUN)"
 		;;
 	esac
@@ -154,7 +181,8 @@ set_service() {
 
 # ---- the manifest: what install added, so that uninstall removes exactly that ----------------
 # Lines: "service NAME INIT PREFIX", "file PATH", "dir PATH" (created by install, removed when
-# empty), "state PATH", "cron PATH", "sysupgrade PATH". PATH is relative to --root.
+# empty), "bytecode PATH" (the script's __pycache__/NAME.*.pyc, of any Python version), "state
+# PATH", "cron PATH", "sysupgrade PATH". PATH is relative to --root.
 
 remember() {
 	NEW_MANIFEST="$NEW_MANIFEST$1
@@ -242,11 +270,32 @@ fill_control() {
 	fi
 }
 
-# The variables every generated script starts with.
+# The pid check of the generated scripts (install.sh has its own, pid_runs). The daemon's
+# /proc/PID/cmdline, one argument a line, must run "-m MODULE" (or SBIN_DIR/MODULE.py: that is how
+# install.sh started it before it ran modules, so a daemon from then is stopped on an upgrade) with
+# our pidfile, which tells this installation's daemon from another one (--root) and from whatever
+# process got the pid of a dead daemon.
+runs_daemon_function() {
+	cat <<'EOF'
+# True if process $1 is this daemon: /proc says so, not just kill -0 (pids get reused).
+runs_daemon() {
+	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null |
+		awk -v module="$MODULE" -v script="$SBIN_DIR/$MODULE.py" -v pidfile="$PIDFILE" '
+			(previous == "-m" && $0 == module) || $0 == script { runs = 1 }
+			previous == "--pidfile" && $0 == pidfile { ours = 1 }
+			{ previous = $0 }
+			END { exit !(runs && ours) }'
+}
+EOF
+}
+
+# The variables every generated script starts with. The daemon runs as "$PYTHON -u -m $MODULE"
+# with PYTHONPATH=$SBIN_DIR (see the top of this file).
 script_settings() {
 	echo "NAME=$NAME"
 	echo "PYTHON=$(shquote "$PYTHON")"
-	echo "SCRIPT=$(shquote "$SBIN_DIR/$SCRIPT")"
+	echo "SBIN_DIR=$(shquote "$SBIN_DIR")"
+	echo "MODULE=$MODULE"
 	echo "CONFIG=$(shquote "$CONFIG")"
 	echo "RUN_DIR=$(shquote "$RUN_DIR")"
 	echo "CONTROL=$(shquote "$CONTROL")"
@@ -270,9 +319,12 @@ sysv_script() {
 ### END INIT INFO
 EOF
 		cat <<'EOF'
-# Written by install.sh. The daemon writes its own pidfile and touches its heartbeat file every
-# 5 s; the cron watchdog (mnedc-watchdog) reads both. stop leaves the marker NAME.stopped so
-# that the watchdog does not undo it; start removes it. Logs: syslog, ident mnedc-server/-client.
+# Written by install.sh. The daemon runs as the module MODULE with PYTHONPATH=SBIN_DIR, so that
+# Python loads the bytecode install.sh compiled into SBIN_DIR/__pycache__ (and refreshes it if the
+# script or python3 changed) instead of compiling the script at every start, which costs memory.
+# It writes its own pidfile and touches its heartbeat file every 5 s; the cron watchdog
+# (mnedc-watchdog) reads both. stop leaves the marker NAME.stopped so that the watchdog does not
+# undo it; start removes it. Logs: syslog, ident mnedc-server/-client.
 set -u
 EOF
 		script_settings
@@ -281,16 +333,15 @@ STOPPED=$RUN_DIR/$NAME.stopped
 START_WAIT_S=30
 STOP_WAIT_S=10
 
-# True if process $1 runs SCRIPT: /proc says so, not just kill -0 (pids get reused).
-runs_script() {
-	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qxF "$SCRIPT"
-}
+EOF
+		runs_daemon_function
+		cat <<'EOF'
 
 # Print the daemon's pid, if the pidfile names a live daemon.
 running_pid() {
 	pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
 	case $pid in '' | *[!0-9]*) return 1 ;; esac
-	runs_script "$pid" && echo "$pid"
+	runs_daemon "$pid" && echo "$pid"
 }
 
 nap() {
@@ -303,14 +354,19 @@ do_start() {
 		return 0
 	fi
 	mkdir -p "$RUN_DIR" && rm -f "$PIDFILE" "$STOPPED" || return 1
-	set -- -u "$SCRIPT" -c "$CONFIG" --syslog --pidfile "$PIDFILE" --heartbeat "$HEARTBEAT"@CONTROL@
+	# From /: python3 -m puts the current directory first on sys.path, and nothing there may
+	# stand in for the module or the standard library. start-stop-daemon passes PYTHONPATH on.
+	cd / || return 1
+	PYTHONPATH=$SBIN_DIR
+	export PYTHONPATH
+	set -- -u -m "$MODULE" -c "$CONFIG" --syslog --pidfile "$PIDFILE" --heartbeat "$HEARTBEAT"@CONTROL@
 	if command -v start-stop-daemon >/dev/null 2>&1; then
 		# No -m: the daemon writes the pidfile itself. -x names the interpreter, never the script.
 		start-stop-daemon -S -b -p "$PIDFILE" -x "$PYTHON" -- "$@" </dev/null || return 1
 	else
 		(
 			trap '' HUP
-			cd / && exec "$PYTHON" "$@" </dev/null >/dev/null 2>&1
+			exec "$PYTHON" "$@" </dev/null >/dev/null 2>&1
 		) &
 	fi
 	waited=0
@@ -326,10 +382,10 @@ do_start() {
 	return 1
 }
 
-# Wait until process $1 no longer runs SCRIPT; false if it still does after $2 s.
+# Wait until process $1 is no longer the daemon; false if it still is after $2 s.
 wait_gone() {
 	waited=0
-	while runs_script "$1"; do
+	while runs_daemon "$1"; do
 		[ "$waited" -lt $(($2 * 5)) ] || return 1
 		nap
 		waited=$((waited + 1))
@@ -389,7 +445,9 @@ procd_script() {
 # $TITLE under procd, written by install.sh. procd restarts the daemon whenever it exits
 # (respawn, never giving up) and logs its output (logread -e $NAME); the cron watchdog
 # (mnedc-watchdog) restarts it when it hangs. stop leaves the marker NAME.stopped so that the
-# watchdog does not undo it; start removes it.
+# watchdog does not undo it; start removes it. It runs as the module MODULE with
+# PYTHONPATH=SBIN_DIR, from the bytecode install.sh compiled into SBIN_DIR/__pycache__, which
+# Python refreshes when the script or python3 changed (after a sysupgrade, at the first start).
 USE_PROCD=1
 START=90
 STOP=10
@@ -401,7 +459,8 @@ start_service() {
 	mkdir -p "$RUN_DIR"
 	rm -f "$RUN_DIR/$NAME.stopped"
 	procd_open_instance
-	procd_set_param command "$PYTHON" -u "$SCRIPT" -c "$CONFIG" --pidfile "$PIDFILE" --heartbeat "$HEARTBEAT"@CONTROL@
+	procd_set_param command "$PYTHON" -u -m "$MODULE" -c "$CONFIG" --pidfile "$PIDFILE" --heartbeat "$HEARTBEAT"@CONTROL@
+	procd_set_param env PYTHONPATH="$SBIN_DIR"
 	procd_set_param respawn 3600 5 0
 	procd_set_param stdout 1
 	procd_set_param stderr 1
@@ -430,7 +489,10 @@ StartLimitIntervalSec=0
 [Service]
 Type=simple
 ExecStartPre=/bin/mkdir -p $RUN_DIR
-ExecStart=$PYTHON -u $SBIN_DIR/$SCRIPT -c $CONFIG --syslog --pidfile $PIDFILE --heartbeat $HEARTBEAT@CONTROL@
+# The script runs as a module, from the bytecode install.sh compiled into $SBIN_DIR/__pycache__
+# (Python refreshes it when the script or python3 changed): less memory than compiling it.
+Environment=PYTHONPATH=$SBIN_DIR
+ExecStart=$PYTHON -u -m $MODULE -c $CONFIG --syslog --pidfile $PIDFILE --heartbeat $HEARTBEAT@CONTROL@
 Restart=always
 RestartSec=5
 
@@ -446,7 +508,8 @@ watchdog_script() {
 # mnedc-watchdog NAME (mnedc-server or mnedc-client), written by install.sh and run every minute
 # by cron. It restarts the service NAME through its init script (or systemctl) when
 #   - its process is gone (no pidfile, or the pid in it is dead),
-#   - its pidfile is stale: the pid now belongs to another program (/proc/PID/cmdline),
+#   - its pidfile is stale: the pid now belongs to another program (/proc/PID/cmdline shows
+#     no "-m mnedc_server" or "-m mnedc_client" with this pidfile),
 #   - it hangs: the heartbeat file its event loop touches every 5 s is older than
 #     MNEDC_HEARTBEAT_MAX_S seconds (default 60); the hung (maybe SIGSTOPped) process is
 #     killed with SIGKILL first.
@@ -464,8 +527,8 @@ HEARTBEAT_MAX_S=${MNEDC_HEARTBEAT_MAX_S:-60}
 PATH=${PATH:+$PATH:}/usr/sbin:/usr/bin:/sbin:/bin
 
 case ${1:-} in
-mnedc-server) SCRIPT=$SBIN_DIR/mnedc_server.py ;;
-mnedc-client) SCRIPT=$SBIN_DIR/mnedc_client.py ;;
+mnedc-server) MODULE=mnedc_server ;;
+mnedc-client) MODULE=mnedc_client ;;
 *)
 	echo "usage: $0 mnedc-server|mnedc-client" >&2
 	exit 2
@@ -481,9 +544,9 @@ say() {
 	logger -t mnedc-watchdog -p daemon.warning "$*" 2>/dev/null
 }
 
-runs_script() {
-	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qxF "$SCRIPT"
-}
+EOF
+	runs_daemon_function
+	cat <<'EOF'
 
 nap() {
 	sleep 0.2 2>/dev/null || sleep 1
@@ -522,7 +585,7 @@ case $pid in
 '') restart "is not running (no pidfile)" ;;
 *[!0-9]*) restart "has a bad pidfile $PIDFILE" ;;
 esac
-if ! runs_script "$pid"; then
+if ! runs_daemon "$pid"; then
 	other=$(tr '\000' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c 1-60 | sed 's/ *$//')
 	[ -z "$other" ] || restart "is not running: its stale pidfile names pid $pid, which is another program ($other)"
 	restart "is not running: process $pid is gone"
@@ -532,7 +595,7 @@ age=$(($(date +%s) - beat))
 if [ "$age" -gt "$HEARTBEAT_MAX_S" ]; then
 	kill -KILL "$pid" 2>/dev/null
 	waited=0
-	while runs_script "$pid" && [ "$waited" -lt 50 ]; do
+	while runs_daemon "$pid" && [ "$waited" -lt 50 ]; do
 		nap
 		waited=$((waited + 1))
 	done
@@ -651,6 +714,48 @@ remove_cron_line() {
 	rm -f "$temp"
 }
 
+# Print the bytecode file of the script $1 (__pycache__/NAME.cpython-3NN.pyc beside it), compiled
+# by PYTHON if $2 is yes (the script was just written) or the bytecode is not intact and up to
+# date: a re-install that changes nothing rewrites nothing. "Up to date" is what the import system
+# checks at the daemon's every start: the header holds the magic number of this Python version and
+# the script's mtime (in whole seconds) and size. -E: no PYTHON* variable (PYTHONPYCACHEPREFIX,
+# PYTHONOPTIMIZE) may put the bytecode where the daemon does not look, and SOURCE_DATE_EPOCH must
+# not make it a hash-checked one, hence the explicit TIMESTAMP.
+compiled_bytecode() {
+	"$PYTHON" -E - "$1" "$2" <<'EOF'
+import importlib.util, marshal, os, py_compile, sys
+source, force = sys.argv[1], sys.argv[2] == "yes"
+cache = importlib.util.cache_from_source(source)
+info = os.stat(source)
+header = importlib.util.MAGIC_NUMBER + bytes(4) + b"".join(
+    (int(number) & 0xFFFFFFFF).to_bytes(4, "little") for number in (info.st_mtime, info.st_size))
+try:
+    with open(cache, "rb") as pyc:
+        intact = pyc.read(16) == header and marshal.loads(pyc.read()) is not None
+except (OSError, EOFError, ValueError, TypeError):
+    intact = False
+if force or not intact:
+    py_compile.compile(source, cache, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+print(cache)
+EOF
+}
+
+# Install the script and byte-compile it, so that the service (python3 -m) loads the bytecode
+# instead of compiling the script at every start; a new script is always compiled anew. uninstall
+# removes every .pyc of it, also one that a newer python3 wrote at a start, and __pycache__ if that
+# leaves it empty.
+install_script() {
+	new_script=yes
+	cmp -s "$SRC_DIR/$SCRIPT" "$SBIN_DIR/$SCRIPT" 2>/dev/null && new_script=no
+	put_file "$SRC_DIR/$SCRIPT" "$SBIN_DIR/$SCRIPT" 755
+	make_dir "$SBIN_DIR/__pycache__"
+	output=$(compiled_bytecode "$SBIN_DIR/$SCRIPT" "$new_script" 2>&1) ||
+		die "$PYTHON cannot byte-compile $SBIN_DIR/$SCRIPT ($(printf '%s\n' "$output" | tail -n 1)): is $SBIN_DIR writable, and is $SCRIPT intact?"
+	BYTECODE=$output
+	remember "bytecode $(rel "$SBIN_DIR/$SCRIPT")"
+}
+
 # OpenWrt's sysupgrade keeps only the files listed in /etc/sysupgrade.conf (and package files).
 install_sysupgrade() {
 	for keep in "$ETC_DIR/" "$SBIN_DIR/$SCRIPT" "$WATCHDOG" "$INIT_DIR/$NAME"; do
@@ -664,7 +769,7 @@ install_sysupgrade() {
 
 # Tell the watchdog to leave the service alone (until it is started), unless it runs already.
 mark_stopped() {
-	daemon_pid "$PIDFILE" "$SBIN_DIR/$SCRIPT" >/dev/null || : >"$RUN_DIR/$NAME.stopped"
+	daemon_pid "$PIDFILE" "$MODULE" "$SBIN_DIR" >/dev/null || : >"$RUN_DIR/$NAME.stopped"
 }
 
 control_hint() {
@@ -739,7 +844,7 @@ cmd_install() {
 	chmod 700 "$STATE_DIR" || die "cannot chmod $STATE_DIR"
 	remember "state $(rel "$STATE_DIR")"
 	make_dir "$RUN_DIR"
-	put_file "$SRC_DIR/$SCRIPT" "$SBIN_DIR/$SCRIPT" 755
+	install_script
 	put_generated watchdog_script "$WATCHDOG" 755
 	install_config
 	install_service
@@ -758,6 +863,7 @@ cmd_install() {
 	rm -f "$STATE_DIR/install.manifest"
 
 	note "installed $NAME ($INIT): $SBIN_DIR/$SCRIPT, config $CONFIG, state $STATE_DIR"
+	note "bytecode: $BYTECODE (the service runs python3 -u -m $MODULE, which loads it instead of compiling the script: 5 to 7 MB less memory)"
 	if [ -n "$missing" ]; then
 		note "$NAME is not enabled: set $missing in $CONFIG (the server logs both at its first start), then run install.sh client again"
 		return 0
@@ -771,39 +877,46 @@ cmd_install() {
 
 # ---- uninstall ---------------------------------------------------------------------------------
 
-# True if process $1 runs the script $2 (/proc/PID/cmdline: pids get reused).
+# True if process $1 is the daemon of module $2 installed in $3 with pidfile $4: its
+# /proc/PID/cmdline (pids get reused) as runs_daemon in the generated scripts checks it.
 pid_runs() {
-	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qxF "$2"
+	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null |
+		awk -v module="$2" -v script="$3/$2.py" -v pidfile="$4" '
+			(previous == "-m" && $0 == module) || $0 == script { runs = 1 }
+			previous == "--pidfile" && $0 == pidfile { ours = 1 }
+			{ previous = $0 }
+			END { exit !(runs && ours) }'
 }
 
-# Print the pid in pidfile $1 if that process runs the script $2.
+# Print the pid in pidfile $1 if that process is the daemon of module $2 installed in $3.
 daemon_pid() {
 	pid=$(cat "$1" 2>/dev/null) || return 1
 	case $pid in '' | *[!0-9]*) return 1 ;; esac
-	pid_runs "$pid" "$2" && echo "$pid"
+	pid_runs "$pid" "$2" "$3" "$1" && echo "$pid"
 }
 
-# Stop the daemon named in pidfile $1 if it runs script $2 (covers --root, where no init runs).
+# Stop the daemon named in pidfile $1 if it is that of module $2 installed in $3 (covers --root,
+# where no init runs).
 kill_by_pidfile() {
-	pid=$(daemon_pid "$1" "$2") || return 0
+	pid=$(daemon_pid "$1" "$2" "$3") || return 0
 	for signal in TERM KILL; do
 		kill -"$signal" "$pid" 2>/dev/null
 		kill -CONT "$pid" 2>/dev/null
 		waited=0
-		while pid_runs "$pid" "$2"; do
+		while pid_runs "$pid" "$2" "$3" "$1"; do
 			[ "$waited" -lt 50 ] || break
 			sleep 0.2 2>/dev/null || sleep 1
 			waited=$((waited + 1))
 		done
-		pid_runs "$pid" "$2" || return 0
+		pid_runs "$pid" "$2" "$3" "$1" || return 0
 	done
 }
 
 # Stop and disable service $1 (init $2, prefix $3).
 remove_service() {
 	case $1 in
-	mnedc-server) script=mnedc_server.py ;;
-	mnedc-client) script=mnedc_client.py ;;
+	mnedc-server) module=mnedc_server ;;
+	mnedc-client) module=mnedc_client ;;
 	*) return 0 ;;
 	esac
 	if [ -z "$ROOT" ]; then
@@ -818,7 +931,7 @@ remove_service() {
 			;;
 		esac
 	fi
-	kill_by_pidfile "$RUN_DIR/$1.pid" "$ROOT$3/sbin/$script"
+	kill_by_pidfile "$RUN_DIR/$1.pid" "$module" "$ROOT$3/sbin"
 	for suffix in pid heartbeat lock stopped; do
 		rm -f "$RUN_DIR/$1.$suffix"
 	done
@@ -837,6 +950,13 @@ remove_sysupgrade_line() {
 		rm -f "$SYSUPGRADE"
 	fi
 	rm -f "$temp"
+}
+
+# Remove the bytecode of the script $1: __pycache__/NAME.*.pyc beside it, of every Python version
+# and optimization level. Other files in __pycache__ stay, and so does the directory then.
+remove_bytecode() {
+	module=${1##*/}
+	rm -f "${1%/*}/__pycache__/${module%.py}".*.pyc
 }
 
 # The manifest, and what a plain uninstall left in a state directory (its "state" and "dir" lines).
@@ -871,6 +991,7 @@ EOF
 			;;
 		sysupgrade) remove_sysupgrade_line "$ROOT$path" ;;
 		file) rm -f "$ROOT$path" ;;
+		bytecode) remove_bytecode "$ROOT$path" ;;
 		state)
 			rm -f "$ROOT$path/install.manifest"
 			if [ "$PURGE" = yes ]; then
@@ -908,7 +1029,299 @@ EOF
 	note "uninstalled MNEDC; kept the state (secret, leases) in $ROOT$kept: install.sh uninstall --purge removes it"
 }
 
+# ---- certs: a CA, a server and client certificates for TLS, with the openssl command ----------
+# Works with OpenSSL 1.1.1 (Debian Buster) to 3.x: every extension comes from a config file
+# written here (nothing 3.x-only such as -copy_extensions), keys are EC P-256, serials random.
+# The extensions pass OpenSSL's X509_STRICT checks (which Python 3.13 turns on by default): the
+# CA has a critical basicConstraints, a keyUsage and a subjectKeyIdentifier, and every
+# certificate it signs an authorityKeyIdentifier.
+
+check_openssl() {
+	command -v openssl >/dev/null 2>&1 ||
+		die "openssl is missing, and certs needs it: install it (Debian: apt-get install openssl; OpenWrt: opkg update && opkg install openssl-util)"
+}
+
+# Run openssl with the arguments after $1; if it fails, die saying it could not $1, with the
+# last line it printed.
+run_openssl() {
+	doing=$1
+	shift
+	output=$(openssl "$@" </dev/null 2>&1) ||
+		die "openssl could not $doing: $(printf '%s\n' "$output" | tail -n 1)"
+}
+
+# True if $1 is a dotted-quad IPv4 address.
+is_ipv4() {
+	rest=$1.
+	octets=0
+	while [ -n "$rest" ]; do
+		octet=${rest%%.*}
+		rest=${rest#*.}
+		case $octet in '' | *[!0-9]* | ????*) return 1 ;; esac
+		[ "$octet" -le 255 ] || return 1
+		octets=$((octets + 1))
+	done
+	[ "$octets" -eq 4 ]
+}
+
+# True if $1 is an IPv4 or IPv6 address or a DNS name (no wildcards). These characters are all a
+# name may hold, so that lists of names split on blanks and the openssl config takes them as-is.
+is_server_name() {
+	case $1 in
+	*:*) case $1 in *[!0-9A-Fa-f:.]*) return 1 ;; esac ;;
+	*[!0-9.]*)
+		case $1 in -* | .* | *. | *..* | *[!A-Za-z0-9._-]*) return 1 ;; esac
+		[ ${#1} -le 253 ]
+		;;
+	*) is_ipv4 "$1" ;;
+	esac
+}
+
+# True if $1 can be a client certificate's CN, which the server checks against the device_id
+# the client presents (and a file name: client-ID.pem).
+is_cert_device_id() {
+	case $1 in '' | *[!A-Za-z0-9._-]*) return 1 ;; esac
+	[ ${#1} -le 64 ]
+}
+
+# The subjectAltName value for the names in SERVER_NAMES: IP:... for addresses, DNS:... else.
+subject_alt_names() {
+	separator=''
+	for name in $SERVER_NAMES; do
+		case $name in
+		*:*) kind=IP ;;
+		*[!0-9.]*) kind=DNS ;;
+		*) kind=IP ;;
+		esac
+		printf '%s%s:%s' "$separator" "$kind" "$name"
+		separator=', '
+	done
+}
+
+# The openssl config for a certificate of KIND (ca, server, client) whose CN is $2: req reads
+# [req] and [dn], and the extensions come from [ext] (req -x509 for the CA, x509 -req else).
+cert_config() {
+	cat <<CONF
+# written by install.sh certs; read by openssl req and openssl x509 (OpenSSL 1.1.1 and 3.x)
+[req]
+prompt = no
+distinguished_name = dn
+[dn]
+CN = $2
+[ext]
+CONF
+	case $1 in
+	ca)
+		echo "basicConstraints = critical, CA:TRUE, pathlen:0"
+		echo "keyUsage = critical, keyCertSign, cRLSign"
+		echo "subjectKeyIdentifier = hash"
+		;;
+	server | client)
+		echo "basicConstraints = critical, CA:FALSE"
+		echo "keyUsage = critical, digitalSignature"
+		echo "subjectKeyIdentifier = hash"
+		echo "authorityKeyIdentifier = keyid, issuer"
+		;;
+	esac
+	case $1 in
+	server)
+		echo "extendedKeyUsage = serverAuth"
+		echo "subjectAltName = $(subject_alt_names)"
+		;;
+	client) echo "extendedKeyUsage = clientAuth" ;;
+	esac
+}
+
+# True if the pair BASE.pem + BASE.key (in CERT_DIR) is missing and is to be made; false if it
+# is there. Half a pair is left alone: certs never replaces a file.
+pair_missing() {
+	if [ -e "$CERT_DIR/$1.pem" ] && [ -e "$CERT_DIR/$1.key" ]; then
+		return 1
+	elif [ -e "$CERT_DIR/$1.pem" ] || [ -e "$CERT_DIR/$1.key" ]; then
+		die "$CERT_DIR has only one of $1.pem and $1.key: restore the other, or remove it to make a new pair"
+	fi
+}
+
+# Make the CA (ca.key, ca.pem) unless it is there. A ca.pem without its ca.key is kept (the key
+# may live elsewhere) as long as nothing is to be signed; cmd_certs checks that.
+ensure_ca() {
+	if [ -e "$CERT_DIR/ca.pem" ] && [ ! -e "$CERT_DIR/ca.key" ]; then
+		note "keeping the CA $CERT_DIR/ca.pem (its ca.key is not here)"
+	elif pair_missing ca; then
+		ca_name="MNEDC CA $(uname -n | tr -cd 'A-Za-z0-9.-' | cut -c 1-24) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+		make_pair ca ca "$ca_name"
+		note "made the CA $CERT_DIR/ca.pem ($ca_name); ca.key signs every certificate: keep it secret"
+	else
+		note "keeping the CA $CERT_DIR/ca.pem and ca.key"
+	fi
+}
+
+# Make the key BASE.key (0600) and the certificate BASE.pem (0644) of KIND with CN $3, signed by
+# the CA (the CA itself: self-signed). Both are written to temporary files, then moved in place.
+make_pair() {
+	new_temp "$CERT_DIR/$1"
+	config=$TEMP
+	cert_config "$2" "$3" >"$config" || die "cannot write $config"
+	new_temp "$CERT_DIR/$1"
+	key=$TEMP
+	new_temp "$CERT_DIR/$1"
+	cert=$TEMP
+	run_openssl "make the key $1.key" genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$key"
+	if [ "$2" = ca ]; then
+		run_openssl "make the CA certificate" req -new -x509 -config "$config" -extensions ext \
+			-key "$key" -sha256 -days "$CERT_DAYS" -out "$cert"
+	else
+		new_temp "$CERT_DIR/$1"
+		request=$TEMP
+		run_openssl "make the request for $1.pem" req -new -config "$config" -key "$key" -out "$request"
+		serial=$(openssl rand -hex 16) || die "openssl could not make a serial number"
+		run_openssl "sign $1.pem with the CA" x509 -req -in "$request" -CA "$CERT_DIR/ca.pem" \
+			-CAkey "$CERT_DIR/ca.key" -set_serial "0x$serial" -sha256 -days "$CERT_DAYS" \
+			-extfile "$config" -extensions ext -out "$cert"
+	fi
+	{ chmod 600 "$key" && chmod 644 "$cert" && mv "$key" "$CERT_DIR/$1.key" && mv "$cert" "$CERT_DIR/$1.pem"; } ||
+		die "cannot write $CERT_DIR/$1.pem and $1.key"
+}
+
+# The names in the server certificate $1: "127.0.0.1, localhost".
+cert_names() {
+	openssl x509 -in "$1" -noout -text 2>/dev/null |
+		sed -n '/X509v3 Subject Alternative Name/{n;s/^ *//;s/IP Address://g;s/DNS://g;p;}'
+}
+
+# The device_ids to show client settings for: those of this run, else every client-ID.pem here.
+client_ids() {
+	if [ -n "$CLIENT_IDS" ]; then
+		echo "$CLIENT_IDS"
+		return 0
+	fi
+	for pem in "$CERT_DIR"/client-*.pem; do
+		[ -f "$pem" ] || continue
+		pem=${pem##*/client-}
+		printf '%s ' "${pem%.pem}"
+	done
+}
+
+# What to put in the configs, ready to paste.
+print_cert_settings() {
+	cat <<TEXT
+
+Server: in [server] of its config (/etc/mnedc/server.ini). With tls_client_ca (mutual TLS) it
+admits only clients with a certificate from this CA whose CN is their device_id; leave that line
+out for TLS without client certificates.
+  [server]
+  tls = yes
+  tls_cert = $CERT_DIR/server.pem
+  tls_key = $CERT_DIR/server.key
+  tls_client_ca = $CERT_DIR/ca.pem
+TEXT
+	ids=$(client_ids)
+	names=$(cert_names "$CERT_DIR/server.pem")
+	for id in ${ids:-DEVICE_ID}; do
+		cat <<TEXT
+
+Client $id: copy ca.pem, client-$id.pem and client-$id.key to it, then in [client] of its
+config (/etc/mnedc/client-config.ini), with the paths they have there; its server must be one
+of the names in the server certificate: $names.
+  [client]
+  device_id = $id
+  tls = yes
+  tls_ca = $CERT_DIR/ca.pem
+  tls_cert = $CERT_DIR/client-$id.pem
+  tls_key = $CERT_DIR/client-$id.key
+TEXT
+	done
+	[ -n "$ids" ] || echo "(make a certificate for each client: install.sh certs --dir $CERT_DIR --client DEVICE_ID)"
+}
+
+# The blank-separated list $1 with the word $2 added, unless it holds it already.
+with_word() {
+	case " $1 " in
+	*" $2 "*) printf '%s' "$1" ;;
+	*) printf '%s' "${1:+$1 }$2" ;;
+	esac
+}
+
+# Options of certs, all checked before anything is written. It needs no root: it writes only
+# in --dir.
+parse_certs_options() {
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--dir) CERT_DIR=$(need_value "$@") || exit 1; shift ;;
+		--server-name)
+			value=$(need_value "$@") || exit 1
+			shift
+			is_server_name "$value" ||
+				die "--server-name '$value': give an IPv4 or IPv6 address or a DNS name (letters, digits, . - _)"
+			SERVER_NAMES=$(with_word "$SERVER_NAMES" "$value")
+			;;
+		--client)
+			value=$(need_value "$@") || exit 1
+			shift
+			is_cert_device_id "$value" ||
+				die "--client '$value': a device_id for a certificate is 1 to 64 of the characters A-Z a-z 0-9 . _ -"
+			CLIENT_IDS=$(with_word "$CLIENT_IDS" "$value")
+			;;
+		--days) CERT_DAYS=$(need_value "$@") || exit 1; shift ;;
+		*) die "unknown option $1 for certs; usage: $CERTS_USAGE" ;;
+		esac
+		shift
+	done
+	[ -n "$CERT_DIR" ] || die "certs needs --dir DIR, the directory for the CA and the certificates; usage: $CERTS_USAGE"
+	case $CERT_DIR in /*) ;; *) CERT_DIR=$(pwd)/$CERT_DIR ;; esac
+	case $CERT_DAYS in
+	0* | *[!0-9]* | ??????*) die "--days $CERT_DAYS: give a number of days, 1 to 99999" ;;
+	esac
+	if [ -z "$SERVER_NAMES" ] && [ ! -e "$CERT_DIR/server.pem" ]; then
+		SERVER_NAMES=$(uname -n)
+		is_server_name "$SERVER_NAMES" ||
+			die "this host's name '$SERVER_NAMES' cannot name the server certificate: give --server-name ADDRESS-OR-NAME"
+	fi
+	first_name=${SERVER_NAMES%% *}
+	[ ${#first_name} -le 64 ] ||
+		die "--server-name $first_name: the first name is the certificate's CN, at most 64 characters: give a shorter one first"
+}
+
+cmd_certs() {
+	check_openssl
+	if [ ! -d "$CERT_DIR" ]; then
+		{ mkdir -p "$(dirname "$CERT_DIR")" && mkdir -m 700 "$CERT_DIR"; } || die "cannot create $CERT_DIR"
+	fi
+	CERT_DIR=$(cd "$CERT_DIR" && pwd) || die "cannot enter $CERT_DIR"
+	to_sign=''
+	pair_missing server && to_sign=' server.pem'
+	for id in $CLIENT_IDS; do
+		pair_missing "client-$id" && to_sign="$to_sign client-$id.pem"
+	done
+	if [ -n "$to_sign" ] && [ -e "$CERT_DIR/ca.pem" ] && [ ! -e "$CERT_DIR/ca.key" ]; then
+		die "$CERT_DIR/ca.key is missing, so$to_sign cannot be signed: put ca.key back, or make a new CA in another --dir"
+	fi
+	ensure_ca
+	if pair_missing server; then
+		make_pair server server "${SERVER_NAMES%% *}"
+		note "made $CERT_DIR/server.pem and server.key for $(subject_alt_names)"
+	else
+		note "keeping $CERT_DIR/server.pem and server.key, for $(cert_names "$CERT_DIR/server.pem")${SERVER_NAMES:+ (remove both to make one for $SERVER_NAMES)}"
+	fi
+	for id in $CLIENT_IDS; do
+		if pair_missing "client-$id"; then
+			make_pair "client-$id" client "$id"
+			note "made $CERT_DIR/client-$id.pem and client-$id.key for device_id $id"
+		else
+			note "keeping $CERT_DIR/client-$id.pem and client-$id.key"
+		fi
+	done
+	print_cert_settings
+}
+
 # ---- command line ------------------------------------------------------------------------------
+
+# The header comment of this file, then the usage.
+help_text() {
+	sed -n '/^set -u$/q; 2,$s/^# \{0,1\}//p' "$0" 2>/dev/null
+	echo
+	echo "$USAGE"
+}
 
 # Print the value of an option ($1) taken from its next argument ($2); fail if there is none.
 need_value() {
@@ -924,8 +1337,15 @@ main() {
 	[ $# -gt 0 ] && shift
 	case $action in
 	server | client | uninstall) ;;
+	certs)
+		LC_ALL=C                 # [A-Za-z] in the checks means ASCII letters, in every shell
+		export LC_ALL
+		parse_certs_options "$@"
+		cmd_certs
+		return
+		;;
 	-h | --help)
-		echo "$USAGE"
+		help_text
 		return 0
 		;;
 	*) die "$USAGE" ;;

@@ -1,12 +1,18 @@
 """install.sh, end to end: install into a temporary root (--root), then run what it installed.
 
-The LSB init script starts, reports and stops a real server; the cron watchdog, run the way cron
-runs it, brings back a killed daemon, replaces a hung (SIGSTOPped) one, distrusts a pidfile whose
-pid now belongs to another program, and never runs twice at once. Re-installing changes nothing;
-uninstall removes everything but the state. The procd script runs under a stub rc.common, the
-systemd unit is read, the refusals are provoked without harming the machine, and shellcheck, dash
-and busybox sh check the shell. Every daemon a test starts is killed by pid at teardown, found by
-the temporary root in its command line.
+The LSB init script starts, reports and stops a real server, run as a module (python3 -m) from
+the bytecode install.sh compiled, with a lower peak RSS than the same server run as a script; the
+cron watchdog, run the way cron runs it, brings back a killed daemon, replaces a hung
+(SIGSTOPped) one, distrusts a pidfile whose pid now belongs to another program (even another
+installation's daemon), and never runs twice at once. Re-installing changes nothing; an upgrade
+recompiles; uninstall removes everything but the state. The procd script runs under a stub
+rc.common, the systemd unit is read, the refusals are provoked without harming the machine, and
+shellcheck, dash and busybox sh check the shell. Every daemon a test starts is killed by pid at
+teardown, found by the temporary root in its command line.
+
+`install.sh certs` (no root needed) is checked with openssl itself (verify, names, usages, modes)
+and by a real mutual-TLS handshake with Python's ssl module: the server learns the client's
+device_id from its certificate, and a client certificate from another CA is refused.
 """
 
 import fcntl
@@ -16,8 +22,11 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
+import ssl
 import sys
+import threading
 import time
 
 import pytest
@@ -26,10 +35,6 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL_SH = os.path.join(PROJECT, "install.sh")
 WAIT_S = 15                     # the bound of every wait for a condition
 SECRET = "install-test-secret-0123"
-
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="install.sh installs services and refuses to run without root")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -74,9 +79,45 @@ def process_state(pid):
         return source.read().rsplit(")", 1)[1].split()[0]
 
 
-def run(argv, env=None, timeout=WAIT_S * 2):
+def run(argv, env=None, timeout=WAIT_S * 2, cwd=None):
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, env=env, timeout=timeout)
+                          universal_newlines=True, env=env, timeout=timeout, cwd=cwd)
+
+
+def read_text(path):
+    try:
+        with open(path) as source:
+            return source.read()
+    except OSError:
+        return ""
+
+
+def runs_module(argv, module):
+    """True if the command line argv runs `python -m module`."""
+    return any(flag == "-m" and name == module for flag, name in zip(argv, argv[1:]))
+
+
+def environ(pid):
+    with open("/proc/%d/environ" % pid, "rb") as source:
+        return dict(entry.decode(errors="replace").split("=", 1)
+                    for entry in source.read().split(b"\0") if b"=" in entry)
+
+
+def vm_hwm_kb(pid):
+    """The peak resident set size of process pid, in kB (/proc/PID/status VmHWM)."""
+    with open("/proc/%d/status" % pid) as source:
+        for line in source:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/%d/status" % pid)
+
+
+@functools.lru_cache(maxsize=None)
+def installed_python():
+    """The interpreter install.sh picks (python3 on PATH, resolved) and its bytecode tag."""
+    output = run(["python3", "-c", "import sys; print(sys.executable); print(sys.implementation.cache_tag)"])
+    python, tag = output.stdout.split()
+    return python, tag
 
 
 def tree(root):
@@ -133,6 +174,12 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
             sink.write("[server]\nlisten = 127.0.0.1:%d\nsubnet = 198.18.0.0/24\ntun = no\nsecret = %s\nstate_dir = %s\n"
                        % (self.port, SECRET, self.path("/var/lib/mnedc")))
         self.others = []                # processes the test started itself, e.g. sleep
+        # The init script and the watchdog run from here: python3 -m puts the current directory
+        # first on sys.path, so a daemon started from here would run this decoy, and fail.
+        self.decoy = os.path.join(self.tmp, "decoy")
+        os.mkdir(self.decoy)
+        with open(os.path.join(self.decoy, "mnedc_server.py"), "w") as sink:
+            sink.write("raise SystemExit('the decoy mnedc_server.py in the current directory ran')\n")
 
     def path(self, absolute):
         return self.root + absolute
@@ -160,6 +207,10 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
     def script(self):
         return self.path("/usr/local/sbin/mnedc_server.py")
 
+    @property
+    def bytecode(self):
+        return self.path("/usr/local/sbin/__pycache__/mnedc_server.%s.pyc" % installed_python()[1])
+
     def install(self, *args, shell="/bin/sh", env=None, check=True):
         result = run([shell, INSTALL_SH] + list(args) + ["--root", self.root], env=env)
         if check:
@@ -170,7 +221,7 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
         return self.install("server", "--init", "sysv", "--config", self.config, *args, **kwargs)
 
     def init(self, action, env=None):
-        return run([self.init_script, action], env=env)
+        return run([self.init_script, action], env=env, cwd=self.decoy)
 
     def daemon_pid(self):
         """The pid in the pidfile if it names a live server, else None."""
@@ -179,7 +230,8 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
                 pid = int(source.read())
         except (OSError, ValueError):
             return None
-        return pid if alive(pid) and self.script in cmdline(pid) else None
+        argv = cmdline(pid)
+        return pid if alive(pid) and runs_module(argv, "mnedc_server") and self.pidfile in argv else None
 
     def start(self):
         result = self.init("start")
@@ -212,14 +264,10 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
         return ["/bin/sh", "-c", fields[6]]
 
     def watchdog(self, **extra):
-        return run(self.watchdog_argv(), env=self.cron_env(**extra))
+        return run(self.watchdog_argv(), env=self.cron_env(**extra), cwd=self.decoy)
 
     def logged(self):
-        try:
-            with open(self.logger_log) as source:
-                return source.read()
-        except OSError:
-            return ""
+        return read_text(self.logger_log)
 
     def stop_everything(self):
         """SIGKILL, by pid, every process whose command line names our temporary directory."""
@@ -241,6 +289,8 @@ while [ -e '%s' ] && [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
 
 @pytest.fixture
 def box(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("install.sh installs services and refuses to run without root")
     world = Box(tmp_path)
     try:
         yield world
@@ -264,6 +314,11 @@ def test_install_server_files(box):
 
     assert open(box.script, "rb").read() == open(os.path.join(PROJECT, "mnedc_server.py"), "rb").read()
     assert os.stat(box.script).st_mode & 0o777 == 0o755
+    assert_fresh_bytecode(box)
+    assert "bytecode: %s (the service runs python3 -u -m mnedc_server" % box.bytecode in result.stdout
+    manifest = open(box.path("/etc/mnedc/install.manifest")).read().splitlines()
+    assert "bytecode /usr/local/sbin/mnedc_server.py" in manifest
+    assert "dir /usr/local/sbin/__pycache__" in manifest
     config = box.path("/etc/mnedc/server.ini")
     assert open(config).read() == open(box.config).read()
     assert os.stat(config).st_mode & 0o777 == 0o600
@@ -273,6 +328,8 @@ def test_install_server_files(box):
     assert init.startswith("#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          mnedc-server\n")
     assert "# Required-Start:    $network $remote_fs $syslog" in init
     assert "-x \"$PYTHON\"" in init and "-m" not in init.split("start-stop-daemon -S")[1].split("\n")[0]
+    assert "MODULE=mnedc_server\n" in init and "SBIN_DIR='%s'\n" % box.path("/usr/local/sbin") in init
+    assert 'set -- -u -m "$MODULE" -c "$CONFIG"' in init and "\tPYTHONPATH=$SBIN_DIR\n" in init
 
     cron_file = box.path("/etc/cron.d/mnedc")
     info = os.stat(cron_file)
@@ -293,14 +350,30 @@ def test_install_server_files(box):
     assert not os.path.exists(box.pidfile)
 
 
+def assert_fresh_bytecode(box):
+    """box.bytecode is the bytecode of the installed script that the installed python3 loads:
+    its header holds that interpreter's magic number and the script's mtime and size."""
+    python, _ = installed_python()
+    magic = run([python, "-c", "import importlib.util; print(importlib.util.MAGIC_NUMBER.hex())"]).stdout.strip()
+    with open(box.bytecode, "rb") as source:
+        header = source.read(16)
+    info = os.stat(box.script)
+    assert header[:4].hex() == magic
+    assert struct.unpack("<III", header[4:]) == (0, int(info.st_mtime) & 0xFFFFFFFF, info.st_size)
+    assert os.stat(box.bytecode).st_mode & 0o777 == 0o644
+
+
 # ---- 2. the LSB init script, for real ----------------------------------------------------------
 
 def test_init_script_start_status_stop(running):
     box = running
     pid = box.daemon_pid()
     argv = cmdline(pid)
-    assert argv[1:] == ["-u", box.script, "-c", box.path("/etc/mnedc/server.ini"), "--syslog",
+    assert argv[0] == installed_python()[0]
+    assert argv[1:] == ["-u", "-m", "mnedc_server", "-c", box.path("/etc/mnedc/server.ini"), "--syslog",
                         "--pidfile", box.pidfile, "--heartbeat", box.heartbeat] + control_args(box.root)
+    assert environ(pid)["PYTHONPATH"] == box.path("/usr/local/sbin")
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"          # not the decoy's directory
     wait_for(box.accepts, "the server to accept TCP on port %d" % box.port)
 
     again = box.init("start")
@@ -325,6 +398,41 @@ def test_init_script_status_dead_with_pidfile(running):
     wait_for(lambda: not alive(pid), "the killed server to die")
     status = box.init("status")
     assert status.returncode == 1 and "pidfile" in status.stdout
+
+
+MIN_SAVING_KB = 2048            # measured: 5 to 7 MB less with python3 3.11
+
+
+def test_module_from_bytecode_peaks_lower_than_the_script(running):
+    """The daemon the init script started loads the bytecode (python3 -m) and peaks lower than the
+    same server started the way install.sh did before, as a script that Python compiles. The init
+    script also recognizes and stops such a daemon from before, so that an upgrade replaces it."""
+    box = running
+    pid = box.daemon_pid()
+    argv = cmdline(pid)
+    assert argv[1:4] == ["-u", "-m", "mnedc_server"]
+    bytecode_mtime = os.stat(box.bytecode).st_mtime_ns
+    wait_for(box.accepts, "the server to accept TCP on port %d" % box.port)
+    module_kb = vm_hwm_kb(pid)
+    assert os.stat(box.bytecode).st_mtime_ns == bytecode_mtime, "the daemon found the bytecode stale"
+    assert box.init("stop").returncode == 0
+
+    as_script = [argv[0], "-u", box.script] + argv[4:]       # same interpreter, same arguments
+    old = subprocess.Popen(as_script, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, cwd="/")
+    box.others.append(old)
+    wait_for(lambda: cmdline(old.pid) == as_script and box.accepts(), "the script server to accept TCP")
+    wait_for(lambda: read_text(box.pidfile).strip() == str(old.pid), "the script server's pidfile")
+    script_kb = vm_hwm_kb(old.pid)
+    print("\nVmHWM of the server: %d kB as python3 -m mnedc_server (bytecode), %d kB as a script, "
+          "%d kB less" % (module_kb, script_kb, script_kb - module_kb))
+    assert script_kb - module_kb >= MIN_SAVING_KB, (module_kb, script_kb)
+
+    status = box.init("status")
+    assert status.returncode == 0 and "running (pid %d)" % old.pid in status.stdout
+    stop = box.init("stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert old.wait(timeout=WAIT_S) is not None
 
 
 # ---- 3.-6. the watchdog --------------------------------------------------------------------------
@@ -400,6 +508,35 @@ def test_watchdog_distrusts_a_pidfile_naming_another_program(running):
     assert sleeper.poll() is None, "the watchdog must not touch the unrelated process"
 
 
+def test_watchdog_distrusts_a_pidfile_naming_another_installations_daemon(running):
+    """The pid now belongs to a process that runs "-m mnedc_server", but with another pidfile: not
+    ours. The watchdog starts ours; neither it, the init script nor uninstall touches that one."""
+    box = running
+    old = box.daemon_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not alive(old), "the killed server to die")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m", "mnedc_server",
+                              "--pidfile", "/elsewhere/mnedc-server.pid"])
+    box.others.append(other)
+    wait_for(lambda: runs_module(cmdline(other.pid), "mnedc_server"), "the other process to run")
+    with open(box.pidfile, "w") as sink:
+        sink.write("%d\n" % other.pid)
+    assert box.init("status").returncode == 1
+
+    result = box.watchdog()
+    assert result.returncode == 0, result.stderr
+    assert "names pid %d, which is another program" % other.pid in result.stderr
+    new = box.daemon_pid()
+    assert new and new not in (old, other.pid)
+
+    assert box.init("stop").returncode == 0 and not alive(new)
+    with open(box.pidfile, "w") as sink:
+        sink.write("%d\n" % other.pid)
+    assert "is not running" in box.init("stop").stdout
+    box.install("uninstall", "--purge")
+    assert other.poll() is None, "nothing may touch the other installation's process"
+
+
 def test_watchdog_runs_never_overlap(running):
     box = running
     old = box.daemon_pid()
@@ -442,6 +579,7 @@ def test_reinstall_changes_nothing_and_uninstall_removes_all_but_state(box):
     pid = box.start()
     result = box.install("uninstall")
     assert not alive(pid), "uninstall must stop the daemon"
+    assert not os.path.exists(os.path.dirname(box.bytecode)), "uninstall must remove the bytecode"
     left = set(tree(box.root)) - {"var", "var/lib"}
     assert all(path.startswith("var/lib/mnedc") for path in left), left
     assert "leases.json" in os.listdir(box.path("/var/lib/mnedc"))
@@ -449,6 +587,56 @@ def test_reinstall_changes_nothing_and_uninstall_removes_all_but_state(box):
 
     box.install("uninstall", "--purge")
     assert os.listdir(box.root) == []
+
+
+def test_upgrade_recompiles_the_bytecode(box):
+    """A re-install with another script compiles it again, even within the same second and at the
+    same size (the header alone would not tell): the bytecode always matches the script."""
+    source = os.path.join(box.tmp, "source")
+    os.mkdir(source)
+    for name in ("install.sh", "mnedc_server.py"):
+        shutil.copy(os.path.join(PROJECT, name), source)
+    script = os.path.join(source, "mnedc_server.py")
+    with open(script, "a") as sink:
+        sink.write("UPGRADE_MARK = 'mnedc-mark-one'\n")
+    argv = ["/bin/sh", os.path.join(source, "install.sh"), "server", "--init", "sysv", "--root", box.root]
+    assert run(argv).returncode == 0
+    assert b"mnedc-mark-one" in open(box.bytecode, "rb").read()
+    with open(script, "r+") as sink:
+        sink.seek(0, os.SEEK_END)
+        sink.seek(sink.tell() - len("one'\n"))
+        sink.write("two'\n")
+    assert run(argv).returncode == 0
+    assert open(box.script).read().endswith("UPGRADE_MARK = 'mnedc-mark-two'\n")
+    assert_fresh_bytecode(box)
+    bytecode = open(box.bytecode, "rb").read()
+    assert b"mnedc-mark-two" in bytecode and b"mnedc-mark-one" not in bytecode
+
+
+def test_uninstall_removes_the_bytecode_of_any_python_and_keeps_other_files(box):
+    box.install_server()
+    cache = os.path.dirname(box.bytecode)
+    assert os.listdir(cache) == [os.path.basename(box.bytecode)]
+    for name in ("mnedc_server.cpython-399.pyc", "mnedc_server.cpython-399.opt-1.pyc"):
+        open(os.path.join(cache, name), "wb").close()     # as a newer python3 writes at a start
+    box.install("uninstall", "--purge")
+    assert os.listdir(box.root) == []
+
+    box.install_server()
+    open(os.path.join(cache, "other_tool.cpython-311.pyc"), "wb").close()
+    box.install("uninstall", "--purge")
+    assert os.listdir(cache) == ["other_tool.cpython-311.pyc"], "a __pycache__ in use must stay"
+
+
+def test_install_dies_when_it_cannot_byte_compile(box):
+    os.makedirs(box.bytecode)                             # a directory where the .pyc goes
+    result = box.install_server(check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("install.sh: "), result.stderr
+    assert "%s cannot byte-compile %s (" % (installed_python()[0], box.script) in lines[0]
+    assert box.bytecode + " is a non-regular file" in lines[0]        # what py_compile said
+    assert not os.path.exists(box.init_script)
 
 
 def test_server_and_client_share_the_cron_file(box):
@@ -503,14 +691,15 @@ def test_procd_script(box):
     assert text.startswith("#!/bin/sh /etc/rc.common\n")
     for line in ("USE_PROCD=1", "START=90", "STOP=10"):
         assert line + "\n" in text
-    python = run(["python3", "-c", "import sys; print(sys.executable)"]).stdout.strip()  # as install.sh
+    python = installed_python()[0]
     conf = box.path("/etc/mnedc/server.ini")
     pidfile = box.path("/var/run/mnedc/mnedc-server.pid")
     expected = [
         "[open_instance]",
-        "[set_param][command][%s][-u][%s][-c][%s][--pidfile][%s][--heartbeat][%s]"
-        % (python, box.script, conf, pidfile, box.path("/var/run/mnedc/mnedc-server.heartbeat"))
+        "[set_param][command][%s][-u][-m][mnedc_server][-c][%s][--pidfile][%s][--heartbeat][%s]"
+        % (python, conf, pidfile, box.path("/var/run/mnedc/mnedc-server.heartbeat"))
         + "".join("[%s]" % arg for arg in control_args(box.root)),
+        "[set_param][env][PYTHONPATH=%s]" % box.path("/usr/local/sbin"),
         "[set_param][respawn][3600][5][0]",
         "[set_param][stdout][1]",
         "[set_param][stderr][1]",
@@ -559,8 +748,11 @@ def test_systemd_unit(box):
         assert line in lines
     assert lines.index("StartLimitIntervalSec=0") < lines.index("[Service]")   # a [Unit] key
     (exec_start,) = [line for line in lines if line.startswith("ExecStart=")]
+    assert exec_start.split()[0] == "ExecStart=" + installed_python()[0]
+    assert "Environment=PYTHONPATH=%s" % box.path("/opt/mnedc/sbin") in lines
+    assert os.path.exists(box.path("/opt/mnedc/sbin/__pycache__/mnedc_server.%s.pyc" % installed_python()[1]))
     assert exec_start.split()[1:] == [
-        "-u", box.path("/opt/mnedc/sbin/mnedc_server.py"), "-c", box.path("/etc/mnedc/server.ini"),
+        "-u", "-m", "mnedc_server", "-c", box.path("/etc/mnedc/server.ini"),
         "--syslog", "--pidfile", box.path("/var/run/mnedc/mnedc-server.pid"),
         "--heartbeat", box.path("/var/run/mnedc/mnedc-server.heartbeat")] + control_args(box.root)
     assert not os.path.exists(box.path("/etc/init.d"))
@@ -629,7 +821,9 @@ def test_shellcheck(box):
 
 
 def normalized(root):
-    return {path: (mode, content.replace(root.encode(), b"ROOT") if content else content)
+    """tree(root) without root's name; bytecode holds the script's path and mtime: only its name."""
+    return {path: (mode, b"bytecode" if path.endswith(".pyc") else
+                   content.replace(root.encode(), b"ROOT") if content else content)
             for path, (mode, content) in tree(root).items()}
 
 
@@ -671,15 +865,16 @@ def test_busybox_only_board(box, start_stop_daemon):
     result = run([busybox, "sh", INSTALL_SH, "server", "--init", "sysv", "--config", box.config,
                   "--root", box.root], env=env)
     assert result.returncode == 0, result.stderr
-    start = run([busybox, "sh", box.init_script, "start"], env=env)
+    start = run([busybox, "sh", box.init_script, "start"], env=env, cwd=box.decoy)
     assert start.returncode == 0, start.stdout + start.stderr
     old = wait_for(box.daemon_pid, "the server started without start-stop-daemon")
     wait_for(box.accepts, "the server to accept TCP")
+    assert environ(old)["PYTHONPATH"] == box.path("/usr/local/sbin")
 
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: not alive(old), "the killed server to die")
     watchdog = box.path("/usr/local/sbin/mnedc-watchdog")
-    result = run([busybox, "sh", watchdog, "mnedc-server"], env=env)
+    result = run([busybox, "sh", watchdog, "mnedc-server"], env=env, cwd=box.decoy)
     assert result.returncode == 0, result.stderr
     new = box.daemon_pid()
     assert new and new != old and "is gone" in box.logged()
@@ -689,3 +884,326 @@ def test_busybox_only_board(box, start_stop_daemon):
     assert run([busybox, "sh", box.init_script, "status"], env=env).returncode == 3
     result = run([busybox, "sh", INSTALL_SH, "uninstall", "--purge", "--root", box.root], env=env)
     assert result.returncode == 0 and os.listdir(box.root) == [], result.stderr
+
+
+# ---- 13. certs: a CA, a server and client certificates (openssl; no root needed) --------------
+
+def make_certs(directory, *args, shell=("dash",), env=None):
+    return run(list(shell) + [INSTALL_SH, "certs", "--dir", directory] + list(args), env=env)
+
+
+def openssl(*args):
+    result = run(["openssl"] + list(args))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def cert_text(path):
+    return openssl("x509", "-in", path, "-noout", "-text")
+
+
+def extension(text, name):
+    """The value of the X509v3 extension `name` in openssl's text form, flags and value."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if line.strip().startswith("X509v3 %s:" % name):
+            return line.split(":", 1)[1].strip(), lines[number + 1].strip()
+    return None
+
+
+def subject_cn(path):
+    subject = openssl("x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253").strip()
+    assert subject.startswith("subject=CN="), subject
+    return subject[len("subject=CN="):]
+
+
+def validity_days(path):
+    dates = dict(line.split("=", 1) for line in openssl("x509", "-in", path, "-noout", "-dates").splitlines())
+    return (ssl.cert_time_to_seconds(dates["notAfter"]) - ssl.cert_time_to_seconds(dates["notBefore"])) / 86400
+
+
+def assert_certs_refused(result, *phrases):
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("install.sh: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and localhost, and clients dev-a and dev.b_2."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (test.sh installs it)")
+    directory = os.path.join(str(tmp_path_factory.mktemp("certs")), "new", "pki")
+    result = make_certs(directory, "--server-name", "127.0.0.1", "--server-name", "localhost",
+                        "--client", "dev-a", "--client", "dev.b_2")
+    assert result.returncode == 0, result.stderr
+    return directory, result.stdout
+
+
+def test_certs_files_and_modes(pki):
+    directory, _ = pki
+    assert sorted(os.listdir(directory)) == [
+        "ca.key", "ca.pem", "client-dev-a.key", "client-dev-a.pem", "client-dev.b_2.key",
+        "client-dev.b_2.pem", "server.key", "server.pem"]          # and no temporary file left
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    for name in os.listdir(directory):
+        expected = 0o600 if name.endswith(".key") else 0o644
+        assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == expected, name
+
+
+def test_certs_verify_against_their_ca(pki):
+    directory, _ = pki
+    ca = os.path.join(directory, "ca.pem")
+    for name, purpose in [("server", "sslserver"), ("client-dev-a", "sslclient"), ("client-dev.b_2", "sslclient")]:
+        path = os.path.join(directory, name + ".pem")
+        output = openssl("verify", "-x509_strict", "-purpose", purpose, "-CAfile", ca, path)
+        assert output.strip() == path + ": OK"
+    wrong = run(["openssl", "verify", "-purpose", "sslserver", "-CAfile", ca, os.path.join(directory, "client-dev-a.pem")])
+    assert wrong.returncode != 0, "a client certificate must not serve as a server's"
+
+
+def test_certs_names_and_usages(pki):
+    directory, stdout = pki
+    ca = cert_text(os.path.join(directory, "ca.pem"))
+    assert subject_cn(os.path.join(directory, "ca.pem")).startswith("MNEDC CA ")
+    assert extension(ca, "Basic Constraints") == ("critical", "CA:TRUE, pathlen:0")
+    assert extension(ca, "Key Usage") == ("critical", "Certificate Sign, CRL Sign")
+    assert "prime256v1" in ca and "ecdsa-with-SHA256" in ca
+
+    server = cert_text(os.path.join(directory, "server.pem"))
+    assert subject_cn(os.path.join(directory, "server.pem")) == "127.0.0.1"      # the first name
+    assert extension(server, "Subject Alternative Name") == ("", "IP Address:127.0.0.1, DNS:localhost")
+    assert extension(server, "Extended Key Usage") == ("", "TLS Web Server Authentication")
+    assert extension(server, "Basic Constraints") == ("critical", "CA:FALSE")
+    assert extension(server, "Authority Key Identifier") is not None
+    assert "prime256v1" in server
+
+    for device_id in ("dev-a", "dev.b_2"):
+        path = os.path.join(directory, "client-%s.pem" % device_id)
+        client = cert_text(path)
+        assert subject_cn(path) == device_id
+        assert extension(client, "Extended Key Usage") == ("", "TLS Web Client Authentication")
+        assert extension(client, "Subject Alternative Name") is None
+        assert round(validity_days(path)) == 3650
+
+    for line in ["tls = yes", "tls_cert = %s/server.pem" % directory, "tls_key = %s/server.key" % directory,
+                 "tls_client_ca = %s/ca.pem" % directory, "tls_ca = %s/ca.pem" % directory,
+                 "device_id = dev-a", "tls_cert = %s/client-dev-a.pem" % directory,
+                 "tls_key = %s/client-dev.b_2.key" % directory]:
+        assert "\n  %s\n" % line in stdout, line
+    assert stdout.count("  [client]\n") == 2 and stdout.count("  [server]\n") == 1
+
+
+def common_name(certificate):
+    return dict(pair[0] for pair in certificate["subject"])["commonName"]
+
+
+def tls_handshake(server_dir, trusted_dir, client_dir, device_id, hostname="127.0.0.1"):
+    """One mutual-TLS handshake over 127.0.0.1, and what each side made of it: the peer's CN, or
+    the error it met. The server uses server_dir's certificate and requires a client certificate
+    from server_dir's CA; the client trusts trusted_dir's CA and presents client_dir's
+    certificate of device_id."""
+    def pem(directory, name):
+        return os.path.join(directory, name)
+
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(pem(server_dir, "server.pem"), pem(server_dir, "server.key"))
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    server_context.load_verify_locations(pem(server_dir, "ca.pem"))
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies the name, requires a cert
+    client_context.load_verify_locations(pem(trusted_dir, "ca.pem"))
+    client_context.load_cert_chain(pem(client_dir, "client-%s.pem" % device_id),
+                                   pem(client_dir, "client-%s.key" % device_id))
+    for context in (server_context, client_context):
+        context.verify_flags |= ssl.VERIFY_X509_STRICT              # as Python 3.13's defaults do
+
+    outcome = {}
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(WAIT_S)
+
+    def serve():
+        try:
+            connection, _ = listener.accept()
+            connection.settimeout(WAIT_S)
+            with server_context.wrap_socket(connection, server_side=True) as tls:
+                outcome["server"] = common_name(tls.getpeercert())
+                tls.sendall(b"ok")
+        except OSError as error:                  # ssl.SSLError is an OSError
+            outcome["server"] = error
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=WAIT_S) as raw:
+            with client_context.wrap_socket(raw, server_hostname=hostname) as tls:
+                reply = tls.recv(2)               # TLS 1.3: a refused client certificate shows here
+                outcome["client"] = common_name(tls.getpeercert()) if reply == b"ok" else EOFError(reply)
+    except OSError as error:
+        outcome["client"] = error
+    finally:
+        thread.join(WAIT_S)
+        listener.close()
+    assert not thread.is_alive()
+    return outcome
+
+
+def test_certs_mutual_tls_handshake(pki):
+    directory, _ = pki
+    for hostname in ("127.0.0.1", "localhost"):
+        for device_id in ("dev-a", "dev.b_2"):
+            outcome = tls_handshake(directory, directory, directory, device_id, hostname)
+            assert outcome == {"server": device_id, "client": "127.0.0.1"}, (hostname, outcome)
+    outcome = tls_handshake(directory, directory, directory, "dev-a", "not-in-the-cert.example")
+    assert isinstance(outcome["client"], ssl.SSLError), outcome
+
+
+def test_certs_of_another_ca_are_refused(pki, tmp_path):
+    directory, _ = pki
+    other = str(tmp_path / "other")
+    result = make_certs(other, "--server-name", "127.0.0.1", "--client", "dev-a")
+    assert result.returncode == 0, result.stderr
+    assert open(os.path.join(other, "ca.pem")).read() != open(os.path.join(directory, "ca.pem")).read()
+
+    outcome = tls_handshake(directory, directory, other, "dev-a")      # a stranger's client cert
+    assert isinstance(outcome["server"], ssl.SSLError), outcome
+    assert "certificate verify failed" in str(outcome["server"])
+    assert isinstance(outcome["client"], (OSError, EOFError)), outcome
+
+    outcome = tls_handshake(directory, other, other, "dev-a")          # a stranger's server cert
+    assert isinstance(outcome["client"], ssl.SSLError), outcome
+    assert "certificate verify failed" in str(outcome["client"])
+
+
+def test_certs_rerun_keeps_every_file_and_adds_what_is_missing(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (test.sh installs it)")
+    directory = str(tmp_path / "pki")
+    assert make_certs(directory, "--server-name", "127.0.0.1", "--client", "one").returncode == 0
+    first = tree(directory)
+
+    result = make_certs(directory, "--server-name", "other.example", "--client", "one", "--client", "two")
+    assert result.returncode == 0, result.stderr
+    second = tree(directory)
+    assert {path: second[path] for path in first} == first, "an existing file changed"
+    assert sorted(set(second) - set(first)) == ["client-two.key", "client-two.pem"]
+    assert "keeping the CA %s/ca.pem" % directory in result.stdout
+    assert "keeping %s/server.pem and server.key, for 127.0.0.1 (remove both" % directory in result.stdout
+    assert "keeping %s/client-one.pem" % directory in result.stdout
+    assert "made %s/client-two.pem" % directory in result.stdout
+    assert "made the CA" not in result.stdout
+    assert openssl("verify", "-CAfile", os.path.join(directory, "ca.pem"),
+                   os.path.join(directory, "client-two.pem")).strip().endswith(": OK")
+
+    result = make_certs(directory)                    # nothing to add: settings for every client
+    assert result.returncode == 0, result.stderr
+    assert tree(directory) == second
+    assert "device_id = one\n" in result.stdout and "device_id = two\n" in result.stdout
+
+
+def test_certs_days_and_the_default_server_name(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (test.sh installs it)")
+    directory = str(tmp_path / "pki")
+    result = make_certs(directory, "--days", "30")
+    assert result.returncode == 0, result.stderr
+    hostname = os.uname().nodename
+    server = os.path.join(directory, "server.pem")
+    assert subject_cn(server) == hostname
+    assert extension(cert_text(server), "Subject Alternative Name")[1] == "DNS:" + hostname
+    assert round(validity_days(server)) == 30
+    assert "install.sh certs --dir %s --client DEVICE_ID" % directory in result.stdout
+
+
+def test_certs_refusals(tmp_path):
+    directory = str(tmp_path / "pki")
+    for args, phrases in [
+            (["--client", "bad/id"], ["--client 'bad/id'", "device_id", "1 to 64", "A-Z a-z 0-9 . _ -"]),
+            (["--client", "x" * 65], ["device_id", "1 to 64"]),
+            (["--client", "two words"], ["device_id"]),
+            (["--client", "caf\u00e9"], ["device_id"]),
+            (["--client"], ["--client needs a value"]),
+            (["--server-name", "300.1.2.3"], ["--server-name '300.1.2.3'"]),
+            (["--server-name", "*.example.com"], ["DNS name"]),
+            (["--server-name", "a b"], ["DNS name"]),
+            (["--server-name", "a" * 70 + ".example"], ["CN, at most 64 characters"]),
+            (["--days", "0"], ["--days 0"]),
+            (["--days", "ten"], ["--days ten"]),
+            (["--root", "/"], ["unknown option --root for certs"])]:
+        result = make_certs(directory, *args)
+        assert_certs_refused(result, *phrases)
+        assert not os.path.exists(directory), "a refused certs must not write anything"
+    assert_certs_refused(run(["dash", INSTALL_SH, "certs", "--client", "a"]), "certs needs --dir DIR")
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed (test.sh installs it)")
+def test_certs_never_replace_half_a_pair(tmp_path):
+    directory = str(tmp_path / "pki")
+    os.mkdir(directory)
+    with open(os.path.join(directory, "client-x.key"), "w") as sink:
+        sink.write("mine\n")
+    result = make_certs(directory, "--server-name", "127.0.0.1", "--client", "x")
+    assert_certs_refused(result, "only one of client-x.pem and client-x.key")
+    assert os.listdir(directory) == ["client-x.key"]
+    assert open(os.path.join(directory, "client-x.key")).read() == "mine\n"
+
+    os.unlink(os.path.join(directory, "client-x.key"))
+    assert make_certs(directory, "--server-name", "127.0.0.1").returncode == 0
+    os.rename(os.path.join(directory, "ca.key"), os.path.join(str(tmp_path), "ca.key"))
+    before = tree(directory)
+    result = make_certs(directory, "--client", "x")                 # the CA key is kept offline
+    assert_certs_refused(result, "ca.key is missing", "client-x.pem cannot be signed")
+    assert tree(directory) == before
+    result = make_certs(directory)                                  # nothing to sign: fine
+    assert result.returncode == 0 and "its ca.key is not here" in result.stdout, result.stderr
+
+
+def shells():
+    found = [["dash"]]
+    if shutil.which("busybox"):
+        found.append(["busybox", "sh"])
+    return found
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda shell: shell[0])
+def test_certs_without_openssl_names_the_package(tmp_path, shell):
+    bin_dir = str(tmp_path / "bin")
+    os.mkdir(bin_dir)
+    for tool in ("dirname", "uname", "mkdir", "chmod", "mktemp", "mv", "rm", "cat", "sed", "tail",
+                 "tr", "cut", "date"):
+        os.symlink(shutil.which(tool), os.path.join(bin_dir, tool))
+    directory = str(tmp_path / "pki")
+    result = run([shutil.which(shell[0])] + shell[1:] + [INSTALL_SH, "certs", "--dir", directory,
+                                                         "--client", "dev-a"], env={"PATH": bin_dir})
+    assert_certs_refused(result, "openssl is missing", "apt-get install openssl", "opkg install openssl-util")
+    assert not os.path.exists(directory)
+
+
+@pytest.mark.skipif(not shutil.which("busybox"), reason="busybox is not installed (CI installs it)")
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed (test.sh installs it)")
+def test_certs_on_a_busybox_board(tmp_path):
+    """Busybox sh and applets alone, plus openssl, as on OpenWrt with openssl-util."""
+    busybox = shutil.which("busybox")
+    board = str(tmp_path / "busybox-bin")
+    os.mkdir(board)
+    for applet in run([busybox, "--list"]).stdout.split():
+        os.symlink(busybox, os.path.join(board, applet))
+    os.symlink(shutil.which("openssl"), os.path.join(board, "openssl"))
+    directory = str(tmp_path / "pki")
+    argv = [busybox, "sh", INSTALL_SH, "certs", "--dir", directory, "--server-name", "10.0.0.1",
+            "--server-name", "router.lan", "--client", "dev-a"]
+    result = run(argv, env={"PATH": board})
+    assert result.returncode == 0, result.stderr
+    assert extension(cert_text(os.path.join(directory, "server.pem")), "Subject Alternative Name")[1] == \
+        "IP Address:10.0.0.1, DNS:router.lan"
+    for name in ("server", "client-dev-a"):
+        path = os.path.join(directory, name + ".pem")
+        assert openssl("verify", "-x509_strict", "-CAfile", os.path.join(directory, "ca.pem"), path).strip() == path + ": OK"
+    assert sorted(os.listdir(directory)) == ["ca.key", "ca.pem", "client-dev-a.key", "client-dev-a.pem",
+                                             "server.key", "server.pem"]
+    again = run(argv + ["--client", "dev-b"], env={"PATH": board})
+    assert again.returncode == 0 and "keeping" in again.stdout, again.stderr
