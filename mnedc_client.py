@@ -125,6 +125,7 @@ HELLO_MAGIC = b"MNEDC"
 FRAME_HEADER = struct.Struct("!HBB")
 MAX_PAYLOAD_BYTES = 65535
 HANDSHAKE_MAX_PAYLOAD_BYTES = 512
+MIN_FRAME_BYTES = 1024              # the smallest frame limit a server may set (max_frame_bytes)
 
 FRAME_HELLO = 1
 FRAME_CHALLENGE = 2
@@ -205,7 +206,7 @@ MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
 AUTH = struct.Struct("!32s")             # client proof
-WELCOME = struct.Struct("!4sB4s")        # virtual address, prefix length, server virtual address
+WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
 OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
@@ -215,7 +216,8 @@ WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
-VNET_GSO_TYPES = (0, 1, 4, 0x81, 0x84)   # none, TCPv4, TCPv6, and the TCP ones with ECN
+VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
+VNET_CHECKSUM_OFFSETS = {6: 16, 17: 6}   # where TCP's and UDP's checksums sit in their headers
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -281,8 +283,8 @@ class FrameReader:
         free = len(self._buffer) - self._end
         count = recv_into(self._view[self._end:])
         self._end += count
-        if count == free:
-            self._grow = True               # a busy peer: read more per wakeup from now on
+        if count == free and self.max_payload > HANDSHAKE_MAX_PAYLOAD_BYTES:
+            self._grow = True               # a busy member: read more per wakeup from now on
         return count
 
     def discard(self):
@@ -325,7 +327,7 @@ class FrameReader:
             stop = offset + header_size + length
             if stop > end:
                 if stop - offset > len(buffer):
-                    self._grow = True       # this frame needs the large buffer
+                    self._grow = True       # this frame (within max_payload) needs the large buffer
                 break
             payload = view[offset + header_size:stop]
             frames.append((frame_type, payload if frame_type in view_frames else bytes(payload)))
@@ -436,19 +438,22 @@ def decode_auth(payload):
     return payload
 
 
-def encode_welcome(address, prefix_length, server_address):
-    """Addresses are 4 packed bytes (socket.inet_aton)."""
-    return WELCOME.pack(address, prefix_length, server_address)
+def encode_welcome(address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
+    """Addresses are 4 packed bytes (socket.inet_aton); max_frame_bytes is the largest payload
+    the server takes from this client (its max_frame_bytes)."""
+    return WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
 
 
 def decode_welcome(payload):
-    """(address, prefix length, server address), addresses as 4 packed bytes."""
+    """(address, prefix length, server address, largest frame payload the server takes)."""
     if len(payload) != WELCOME.size:
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size))
-    address, prefix_length, server_address = WELCOME.unpack(payload)
+    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(payload)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
-    return address, prefix_length, server_address
+    if max_frame_bytes < MIN_FRAME_BYTES:
+        raise ProtocolError("WELCOME frame limit %d is below %d" % (max_frame_bytes, MIN_FRAME_BYTES))
+    return address, prefix_length, server_address, max_frame_bytes
 
 
 def encode_error(code, text):
@@ -597,15 +602,30 @@ def ipv4_problem(packet, offset=0):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields."""
+    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields.
+
+    The fields may only describe what a TSO sender leaves open: the TCP or UDP checksum right
+    after the IP header, TCP segmentation for TCP. Anything else could make the receiver's
+    checksum (finished_packet) write into the IP header, e.g. over the checked source address.
+    """
     problem = ipv4_problem(payload, VNET_HEADER.size)
     if problem:
         return problem
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
+    header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
+    protocol = payload[VNET_HEADER.size + 9]
+    if flags & ~VNET_NEEDS_CSUM:
+        return "offload flags 0x%02x are not allowed" % flags
     if gso_type not in VNET_GSO_TYPES:
-        return "unknown segmentation offload type %d" % gso_type
-    if flags & VNET_NEEDS_CSUM and csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
-        return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
+        return "segmentation offload type %d is not TCP over IPv4" % gso_type
+    if gso_type and protocol != 6:
+        return "TCP segmentation offload on protocol %d" % protocol
+    if flags & VNET_NEEDS_CSUM:
+        if csum_start != header_length or csum_offset != VNET_CHECKSUM_OFFSETS.get(protocol):
+            return "checksum at %d+%d is not the %s checksum" % (csum_start, csum_offset,
+                                                                 "protocol %d" % protocol)
+        if csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
+            return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
     return None
 
 
@@ -674,6 +694,12 @@ class RelayLink:
         if self.stage == "tls":
             self.continue_tls()
             return
+        self.read_frames()
+        while isinstance(self.sock, TlsTransport) and self.stage not in ("finishing", "closed") \
+                and self.sock.pending():
+            self.read_frames()          # bytes OpenSSL holds, which select() cannot see
+
+    def read_frames(self):
         try:
             received = self.reader.receive(self.sock.recv_into)
         except BlockingIOError:         # a TLS record is not complete yet
@@ -716,9 +742,10 @@ class RelayLink:
         self.stage = "welcome"
 
     def on_welcome(self, frame_type, payload):
-        address, prefix_length, server_address = decode_welcome(payload)
+        address, prefix_length, server_address, max_frame_bytes = decode_welcome(payload)
         self.reader.max_payload = MAX_PAYLOAD_BYTES
         self.stage = "established"
+        self.client.max_frame_bytes = max_frame_bytes       # what we send stays within it
         self.client.on_welcome(self, address, prefix_length, server_address)
 
     def on_error(self, frame_type, payload):
@@ -1094,7 +1121,7 @@ class Stream:
         if self.local_eof or self.send_credit <= 0 or self.state != "open":
             self.reader.want(reading=False)
             return
-        size = min(self.send_credit, MAX_DATA_BYTES)
+        size = min(self.send_credit, self.client.max_frame_bytes - STREAM_ID.size)
         try:
             data = self.sock.recv(size) if self.sock is not None else os.read(self.reader.fd, size)
         except (BlockingIOError, InterruptedError):
@@ -1296,6 +1323,7 @@ class RelayClient:
         self.stopping = False
         self.state, self.state_since = "connecting", time.time()
         self.reconnects = 0
+        self.max_frame_bytes = MAX_PAYLOAD_BYTES    # the server's limit, from its WELCOME
 
     def start_link(self):
         self.loop.call_every(1.0, self.tick)
@@ -1462,6 +1490,7 @@ class TunClient(RelayClient):
         RelayClient.__init__(self, config, log)
         self.tun = None
         self.configured = None          # (address, prefix length) the interface has
+        self.mtu = None                 # and its MTU
         self.server_address = None
         self.control = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
@@ -1498,7 +1527,7 @@ class TunClient(RelayClient):
             return {"error": "unknown command %r (status)" % request.get("command")}
         link = self.established_link()
         return {"device_id": self.config.device_id, "server": "%s:%d" % self.config.server,
-                "interface": self.tun.interface, "mtu": self.config.mtu, "offload": self.tun.offload,
+                "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload,
                 "address": "%s/%d" % self.configured if self.configured else None,
                 "server_address": self.server_address, "state": self.state, "since": self.state_since,
                 "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
@@ -1508,15 +1537,16 @@ class TunClient(RelayClient):
 
     def on_welcome(self, link, address, prefix_length, server_address):
         wanted = (ipv4_text(address), prefix_length)
-        if wanted != self.configured:
-            if self.configured is not None:
+        mtu = self.fit_frame_limit()
+        if wanted != self.configured or mtu != self.mtu:
+            if self.configured not in (None, wanted):
                 self.log.warning("the server moved this device from %s/%d to %s/%d" % (self.configured + wanted))
             try:
-                configure_interface(self.tun.interface, wanted[0], prefix_length, self.config.mtu, self.log)
+                configure_interface(self.tun.interface, wanted[0], prefix_length, mtu, self.log)
             except OSError as error:
                 self.fatal(str(error))
                 return
-            self.configured = wanted
+            self.configured, self.mtu = wanted, mtu
         self.failures = 0
         if self.state == "reconnecting":
             self.reconnects += 1
@@ -1525,6 +1555,22 @@ class TunClient(RelayClient):
         self.log.info("connected to relay %s as %s/%d on %s (device %s); the server is %s"
                       % (link.server_label, wanted[0], prefix_length, self.tun.interface,
                          self.config.device_id, ipv4_text(server_address)))
+
+    def fit_frame_limit(self):
+        """The MTU to use under the server's frame limit; below 64 KB TSO goes off as well, since
+        it hands over segments of 64 KB whatever the MTU."""
+        limit = self.max_frame_bytes
+        if limit >= MAX_PAYLOAD_BYTES:
+            return self.config.mtu
+        if self.tun.offload:
+            try:
+                set_tun_offload(self.tun.fd, TUN_F_CSUM)
+            except OSError as error:
+                self.log.warning("cannot turn TSO off: %s" % describe_error(error))
+            limit -= VNET_HEADER.size
+        if limit < self.config.mtu:
+            self.log.info("the server takes frames of at most %d bytes: MTU %d" % (self.max_frame_bytes, limit))
+        return min(self.config.mtu, limit)
 
     def on_frame(self, frame_type, payload):
         if frame_type == FRAME_PACKET:
@@ -1542,7 +1588,7 @@ class TunClient(RelayClient):
     def forward_from_tun(self, frame_type, packet):
         """Send one packet the kernel routed into the TUN; False asks the TUN to pause."""
         problem = ipv4_problem(packet, VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0)
-        if problem or len(packet) > MAX_PAYLOAD_BYTES:
+        if problem or len(packet) > self.max_frame_bytes:
             self.count_drop(problem or "larger than a frame")
             return True
         link = self.established_link()
@@ -2232,6 +2278,7 @@ def tls_context(server_side, cert=None, key=None, ca=None):
     ssl = load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a send never waits for a read
     try:
         if cert:
             context.load_cert_chain(cert, key)
@@ -2253,6 +2300,7 @@ class TlsTransport:
 
     def __init__(self, context, sock, server_hostname=None):
         import ssl
+        self.ssl = ssl
         self.want = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.sock = context.wrap_socket(sock, server_side=server_hostname is None,
                                         server_hostname=server_hostname, do_handshake_on_connect=False)
@@ -2271,13 +2319,14 @@ class TlsTransport:
         except self.want[1]:
             return selectors.EVENT_READ | selectors.EVENT_WRITE
 
-    def peer_name(self):
-        """The commonName of the peer's verified certificate, or None without one."""
-        for field in (self.sock.getpeercert() or {}).get("subject", ()):
-            for name, value in field:
-                if name == "commonName":
-                    return value
-        return None
+    def verifies_peer(self):
+        return self.sock.context.verify_mode != self.ssl.CERT_NONE
+
+    def peer_names(self):
+        """The names of the peer's verified certificate: its commonName and DNS subjectAltNames."""
+        certificate = self.sock.getpeercert() or {}
+        names = [value for field in certificate.get("subject", ()) for name, value in field if name == "commonName"]
+        return names + [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
 
     def recv_into(self, view):
         total = 0
@@ -2383,6 +2432,11 @@ def open_tun(name, offload=True):
         raise
 
 
+def set_tun_offload(fd, flags):
+    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit."""
+    fcntl.ioctl(fd, tunsetiff_numbers()[0] + TUNSETOFFLOAD_OFFSET, flags)
+
+
 def read_tun_packet(fd, offload):
     """(frame type, payload) of the next packet from a TUN; BlockingIOError when none waits.
 
@@ -2394,6 +2448,8 @@ def read_tun_packet(fd, offload):
     if data[0] & VNET_NEEDS_CSUM or data[1]:            # flags, gso_type
         if BIG_ENDIAN:
             data = VNET_HEADER.pack(*NATIVE_VNET_HEADER.unpack_from(data)) + data[VNET_HEADER.size:]
+        if data[0] & ~VNET_NEEDS_CSUM:                  # DATA_VALID is for this host alone
+            data = bytes([data[0] & VNET_NEEDS_CSUM]) + data[1:]
         return FRAME_VNET_PACKET, data
     return FRAME_PACKET, memoryview(data)[VNET_HEADER.size:]
 
@@ -2683,6 +2739,13 @@ def load_client_config(args):
                           % (config.source or "client-config.ini"))
     if config.device_id is None:
         config.device_id = default_device_id()
+    tls_files = [(key, getattr(config, key)) for key in ("tls_ca", "tls_cert", "tls_key") if getattr(config, key)]
+    if tls_files and not config.tls:
+        raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
+                          % ", ".join(key for key, _ in tls_files))
+    for key, path in tls_files:
+        if not os.path.isfile(path):
+            raise ConfigError(where + "%s: %s: no such file" % (key, path))
     if config.tls:
         if not config.tls_ca:
             raise ConfigError(where + "tls: tls = yes needs tls_ca, the CA that signed the server's "

@@ -135,6 +135,7 @@ HELLO_MAGIC = b"MNEDC"
 FRAME_HEADER = struct.Struct("!HBB")
 MAX_PAYLOAD_BYTES = 65535
 HANDSHAKE_MAX_PAYLOAD_BYTES = 512
+MIN_FRAME_BYTES = 1024              # the smallest frame limit a server may set (max_frame_bytes)
 
 FRAME_HELLO = 1
 FRAME_CHALLENGE = 2
@@ -215,7 +216,7 @@ MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
 AUTH = struct.Struct("!32s")             # client proof
-WELCOME = struct.Struct("!4sB4s")        # virtual address, prefix length, server virtual address
+WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
 OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
@@ -225,7 +226,8 @@ WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
-VNET_GSO_TYPES = (0, 1, 4, 0x81, 0x84)   # none, TCPv4, TCPv6, and the TCP ones with ECN
+VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
+VNET_CHECKSUM_OFFSETS = {6: 16, 17: 6}   # where TCP's and UDP's checksums sit in their headers
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -291,8 +293,8 @@ class FrameReader:
         free = len(self._buffer) - self._end
         count = recv_into(self._view[self._end:])
         self._end += count
-        if count == free:
-            self._grow = True               # a busy peer: read more per wakeup from now on
+        if count == free and self.max_payload > HANDSHAKE_MAX_PAYLOAD_BYTES:
+            self._grow = True               # a busy member: read more per wakeup from now on
         return count
 
     def discard(self):
@@ -335,7 +337,7 @@ class FrameReader:
             stop = offset + header_size + length
             if stop > end:
                 if stop - offset > len(buffer):
-                    self._grow = True       # this frame needs the large buffer
+                    self._grow = True       # this frame (within max_payload) needs the large buffer
                 break
             payload = view[offset + header_size:stop]
             frames.append((frame_type, payload if frame_type in view_frames else bytes(payload)))
@@ -446,19 +448,22 @@ def decode_auth(payload):
     return payload
 
 
-def encode_welcome(address, prefix_length, server_address):
-    """Addresses are 4 packed bytes (socket.inet_aton)."""
-    return WELCOME.pack(address, prefix_length, server_address)
+def encode_welcome(address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
+    """Addresses are 4 packed bytes (socket.inet_aton); max_frame_bytes is the largest payload
+    the server takes from this client (its max_frame_bytes)."""
+    return WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
 
 
 def decode_welcome(payload):
-    """(address, prefix length, server address), addresses as 4 packed bytes."""
+    """(address, prefix length, server address, largest frame payload the server takes)."""
     if len(payload) != WELCOME.size:
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size))
-    address, prefix_length, server_address = WELCOME.unpack(payload)
+    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(payload)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
-    return address, prefix_length, server_address
+    if max_frame_bytes < MIN_FRAME_BYTES:
+        raise ProtocolError("WELCOME frame limit %d is below %d" % (max_frame_bytes, MIN_FRAME_BYTES))
+    return address, prefix_length, server_address, max_frame_bytes
 
 
 def encode_error(code, text):
@@ -607,15 +612,30 @@ def ipv4_problem(packet, offset=0):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields."""
+    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields.
+
+    The fields may only describe what a TSO sender leaves open: the TCP or UDP checksum right
+    after the IP header, TCP segmentation for TCP. Anything else could make the receiver's
+    checksum (finished_packet) write into the IP header, e.g. over the checked source address.
+    """
     problem = ipv4_problem(payload, VNET_HEADER.size)
     if problem:
         return problem
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
+    header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
+    protocol = payload[VNET_HEADER.size + 9]
+    if flags & ~VNET_NEEDS_CSUM:
+        return "offload flags 0x%02x are not allowed" % flags
     if gso_type not in VNET_GSO_TYPES:
-        return "unknown segmentation offload type %d" % gso_type
-    if flags & VNET_NEEDS_CSUM and csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
-        return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
+        return "segmentation offload type %d is not TCP over IPv4" % gso_type
+    if gso_type and protocol != 6:
+        return "TCP segmentation offload on protocol %d" % protocol
+    if flags & VNET_NEEDS_CSUM:
+        if csum_start != header_length or csum_offset != VNET_CHECKSUM_OFFSETS.get(protocol):
+            return "checksum at %d+%d is not the %s checksum" % (csum_start, csum_offset,
+                                                                 "protocol %d" % protocol)
+        if csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
+            return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
     return None
 
 
@@ -1228,8 +1248,9 @@ class ClientConnection:
         self.sock = sock
         self.remote = "%s:%d" % remote[:2]
         self.stage = "hello"
-        self.certificate_name = None        # with mutual TLS: the commonName the client proved
-        if server.config.tls_context is not None:
+        self.certificate_names = None       # with client certificates: the names the client proved
+        self.tls = server.config.tls_context is not None
+        if self.tls:
             self.sock, self.stage = TlsTransport(server.config.tls_context, sock), "tls"
         self.device_id = None
         self.address = None
@@ -1267,6 +1288,11 @@ class ClientConnection:
         if self.stage == "tls":
             self.continue_tls()
             return
+        self.read_frames()
+        while self.tls and self.stage not in ("closing", "closed") and self.sock.pending():
+            self.read_frames()              # bytes OpenSSL holds, which select() cannot see
+
+    def read_frames(self):
         try:
             received = self.reader.receive(self.sock.recv_into)
         except BlockingIOError:             # a TLS record is not complete yet
@@ -1305,7 +1331,8 @@ class ClientConnection:
             self.server.loop.set_interest(self, events)
             return
         self.stage = "hello"
-        self.certificate_name = self.sock.peer_name()
+        if self.sock.verifies_peer():
+            self.certificate_names = self.sock.peer_names()
         self.server.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
         if self.sock.pending():             # the HELLO may have come with the handshake
             self.on_readable()
@@ -1319,9 +1346,9 @@ class ClientConnection:
     def on_hello(self, frame_type, payload):
         self.client_nonce, self.device_id, flags = decode_hello(payload)
         self.streams_session = bool(flags & HELLO_STREAMS)
-        if self.certificate_name is not None and self.certificate_name != self.device_id:
+        if self.certificate_names is not None and self.device_id not in self.certificate_names:
             self.refuse(ERROR_AUTH, "the client certificate is for %s, not for device %s"
-                        % (self.certificate_name, self.device_id))
+                        % (" or ".join(self.certificate_names) or "no name", self.device_id))
             return
         self.key, refusal = self.server.key_for(self.device_id)
         if refusal:
@@ -1333,6 +1360,10 @@ class ClientConnection:
         self.stage = "auth"
 
     def on_auth(self, frame_type, payload):
+        key, refusal = self.server.key_for(self.device_id)     # revoked while it answered?
+        if refusal or key != self.key:
+            self.refuse(ERROR_AUTH, refusal or "the key of device %s changed" % self.device_id)
+            return
         expected = client_proof(self.key, self.client_nonce, self.server_nonce, self.device_id)
         if not equal_digests(decode_auth(payload), expected):
             self.refuse(ERROR_AUTH, "wrong secret for %s (device %s)" % (
@@ -1347,7 +1378,8 @@ class ClientConnection:
         self.stage = "established"
         self.server.handshaking.pop(self, None)
         self.send_frame(FRAME_WELCOME, encode_welcome(
-            self.address, self.server.leases.prefix_length, self.server.leases.server_address))
+            self.address, self.server.leases.prefix_length, self.server.leases.server_address,
+            self.server.config.max_frame_bytes))
 
     def on_packet(self, frame_type, payload):
         problem = ipv4_problem(payload) if frame_type == FRAME_PACKET else vnet_packet_problem(payload)
@@ -1508,6 +1540,9 @@ class ClientConnection:
         if self.stage in ("closing", "closed"):
             return
         reason = "%s: %s" % (ERROR_NAMES[code], text)
+        if self.stage == "tls":             # no channel to say it in yet
+            self.close(reason)
+            return
         if self.address is None:            # unauthenticated: anyone can cause these, so limit them
             self.server.log.limited(("refuse", self.remote_ip()), "warning", "refusing %s: %s" % (self.name(), reason))
         else:
@@ -1754,32 +1789,53 @@ class RelayServer:
     # -- membership --
 
     def accept(self, sock, remote):
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        connection = ClientConnection(self, sock, remote)
+        """Take a new connection, or turn it away at once (it never counts) past a limit."""
+        ip = remote[0]
+        limit = self.over_limit(ip)
+        if limit:
+            self.turn_away(sock, ip, limit)
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            connection = ClientConnection(self, sock, remote)     # TLS: wraps it, which may fail
+        except OSError as error:
+            self.log.limited(("accept", ip), "info", "dropped a connection from %s at once: %s"
+                             % (ip, describe_error(error)))
+            sock.close()
+            return
         self.connections.add(connection)
-        self.per_source[connection.remote_ip()] = self.per_source.get(connection.remote_ip(), 0) + 1
+        self.per_source[ip] = self.per_source.get(ip, 0) + 1
         self.loop.set_interest(connection, selectors.EVENT_READ)
         self.log.debug("accepted connection from %s" % connection.remote)
-        limit = self.over_limit(connection)
-        if limit:
-            connection.refuse(ERROR_LIMIT, limit)
-            return
         if len(self.handshaking) >= self.config.max_handshakes:
             self.shed_oldest_handshake("more than %d handshakes in progress (max_handshakes)"
                                        % self.config.max_handshakes)
         self.handshaking[connection] = None
 
-    def over_limit(self, connection):
-        """Why a new connection is one too many (the reason it is refused with), or None."""
-        config, ip = self.config, connection.remote_ip()
-        if self.per_source[ip] > config.max_connections_per_source:
+    def over_limit(self, ip):
+        """Why a new connection from ip is one too many (the reason it is refused with), or None."""
+        config = self.config
+        if self.per_source.get(ip, 0) >= config.max_connections_per_source:
             return "more than %d connections from %s (max_connections_per_source)" % (
                 config.max_connections_per_source, ip)
-        if len(self.connections) > config.max_clients:
+        if len(self.connections) >= config.max_clients:
             return "more than %d connections (max_clients)" % config.max_clients
         return None
+
+    def turn_away(self, sock, ip, why):
+        """Refuse a connection past a limit: the ERROR frame if the socket takes it at once (not
+        under TLS, whose handshake it would need), then close; it costs no more than that."""
+        self.log.limited(("limit", ip), "warning", "refused a connection from %s: %s: %s"
+                         % (ip, ERROR_NAMES[ERROR_LIMIT], why))
+        try:
+            if self.config.tls_context is None:
+                sock.setblocking(False)
+                sock.send(encode_frame(FRAME_ERROR, encode_error(ERROR_LIMIT, why)))
+        except OSError:
+            pass
+        sock.close()
 
     def hard_queue_bytes(self):
         """A connection queued past this is cut off: its packets and all its streams' windows."""
@@ -2471,6 +2527,7 @@ def tls_context(server_side, cert=None, key=None, ca=None):
     ssl = load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a send never waits for a read
     try:
         if cert:
             context.load_cert_chain(cert, key)
@@ -2492,6 +2549,7 @@ class TlsTransport:
 
     def __init__(self, context, sock, server_hostname=None):
         import ssl
+        self.ssl = ssl
         self.want = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.sock = context.wrap_socket(sock, server_side=server_hostname is None,
                                         server_hostname=server_hostname, do_handshake_on_connect=False)
@@ -2510,13 +2568,14 @@ class TlsTransport:
         except self.want[1]:
             return selectors.EVENT_READ | selectors.EVENT_WRITE
 
-    def peer_name(self):
-        """The commonName of the peer's verified certificate, or None without one."""
-        for field in (self.sock.getpeercert() or {}).get("subject", ()):
-            for name, value in field:
-                if name == "commonName":
-                    return value
-        return None
+    def verifies_peer(self):
+        return self.sock.context.verify_mode != self.ssl.CERT_NONE
+
+    def peer_names(self):
+        """The names of the peer's verified certificate: its commonName and DNS subjectAltNames."""
+        certificate = self.sock.getpeercert() or {}
+        names = [value for field in certificate.get("subject", ()) for name, value in field if name == "commonName"]
+        return names + [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
 
     def recv_into(self, view):
         total = 0
@@ -2622,6 +2681,11 @@ def open_tun(name, offload=True):
         raise
 
 
+def set_tun_offload(fd, flags):
+    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit."""
+    fcntl.ioctl(fd, tunsetiff_numbers()[0] + TUNSETOFFLOAD_OFFSET, flags)
+
+
 def read_tun_packet(fd, offload):
     """(frame type, payload) of the next packet from a TUN; BlockingIOError when none waits.
 
@@ -2633,6 +2697,8 @@ def read_tun_packet(fd, offload):
     if data[0] & VNET_NEEDS_CSUM or data[1]:            # flags, gso_type
         if BIG_ENDIAN:
             data = VNET_HEADER.pack(*NATIVE_VNET_HEADER.unpack_from(data)) + data[VNET_HEADER.size:]
+        if data[0] & ~VNET_NEEDS_CSUM:                  # DATA_VALID is for this host alone
+            data = bytes([data[0] & VNET_NEEDS_CSUM]) + data[1:]
         return FRAME_VNET_PACKET, data
     return FRAME_PACKET, memoryview(data)[VNET_HEADER.size:]
 
@@ -2853,7 +2919,7 @@ SERVER_KEYS = {
     "max_connections_per_source": lambda config, text: setattr(
         config, "max_connections_per_source", parse_int(text, 1, 1000000)),
     "max_handshakes": lambda config, text: setattr(config, "max_handshakes", parse_int(text, 1, 100000)),
-    "max_frame_bytes": lambda config, text: setattr(config, "max_frame_bytes", parse_int(text, 1024, MAX_PAYLOAD_BYTES)),
+    "max_frame_bytes": lambda config, text: setattr(config, "max_frame_bytes", parse_int(text, MIN_FRAME_BYTES, MAX_PAYLOAD_BYTES)),
     "max_queue_bytes": lambda config, text: setattr(config, "max_queue_bytes", parse_int(text, 65536, 1 << 30)),
     "max_streams_per_client": lambda config, text: setattr(config, "max_streams_per_client", parse_int(text, 1, 4096)),
     "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
@@ -2903,8 +2969,16 @@ def load_server_config(args, key_cache=None):
                 config.policy = Policy(text)
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
-    if not config.network_secret and config.keys is None:
-        raise ConfigError(where + "network_secret: 'no' needs a keys_file, or nobody could join")
+    if not config.network_secret and not (config.keys and config.keys.keys):
+        raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
+                          "revoked, or nobody could join")
+    tls_files = [(key, getattr(config, key)) for key in ("tls_cert", "tls_key", "tls_client_ca") if getattr(config, key)]
+    if tls_files and not config.tls:
+        raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
+                          % ", ".join(key for key, _ in tls_files))
+    for key, path in tls_files:
+        if not os.path.isfile(path):
+            raise ConfigError(where + "%s: %s: no such file" % (key, path))
     if config.tls:
         if not (config.tls_cert and config.tls_key):
             raise ConfigError(where + "tls: tls = yes needs tls_cert and tls_key (install.sh certs makes them)")

@@ -231,3 +231,117 @@ def test_max_clients_and_max_streams_per_client(tmp_path):
     finally:
         target.close()
         net.stop()
+
+
+def test_a_revocation_reaches_a_handshake_in_progress(tmp_path):
+    proc, port, _ = keyed_server(tmp_path, "dev-a %s\n" % SECRETS["dev-a"])
+    try:
+        peer = WirePeer(port)
+        nonce, key = os.urandom(wire.NONCE_BYTES), wire.network_key(SECRETS["dev-a"].encode())
+        peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "dev-a"))
+        frame_type, payload = peer.recv_frame()
+        server_nonce, _ = wire.decode_challenge(payload)
+        write(tmp_path / "keys", "dev-a revoked\n")
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"reloaded the configuration")
+        peer.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, "dev-a"))
+        assert peer.expect_error() == (wire.ERROR_AUTH, "device dev-a is revoked")
+    finally:
+        proc.stop()
+
+
+def test_a_vnet_packet_that_would_rewrite_its_ip_header_is_refused(tmp_path):
+    """A checksum offset pointing into the IP header would let the receiver's checksum overwrite
+    the (already checked) source address: the relay refuses the frame."""
+    proc, port, secret = start_server(tmp_path / "state")
+    try:
+        mallory, victim = WirePeer(port), WirePeer(port)
+        mallory.handshake(secret, "mallory")
+        victim.handshake(secret, "victim")
+        packet = ipv4_packet(mallory.address, victim.address, bytes(20), protocol=6)
+        mallory.send_frame(wire.FRAME_VNET_PACKET, wire.VNET_HEADER.pack(1, 0, 0, 0, 0, 14) + packet)
+        code, text = mallory.expect_error()
+        assert code == wire.ERROR_PROTOCOL and "not the protocol 6 checksum" in text
+        with pytest.raises(socket.timeout):
+            victim.recv_packet(timeout=0.5)
+    finally:
+        proc.stop()
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as status:
+        return int([line for line in status if line.startswith("VmRSS")][0].split()[1])
+
+
+def test_unauthenticated_junk_does_not_make_the_server_allocate_large_buffers(tmp_path):
+    config = write(tmp_path / "server.ini", "[server]\nmax_connections_per_source = 1000\n")
+    proc, port, _ = start_server(tmp_path / "state", "-c", config)
+    socks = []
+    try:
+        before = rss_kb(proc.pid)
+        for n in range(400):
+            sock = connect_from(port, "127.0.0.%d" % (3 + n % 4))
+            sock.sendall(os.urandom(5000))
+            socks.append(sock)
+        time.sleep(0.5)
+        for sock in socks:
+            try:
+                sock.sendall(os.urandom(5000))
+            except OSError:
+                pass
+        time.sleep(1)
+        grown_mb = (rss_kb(proc.pid) - before) / 1024.0
+        assert grown_mb < 20, "400 junk connections grew the server by %.0f MB" % grown_mb
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+
+
+def test_one_source_cannot_fill_max_clients_for_everyone(tmp_path):
+    config = write(tmp_path / "server.ini", "[server]\nmax_clients = 20\nmax_connections_per_source = 5\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", config)
+    socks = []
+    try:
+        for _ in range(40):
+            socks.append(connect_from(port, "127.0.0.2"))
+        time.sleep(0.3)
+        WirePeer(port).handshake(secret, "honest")            # from 127.0.0.1
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+
+
+def test_streams_respect_a_small_max_frame_bytes(tmp_path):
+    from tests.streamnet import TcpServer, sink_digest
+    import hashlib
+    net = StreamNet(tmp_path, server_lines=["max_frame_bytes = 4096"])
+    target = TcpServer(sink_digest)
+    try:
+        net.listen("dev-b", "--forward=%d" % target.port, "9000")
+        data = os.urandom(300 * 1000)
+        sent = net.run("dev-a", "connect", "dev-b", "9000", input=data, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        assert target.wait_results(1)[0] == (len(data), hashlib.sha256(data).hexdigest())
+        assert "exceeds the limit" not in net.server.output()
+    finally:
+        target.close()
+        net.stop()
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ("tls_cert = /nonexistent/server.pem\n", "tls_cert set but tls is not yes"),
+    ("tls = yes\ntls_cert = /nonexistent/server.pem\ntls_key = /nonexistent/server.key\n",
+     "tls_cert: /nonexistent/server.pem: no such file"),
+    ("network_secret = no\nkeys_file = keys\n", "network_secret: 'no' needs a keys_file with a device"),
+])
+def test_tls_and_keys_mistakes_are_one_clear_line(tmp_path, body, complaint):
+    import subprocess
+    import sys
+    write(tmp_path / "keys", "dev-a revoked\n")
+    config = write(tmp_path / "server.ini", "[server]\n" + body)
+    result = subprocess.run([sys.executable, wire.__file__.replace("mnedc_client", "mnedc_server"), "-c", config,
+                             "--no-tun", "--state-dir", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and complaint in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -82,3 +82,21 @@ def test_at_mtu_1500_the_offloading_client_sends_64_kb_segments(net, tmp_path):
     assert sizes["a"] > 4 * MTU, sizes          # whole segments, not 1500-byte packets
     assert sizes["b"] <= MTU, sizes
     print("bytes per packet sent at MTU %d: offload %.0f, plain %.0f" % (MTU, sizes["a"], sizes["b"]))
+
+
+def test_under_a_small_max_frame_bytes_clients_turn_tso_off_and_fit(tmp_path):
+    """TSO hands over 64 KB whatever the MTU: under the server's 8000-byte frame limit (told in
+    WELCOME) the clients turn it off and lower their MTU, and traffic still flows."""
+    with Topology(layout="flat", clients=2) as topo:
+        network = RelayNetwork(topo, tmp_path, keepalive=6)
+        network.start_server(options={"max_frame_bytes": 8000})
+        for name in topo.clients:
+            network.start_client(name, label=name)
+        first, second = topo.clients
+        for name in topo.clients:
+            network.clients[name].wait_for(r"the server takes frames of at most 8000 bytes: MTU 7990")
+            assert network.client_status(name)["mtu"] == 7990
+        data = os.urandom(5 * 1000 * 1000)
+        assert transfer(network, first, second, network.vip[second], data, tmp_path) == data
+        assert transfer(network, second, first, network.vip[first], data, tmp_path) == data
+        assert "exceeds the limit" not in network.server.output()

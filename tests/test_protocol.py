@@ -145,7 +145,7 @@ def test_challenge_welcome_error_round_trips():
     ns, proof = os.urandom(16), os.urandom(32)
     assert wire.decode_challenge(wire.encode_challenge(ns, proof)) == (ns, proof)
     welcome = wire.encode_welcome(bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
-    assert wire.decode_welcome(welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
+    assert wire.decode_welcome(welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
     code, text = wire.decode_error(wire.encode_error(wire.ERROR_AUTH, "wrong secret"))
     assert (code, text) == (wire.ERROR_AUTH, "wrong secret")
     assert wire.decode_error(bytes([9]) + b"\x1b[31mred\xff")[1] == "?[31mred\ufffd"
@@ -234,11 +234,22 @@ def test_finished_packet_completes_the_checksum_a_tso_sender_left_open(protocol,
 
 
 def test_vnet_packet_problems_are_named():
-    packet = bytes([0x45, 0, 0, 40]) + bytes(36)
-    assert wire.vnet_packet_problem(wire.VNET_HEADER.pack(0, 0, 0, 0, 0, 0) + packet) is None
+    tcp = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6]) + bytes(30)        # 20-byte IP + 20-byte TCP
+    udp = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 17]) + bytes(30)
+    vnet = wire.VNET_HEADER.pack
+    assert wire.vnet_packet_problem(vnet(0, 0, 0, 0, 0, 0) + tcp) is None
+    assert wire.vnet_packet_problem(vnet(1, 1, 40, 1448, 20, 16) + tcp) is None
+    assert wire.vnet_packet_problem(vnet(1, 0, 0, 0, 20, 6) + udp) is None
     assert "too short" in wire.vnet_packet_problem(b"\x01" * 12)
-    assert "offload type 7" in wire.vnet_packet_problem(wire.VNET_HEADER.pack(0, 7, 0, 0, 0, 0) + packet)
-    assert "outside the packet" in wire.vnet_packet_problem(wire.VNET_HEADER.pack(1, 1, 0, 0, 30, 16) + packet)
+    assert "offload type 7" in wire.vnet_packet_problem(vnet(0, 7, 0, 0, 0, 0) + tcp)
+    assert "offload type 4" in wire.vnet_packet_problem(vnet(0, 4, 0, 0, 0, 0) + tcp)     # TCPv6
+    assert "on protocol 17" in wire.vnet_packet_problem(vnet(1, 1, 0, 0, 20, 6) + udp)
+    assert "flags 0x02" in wire.vnet_packet_problem(vnet(2, 0, 0, 0, 0, 0) + tcp)
+    # a checksum placed anywhere but TCP's or UDP's could rewrite the IP header's source address
+    assert "not the protocol 6 checksum" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 0, 14) + tcp)
+    assert "not the protocol 6 checksum" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 20, 6) + tcp)
+    short = bytes([0x45, 0, 0, 30, 0, 0, 0, 0, 64, 6]) + bytes(20)      # TCP header cut short
+    assert "outside the packet" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 20, 16) + short)
 
 
 def test_hmac_sha256_matches_the_hmac_module():

@@ -145,3 +145,99 @@ def test_tun_mode_over_mutual_tls_across_nat(tmp_path, pki):
         sink.wait(30)
         assert hashlib.sha256(received.read_bytes()).digest() == hashlib.sha256(data).digest()
         assert "Traceback" not in net.server.output()
+
+
+def tls_peer(port, ca):
+    """A WirePeer speaking TLS to the relay, trusting ca."""
+    import ssl
+    from tests.wire_peer import WirePeer
+    peer = WirePeer(port)
+    context = ssl.create_default_context(cafile=ca)
+    peer.sock = context.wrap_socket(peer.sock, server_hostname="127.0.0.1")
+    return peer
+
+
+def test_a_large_frame_over_tls_arrives_without_waiting_for_more(tmp_path, pki):
+    """OpenSSL can hold the rest of a record that select() never reports: it must be read."""
+    from tests.wire_peer import ipv4_packet
+    net = StreamNet(tmp_path, server_lines=server_lines(pki["ours"]))
+    try:
+        ca = pki["ours"] + "/ca.pem"
+        alice, bob = tls_peer(net.port, ca), tls_peer(net.port, ca)
+        alice.handshake(net.secret, "alice")
+        bob.handshake(net.secret, "bob")
+        for size in (12000, 60000):
+            packet = ipv4_packet(alice.address, bob.address, os.urandom(size))
+            alice.send_packet(packet)
+            started = time.monotonic()
+            assert bob.recv_packet(timeout=3) == packet       # long before the next PING (10 s)
+            assert time.monotonic() - started < 3
+    finally:
+        net.stop()
+
+
+def test_a_tls_listener_survives_peers_that_reset_at_once(tmp_path, pki):
+    """Python's wrap_socket refuses a socket reset with data unread (CVE-2023-40217 fix): that
+    connection is dropped, the listener keeps listening."""
+    import socket
+    import struct
+    net = StreamNet(tmp_path, server_lines=server_lines(pki["ours"]), client_lines=client_lines(pki["ours"]))
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", net.port), timeout=5)
+            sock.sendall(b"x")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()                                    # RST
+        time.sleep(0.5)
+        assert net.run("dev-a", "services", timeout=30).returncode == 0
+        assert "stopped listening" not in net.server.output()
+    finally:
+        net.stop()
+
+
+def test_a_connection_turned_away_under_tls_costs_no_cpu(tmp_path, pki):
+    import socket
+    net = StreamNet(tmp_path, server_lines=server_lines(pki["ours"]) + ["max_connections_per_source = 1"])
+    held = socket.create_connection(("127.0.0.1", net.port), timeout=5)
+    try:
+        before = cpu_seconds(net.server.pid)
+        extra = socket.create_connection(("127.0.0.1", net.port), timeout=5)
+        assert extra.recv(100) == b""                         # closed at once
+        extra.close()
+        time.sleep(2.5)
+        assert cpu_seconds(net.server.pid) - before < 0.5
+        net.server.wait_for(r"refused a connection from 127\.0\.0\.1: limit reached")
+    finally:
+        held.close()
+        net.stop()
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def san_only_certificate(certs, directory, name):
+    """A client certificate from certs' CA with no commonName, only DNS:name in its SAN."""
+    key, request, cert, ext = (os.path.join(str(directory), "%s.%s" % (name, kind)) for kind in ("key", "csr", "pem", "ext"))
+    with open(ext, "w") as sink:
+        sink.write("subjectAltName = DNS:%s\nextendedKeyUsage = clientAuth\n" % name)
+    for argv in (["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key],
+                 ["openssl", "req", "-new", "-key", key, "-subj", "/O=MNEDC test", "-out", request],
+                 ["openssl", "x509", "-req", "-in", request, "-CA", certs + "/ca.pem", "-CAkey", certs + "/ca.key",
+                  "-set_serial", "7", "-days", "2", "-extfile", ext, "-out", cert]):
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def test_a_certificate_must_name_the_device_in_cn_or_san(tmp_path, pki):
+    cert, key = san_only_certificate(pki["ours"], tmp_path, "dev-a")
+    lines = ["tls = yes", "tls_ca = %s/ca.pem" % pki["ours"], "tls_cert = %s" % cert, "tls_key = %s" % key]
+    net = StreamNet(tmp_path, server_lines=server_lines(pki["ours"], mutual=True), client_lines=lines)
+    try:
+        assert net.run("dev-a", "services", timeout=30).returncode == 0       # its SAN names it
+        other = net.run("dev-b", "services", timeout=30)
+        assert other.returncode == 1 and "certificate is for dev-a, not for device dev-b" in other.stderr, other.stderr
+    finally:
+        net.stop()
