@@ -1946,6 +1946,7 @@ class RelayServer:
         return {"error": "unknown command %r (status, kick)" % command}
 
     def status(self):
+        config = self.config
         members = sorted((c for c in self.connections if c.stage == "established"),
                          key=lambda c: (c.device_id, c.streams_session, c.remote))
         devices = [{
@@ -1966,6 +1967,11 @@ class RelayServer:
             "address": ipv4_text(self.leases.server_address), "protocol": PROTOCOL_VERSION,
             "interface": self.tun.interface if self.tun else None, "started": self.started,
             "uptime_s": int(time.time() - self.started), "pid": os.getpid(),
+            "tls": "client certificates" if config.tls_client_ca else "yes" if config.tls else "no",
+            "device_keys": len(config.keys.keys) if config.keys else 0,
+            "revoked": config.keys.revoked() if config.keys else [],
+            "policy_rules": len(config.policy.rules) if config.policy else 0,
+            "limits": {name: getattr(config, name) for name in LIMIT_KEYS},
         }, "devices": devices, "totals": totals}
 
     def kick(self, device_id):
@@ -2927,6 +2933,8 @@ SERVER_KEYS = {
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_client_ca": lambda config, path: setattr(config, "tls_client_ca", path),
 }
+LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
+              "max_queue_bytes", "max_streams_per_client")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
 
 
@@ -3148,6 +3156,10 @@ def format_status(status):
         " on " + server["interface"] if server["interface"] else ", no TUN", format_duration(server["uptime_s"])),
         "%d device(s), %d stream session(s), %d stream(s), %d handshake(s) in progress" % (
             totals["devices"], totals["stream_sessions"], totals["streams"], totals["handshakes_in_progress"]),
+        "TLS: %s; device keys: %d%s; policy: %s" % (
+            server["tls"], server["device_keys"],
+            " (revoked: %s)" % ", ".join(server["revoked"]) if server["revoked"] else "",
+            "%d rules" % server["policy_rules"] if server["policy_rules"] else "allow all"),
         "", "%-24s %-15s %-21s %-7s %-9s %12s %12s %s" % (
             "DEVICE", "ADDRESS", "REMOTE", "KIND", "SINCE", "BYTES IN", "BYTES OUT", "DROPS")]
     now = time.time()

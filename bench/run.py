@@ -132,7 +132,7 @@ def measure_tunnel(topo, measurement, a_target, duration, runs, pids, stream_pid
         measurement.add("cpu_s_per_gb", cpu)
         measurement.add("gbps_reverse", iperf(topo, "a", "b", a_target, duration, ["-R"], pids)[0])
         measurement.add("gbps_4_streams", iperf(topo, "a", "b", a_target, duration, ["-P", "4"], pids)[0])
-    measurement.add("rtt_ms", ping_ms(topo, "a", a_target))
+        measurement.add("rtt_ms", ping_ms(topo, "a", a_target))
 
 
 def bench_raw(topo, args):
@@ -141,7 +141,7 @@ def bench_raw(topo, args):
         raw.add("gbps", iperf(topo, "a", "srv", topo.server_ip, args.duration)[0])
         raw.add("gbps_reverse", iperf(topo, "a", "srv", topo.server_ip, args.duration, ["-R"])[0])
         raw.add("gbps_4_streams", iperf(topo, "a", "srv", topo.server_ip, args.duration, ["-P", "4"])[0])
-    raw.add("rtt_ms", ping_ms(topo, "a", topo.server_ip))
+        raw.add("rtt_ms", ping_ms(topo, "a", topo.server_ip))
     return raw
 
 
@@ -258,7 +258,9 @@ def report(measurements, args):
         goals.append(("MNEDC default >= 35 % of raw", ratio(mnedc.median("gbps"), raw), 0.35))
     if mnedc and openvpn_best:
         goals.append(("MNEDC default >= 1.5 x OpenVPN best", ratio(mnedc.median("gbps"), openvpn_best.median("gbps")), 1.5))
-        goals.append(("MNEDC RTT / OpenVPN RTT", ratio(mnedc.median("rtt_ms"), openvpn_best.median("rtt_ms")), ("<=", 1.0)))
+        goals.append(("MNEDC RTT / OpenVPN RTT (its best setting)", ratio(mnedc.median("rtt_ms"), openvpn_best.median("rtt_ms")), ("<=", 1.0)))
+        if openvpn_default:
+            goals.append(("MNEDC RTT / OpenVPN RTT (its default)", ratio(mnedc.median("rtt_ms"), openvpn_default.median("rtt_ms")), ("<=", 1.0)))
     if mnedc1500 and openvpn_default:
         goals.append(("MNEDC at MTU 1500 >= 5 x OpenVPN default", ratio(mnedc1500.median("gbps"), openvpn_default.median("gbps")), 5.0))
     if stream:

@@ -76,6 +76,8 @@ def test_per_device_keys_revocation_and_another_devices_id(tmp_path):
         assert (code, text) == (wire.ERROR_AUTH, "device dev-a is revoked")
         with pytest.raises(Refused, match="device dev-a is revoked"):
             WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-a")
+        status = wire.control_request(str(tmp_path / "server.sock"), {"command": "status"})
+        assert status["server"]["revoked"] == ["dev-a"] and status["server"]["device_keys"] == 1
         packet = ipv4_packet(other.address, carol.address, b"still here")
         other.send_packet(packet)
         assert carol.recv_packet() == packet
@@ -198,6 +200,8 @@ def test_limits_refuse_the_new_connection_with_a_reason_and_reload(tmp_path):
         late.sock.close()
         late.sock = connect_from(port, "127.0.0.2")
         late.handshake(secret, "late")
+        status = wire.control_request(str(tmp_path / "server.sock"), {"command": "status"})
+        assert status["server"]["limits"]["max_connections_per_source"] == 5
         assert "Traceback" not in proc.output()
     finally:
         for sock in held:

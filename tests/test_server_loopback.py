@@ -73,7 +73,7 @@ def test_packets_are_routed_by_destination_address(server):
     assert alice.recv_packet() == to_alice
 
 
-def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(server):
+def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(server, tmp_path):
     proc, port, secret = server
     alice, bob, mallory = (join(port, secret, name) for name in ("alice", "bob", "mallory"))
     for _ in range(50):
@@ -86,6 +86,10 @@ def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(s
     assert bob.recv_packet() == honest                # none of the forged ones arrived before it
     spoof_lines = [line for line in proc.lines() if "spoofed source" in line]
     assert len(spoof_lines) == 1, spoof_lines         # 50 drops, one line: the log is rate-limited
+    status = wire.control_request(str(tmp_path / "server.sock"), {"command": "status"})
+    assert status["totals"]["drops"] == {"spoofed source": 50, "unknown destination": 1}, status["totals"]
+    mallory_row = [device for device in status["devices"] if device["device_id"] == "mallory"][0]
+    assert mallory_row["drops"]["spoofed source"] == 50
 
 
 def test_wrong_secret_is_refused_with_a_clear_reason(server):
