@@ -119,7 +119,7 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -217,7 +217,6 @@ RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
 VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
-VNET_CHECKSUM_OFFSETS = {6: 16, 17: 6}   # where TCP's and UDP's checksums sit in their headers
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -602,15 +601,18 @@ def ipv4_problem(packet, offset=0):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields.
+    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet, then its offload fields."""
+    return ipv4_problem(payload, VNET_HEADER.size) or offload_problem(payload)
 
-    The fields may only describe what a TSO sender leaves open: the TCP or UDP checksum right
-    after the IP header, TCP segmentation for TCP. Anything else could make the receiver's
-    checksum (finished_packet) write into the IP header, e.g. over the checked source address.
+
+def offload_problem(payload):
+    """Why the offload fields of a VNET_PACKET with a well-formed IPv4 packet are unusable.
+
+    The checksum the sender left open must lie past the IP header (it may sit deeper, e.g. the
+    inner TCP checksum of a VXLAN tunnel carried over the network), and segmentation is for TCP
+    only. Else the receiver's checksum (finished_packet) could write into the IP header, over
+    the source address the relay checked.
     """
-    problem = ipv4_problem(payload, VNET_HEADER.size)
-    if problem:
-        return problem
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
     header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
     protocol = payload[VNET_HEADER.size + 9]
@@ -621,9 +623,8 @@ def vnet_packet_problem(payload):
     if gso_type and protocol != 6:
         return "TCP segmentation offload on protocol %d" % protocol
     if flags & VNET_NEEDS_CSUM:
-        if csum_start != header_length or csum_offset != VNET_CHECKSUM_OFFSETS.get(protocol):
-            return "checksum at %d+%d is not the %s checksum" % (csum_start, csum_offset,
-                                                                 "protocol %d" % protocol)
+        if csum_start < header_length:
+            return "checksum from offset %d would cover the IP header" % csum_start
         if csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
             return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
     return None
@@ -783,7 +784,10 @@ class RelayLink:
         try:
             events = self.sock.handshake()
         except OSError as error:        # the verification failure says what is wrong
-            self.close("TLS handshake with %s failed: %s" % (self.server_label, describe_error(error)))
+            hint = ""
+            if isinstance(error, ConnectionError) or type(error).__name__ == "SSLEOFError":
+                hint = " (a server at a connection limit closes TLS connections at once; its log says why)"
+            self.close("TLS handshake with %s failed: %s%s" % (self.server_label, describe_error(error), hint))
             return
         if events:
             self.client.loop.set_interest(self, events)
@@ -946,6 +950,7 @@ class ClientTun:
         self.fd = fd
         self.interface = interface
         self.offload = offload
+        self.tso = offload              # TSO on; off under a server's small frame limit
         self.paused = False
         self.closed = False
 
@@ -1527,7 +1532,7 @@ class TunClient(RelayClient):
             return {"error": "unknown command %r (status)" % request.get("command")}
         link = self.established_link()
         return {"device_id": self.config.device_id, "server": "%s:%d" % self.config.server,
-                "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload,
+                "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload, "tso": self.tun.tso,
                 "address": "%s/%d" % self.configured if self.configured else None,
                 "server_address": self.server_address, "state": self.state, "since": self.state_since,
                 "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
@@ -1557,30 +1562,39 @@ class TunClient(RelayClient):
                          self.config.device_id, ipv4_text(server_address)))
 
     def fit_frame_limit(self):
-        """The MTU to use under the server's frame limit; below 64 KB TSO goes off as well, since
-        it hands over segments of 64 KB whatever the MTU."""
+        """The MTU to use under the server's frame limit. Below 64 KB TSO goes off as well, since
+        it hands over segments of 64 KB whatever the MTU; a later server without the limit gets
+        it back."""
         limit = self.max_frame_bytes
-        if limit >= MAX_PAYLOAD_BYTES:
-            return self.config.mtu
         if self.tun.offload:
-            try:
-                set_tun_offload(self.tun.fd, TUN_F_CSUM)
-            except OSError as error:
-                self.log.warning("cannot turn TSO off: %s" % describe_error(error))
+            self.set_tso(limit >= MAX_PAYLOAD_BYTES)
             limit -= VNET_HEADER.size
-        if limit < self.config.mtu:
-            self.log.info("the server takes frames of at most %d bytes: MTU %d" % (self.max_frame_bytes, limit))
-        return min(self.config.mtu, limit)
+        if limit >= self.config.mtu:
+            return self.config.mtu
+        self.log.info("the server takes frames of at most %d bytes: MTU %d" % (self.max_frame_bytes, limit))
+        return limit
+
+    def set_tso(self, wanted):
+        if wanted == self.tun.tso:
+            return
+        try:
+            set_tun_offload(self.tun.fd, TUN_OFFLOADS if wanted else TUN_F_CSUM)
+            self.tun.tso = wanted
+        except OSError as error:
+            self.log.error("cannot turn TSO %s: %s%s" % ("on" if wanted else "off", describe_error(error),
+                           "" if wanted else "; segments larger than the server's frames will be dropped"))
 
     def on_frame(self, frame_type, payload):
-        if frame_type == FRAME_PACKET:
-            problem = ipv4_problem(payload)
-        elif frame_type == FRAME_VNET_PACKET:
-            problem = vnet_packet_problem(payload)
-        else:
+        if frame_type not in (FRAME_PACKET, FRAME_VNET_PACKET):
             raise ProtocolError("%s is not for a TUN member" % FRAME_NAMES.get(frame_type, frame_type))
+        offloaded = frame_type == FRAME_VNET_PACKET
+        problem = ipv4_problem(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             raise ProtocolError(problem)
+        problem = offloaded and offload_problem(payload)
+        if problem:
+            self.count_drop(problem)
+            return
         self.packets_in += 1
         self.bytes_in += len(payload)
         self.tun.send_packet(frame_type, payload)
@@ -2373,6 +2387,7 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000      # each read and write starts with a virtio_net_hdr: offloads possible
 IFF_UP = 0x1
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
@@ -2419,7 +2434,7 @@ def open_tun(name, offload=True):
         if reply is None:
             raise OSError(errno.EBADFD, "TUNSETIFF refused in both ioctl encodings")
         if offload:
-            fcntl.ioctl(fd, number + TUNSETOFFLOAD_OFFSET, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+            fcntl.ioctl(fd, number + TUNSETOFFLOAD_OFFSET, TUN_OFFLOADS)
         os.set_blocking(fd, False)
         return fd, reply[:IFNAMSIZ].rstrip(b"\0").decode("ascii"), offload
     except OSError:
@@ -2433,8 +2448,15 @@ def open_tun(name, offload=True):
 
 
 def set_tun_offload(fd, flags):
-    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit."""
-    fcntl.ioctl(fd, tunsetiff_numbers()[0] + TUNSETOFFLOAD_OFFSET, flags)
+    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit;
+    in this machine's ioctl encoding, else the other one, as open_tun does."""
+    first, second = tunsetiff_numbers()
+    try:
+        fcntl.ioctl(fd, first + TUNSETOFFLOAD_OFFSET, flags)
+    except OSError as error:
+        if error.errno not in (errno.EBADFD, errno.EINVAL, errno.ENOTTY):
+            raise
+        fcntl.ioctl(fd, second + TUNSETOFFLOAD_OFFSET, flags)
 
 
 def read_tun_packet(fd, offload):

@@ -129,7 +129,7 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -227,7 +227,6 @@ RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
 VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
-VNET_CHECKSUM_OFFSETS = {6: 16, 17: 6}   # where TCP's and UDP's checksums sit in their headers
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -612,15 +611,18 @@ def ipv4_problem(packet, offset=0):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet and its offload fields.
+    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet, then its offload fields."""
+    return ipv4_problem(payload, VNET_HEADER.size) or offload_problem(payload)
 
-    The fields may only describe what a TSO sender leaves open: the TCP or UDP checksum right
-    after the IP header, TCP segmentation for TCP. Anything else could make the receiver's
-    checksum (finished_packet) write into the IP header, e.g. over the checked source address.
+
+def offload_problem(payload):
+    """Why the offload fields of a VNET_PACKET with a well-formed IPv4 packet are unusable.
+
+    The checksum the sender left open must lie past the IP header (it may sit deeper, e.g. the
+    inner TCP checksum of a VXLAN tunnel carried over the network), and segmentation is for TCP
+    only. Else the receiver's checksum (finished_packet) could write into the IP header, over
+    the source address the relay checked.
     """
-    problem = ipv4_problem(payload, VNET_HEADER.size)
-    if problem:
-        return problem
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
     header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
     protocol = payload[VNET_HEADER.size + 9]
@@ -631,9 +633,8 @@ def vnet_packet_problem(payload):
     if gso_type and protocol != 6:
         return "TCP segmentation offload on protocol %d" % protocol
     if flags & VNET_NEEDS_CSUM:
-        if csum_start != header_length or csum_offset != VNET_CHECKSUM_OFFSETS.get(protocol):
-            return "checksum at %d+%d is not the %s checksum" % (csum_start, csum_offset,
-                                                                 "protocol %d" % protocol)
+        if csum_start < header_length:
+            return "checksum from offset %d would cover the IP header" % csum_start
         if csum_start + csum_offset + 2 > len(payload) - VNET_HEADER.size:
             return "checksum offset %d+%d is outside the packet" % (csum_start, csum_offset)
     return None
@@ -1382,9 +1383,14 @@ class ClientConnection:
             self.server.config.max_frame_bytes))
 
     def on_packet(self, frame_type, payload):
-        problem = ipv4_problem(payload) if frame_type == FRAME_PACKET else vnet_packet_problem(payload)
+        offloaded = frame_type == FRAME_VNET_PACKET
+        problem = ipv4_problem(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             raise ProtocolError(problem)
+        problem = offloaded and offload_problem(payload)
+        if problem:                         # one odd packet is not worth the member's link
+            self.server.count_drop(problem, self, frame_type, payload)
+            return
         self.packets_in += 1
         self.bytes_in += len(payload)
         self.server.route_packet(frame_type, payload, self)
@@ -2008,6 +2014,8 @@ class RelayServer:
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
                          "%d device keys" % len(fresh.keys) if fresh.keys else "no keys file",
                          "policy of %d rules" % len(fresh.policy.rules) if fresh.policy else "no policy"))
+        if not fresh.network_secret and not (fresh.keys and fresh.keys.keys):
+            self.log.warning("network_secret = no and no device in the keys file may join: nobody can join now")
         self.drop_revoked()
 
     def drop_revoked(self):
@@ -2628,6 +2636,7 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000      # each read and write starts with a virtio_net_hdr: offloads possible
 IFF_UP = 0x1
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
@@ -2674,7 +2683,7 @@ def open_tun(name, offload=True):
         if reply is None:
             raise OSError(errno.EBADFD, "TUNSETIFF refused in both ioctl encodings")
         if offload:
-            fcntl.ioctl(fd, number + TUNSETOFFLOAD_OFFSET, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+            fcntl.ioctl(fd, number + TUNSETOFFLOAD_OFFSET, TUN_OFFLOADS)
         os.set_blocking(fd, False)
         return fd, reply[:IFNAMSIZ].rstrip(b"\0").decode("ascii"), offload
     except OSError:
@@ -2688,8 +2697,15 @@ def open_tun(name, offload=True):
 
 
 def set_tun_offload(fd, flags):
-    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit."""
-    fcntl.ioctl(fd, tunsetiff_numbers()[0] + TUNSETOFFLOAD_OFFSET, flags)
+    """Change what the kernel may hand over (TUN_F_*), e.g. TSO off under a small frame limit;
+    in this machine's ioctl encoding, else the other one, as open_tun does."""
+    first, second = tunsetiff_numbers()
+    try:
+        fcntl.ioctl(fd, first + TUNSETOFFLOAD_OFFSET, flags)
+    except OSError as error:
+        if error.errno not in (errno.EBADFD, errno.EINVAL, errno.ENOTTY):
+            raise
+        fcntl.ioctl(fd, second + TUNSETOFFLOAD_OFFSET, flags)
 
 
 def read_tun_packet(fd, offload):
@@ -2954,10 +2970,11 @@ def parse_listen(text):
     return host, port
 
 
-def load_server_config(args, key_cache=None):
+def load_server_config(args, key_cache=None, reloading=False):
     """ServerConfig from -c FILE and the flags; ConfigError names what is wrong.
 
-    key_cache keeps the keys_file's PBKDF2 derivations from one load to the next (SIGHUP)."""
+    key_cache keeps the keys_file's PBKDF2 derivations from one load to the next (SIGHUP).
+    reloading: a keys file that admits nobody is then taken (it may revoke the last device)."""
     config = ServerConfig()
     values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
     where = "%s: [server] " % args.config
@@ -2977,7 +2994,7 @@ def load_server_config(args, key_cache=None):
                 config.policy = Policy(text)
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
-    if not config.network_secret and not (config.keys and config.keys.keys):
+    if not config.network_secret and not (config.keys and config.keys.keys) and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
     tls_files = [(key, getattr(config, key)) for key in ("tls_cert", "tls_key", "tls_client_ca") if getattr(config, key)]
@@ -3089,7 +3106,7 @@ def cmd_run(args):
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
     key_cache = config.keys.cache if config.keys else {}
-    server = RelayServer(config, log, reload_config=lambda: load_server_config(args, key_cache))
+    server = RelayServer(config, log, reload_config=lambda: load_server_config(args, key_cache, reloading=True))
     try:
         server.start()
     except OSError as error:
@@ -3160,6 +3177,7 @@ def format_status(status):
             server["tls"], server["device_keys"],
             " (revoked: %s)" % ", ".join(server["revoked"]) if server["revoked"] else "",
             "%d rules" % server["policy_rules"] if server["policy_rules"] else "allow all"),
+        "limits: " + ", ".join("%s %d" % item for item in sorted(server["limits"].items())),
         "", "%-24s %-15s %-21s %-7s %-9s %12s %12s %s" % (
             "DEVICE", "ADDRESS", "REMOTE", "KIND", "SINCE", "BYTES IN", "BYTES OUT", "DROPS")]
     now = time.time()

@@ -254,9 +254,9 @@ def test_a_revocation_reaches_a_handshake_in_progress(tmp_path):
         proc.stop()
 
 
-def test_a_vnet_packet_that_would_rewrite_its_ip_header_is_refused(tmp_path):
+def test_a_vnet_packet_that_would_rewrite_its_ip_header_is_dropped(tmp_path):
     """A checksum offset pointing into the IP header would let the receiver's checksum overwrite
-    the (already checked) source address: the relay refuses the frame."""
+    the (already checked) source address: the relay drops and counts that packet."""
     proc, port, secret = start_server(tmp_path / "state")
     try:
         mallory, victim = WirePeer(port), WirePeer(port)
@@ -264,10 +264,12 @@ def test_a_vnet_packet_that_would_rewrite_its_ip_header_is_refused(tmp_path):
         victim.handshake(secret, "victim")
         packet = ipv4_packet(mallory.address, victim.address, bytes(20), protocol=6)
         mallory.send_frame(wire.FRAME_VNET_PACKET, wire.VNET_HEADER.pack(1, 0, 0, 0, 0, 14) + packet)
-        code, text = mallory.expect_error()
-        assert code == wire.ERROR_PROTOCOL and "not the protocol 6 checksum" in text
+        proc.wait_for(r"dropped packet from device mallory .*: checksum from offset 0 would cover the IP header")
         with pytest.raises(socket.timeout):
             victim.recv_packet(timeout=0.5)
+        honest = ipv4_packet(mallory.address, victim.address, b"honest")   # dropped, not disconnected
+        mallory.send_packet(honest)
+        assert victim.recv_packet() == honest
     finally:
         proc.stop()
 
@@ -349,3 +351,18 @@ def test_tls_and_keys_mistakes_are_one_clear_line(tmp_path, body, complaint):
                              "--no-tun", "--state-dir", str(tmp_path / "state")],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and complaint in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_revoking_the_last_device_of_a_keys_only_network_takes_effect(tmp_path):
+    proc, port, _ = keyed_server(tmp_path, "dev-a %s\n" % SECRETS["dev-a"], "network_secret = no\n")
+    try:
+        alice = WirePeer(port)
+        alice.handshake(SECRETS["dev-a"].encode(), "dev-a")
+        write(tmp_path / "keys", "dev-a revoked\n")
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_for(r"nobody can join now")
+        assert alice.expect_error() == (wire.ERROR_AUTH, "device dev-a is revoked")
+        with pytest.raises(Refused, match="device dev-a is revoked"):
+            WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-a")
+    finally:
+        proc.stop()

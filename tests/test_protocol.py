@@ -245,9 +245,11 @@ def test_vnet_packet_problems_are_named():
     assert "offload type 4" in wire.vnet_packet_problem(vnet(0, 4, 0, 0, 0, 0) + tcp)     # TCPv6
     assert "on protocol 17" in wire.vnet_packet_problem(vnet(1, 1, 0, 0, 20, 6) + udp)
     assert "flags 0x02" in wire.vnet_packet_problem(vnet(2, 0, 0, 0, 0, 0) + tcp)
-    # a checksum placed anywhere but TCP's or UDP's could rewrite the IP header's source address
-    assert "not the protocol 6 checksum" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 0, 14) + tcp)
-    assert "not the protocol 6 checksum" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 20, 6) + tcp)
+    # a checksum that starts inside the IP header could rewrite the source address the relay checked
+    assert "would cover the IP header" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 0, 14) + tcp)
+    assert "would cover the IP header" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 19, 16) + tcp)
+    # deeper is fine: the inner TCP checksum of a tunnel carried over the network
+    assert wire.vnet_packet_problem(vnet(1, 0, 0, 0, 24, 14) + tcp) is None
     short = bytes([0x45, 0, 0, 30, 0, 0, 0, 0, 64, 6]) + bytes(20)      # TCP header cut short
     assert "outside the packet" in wire.vnet_packet_problem(vnet(1, 0, 0, 0, 20, 16) + short)
 

@@ -26,6 +26,9 @@ PROBE = textwrap.dedent("""
         first, second = m.tunsetiff_numbers()
         m.tunsetiff_numbers = lambda: (second, first)
     fd, name, offload = m.open_tun("mnt-probe0", offload=mode != "no-offload")
+    if offload:
+        m.set_tun_offload(fd, m.TUN_F_CSUM)       # TSO off and on again, in whichever encoding works
+        m.set_tun_offload(fd, m.TUN_OFFLOADS)
     if mode == "ip":
         m.configure_with_ip(name, "198.18.7.9", 24, 1400)
         how = "ip"
