@@ -116,11 +116,11 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 # any two versions can tell each other why they refuse.
 
 import struct                       # the block imports what it uses, so it runs on its own
-try:                                # the builtin SHA-256: hashlib would load OpenSSL (4 MB of RSS)
-    from _sha2 import sha256        # Python 3.12+
+try:                                # CPython's builtin SHA-256, part of the standard library under
+    from _sha2 import sha256        # this name from 3.12 on; hashlib would load OpenSSL (4 MB RSS)
 except ImportError:
     try:
-        from _sha256 import sha256  # Python 3.7 to 3.11
+        from _sha256 import sha256  # the same module in Python 3.7 to 3.11
     except ImportError:
         from hashlib import sha256
 try:
