@@ -77,6 +77,19 @@ class StreamNet:
         proc.wait_for(r"listening on 127\.0\.0\.1:%d" % local, timeout=15)
         return proc, local
 
+    def send_through(self, sender, listener, port, data, timeout=60):
+        """`connect` from sender sends data to a `listen --forward` of listener's port; asserts it
+        left cleanly and reached the real TCP end byte-exact. The connect's CompletedProcess."""
+        target = TcpServer(sink_digest)
+        try:
+            self.listen(listener, "--forward=%d" % target.port, str(port))
+            sent = self.run(sender, "connect", listener, str(port), input=data, timeout=timeout)
+            assert sent.returncode == 0, sent.stderr
+            assert target.wait_results(1)[0] == (len(data), hashlib.sha256(data).hexdigest())
+            return sent
+        finally:
+            target.close()
+
     def run(self, device_id, *command, **kw):
         """A one-shot command to completion: CompletedProcess with bytes stdout, text stderr."""
         result = subprocess.run(self.argv(device_id, *command), input=kw.get("input", b""),
