@@ -11,6 +11,11 @@ the median of --runs runs:
   stream     MNEDC stream mode: connect --forward on a, listen --forward on b
   openvpn    OpenVPN 2.6 in TCP mode on the same topology (bench/openvpn_peer.py): its default
              (AES-GCM, MTU 1500) and its best TCP setting here (no data cipher, tun-mtu 48000)
+  floor      the least work a Python relay can do (bench/floor.py: processes that only pump
+             bytes, no handshake, framing or flow control) on the same paths: ping RTT through
+             its TUN pair (blocking threads; and one selectors loop, as MNEDC's design card
+             requires), iperf3 through its stream chain. Rows marked (floor) compare MNEDC and
+             OpenVPN with it: what MNEDC's own work costs, and what no such relay here can beat
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
 (/proc/PID/stat), and their peak RSS (VmHWM). Then a scale run (bench/scale.py): 500 stream
 sessions, each its own device_id, idle with keepalives for 60 s on one server: the time for all
@@ -202,6 +207,66 @@ def bench_stream(topo, net, args):
     return stream
 
 
+FLOOR = os.path.join(ROOT, "bench", "floor.py")
+FLOOR_PORTS = ("7100", "7101")
+FLOOR_SUBNET = "198.19.255.%d/24"
+FLOOR_LOCAL_PORT = 15301
+
+
+def bench_floor(topo, args):
+    """The least-work Python relay (bench/floor.py): ping RTT through its TUN pair, and iperf3
+    through its stream chain (a's forwarded port -> relay -> b), as MNEDC's stream mode runs."""
+    floor = Measurement("floor", "least-work Python relay (bench/floor.py), same paths")
+
+    def spawn(namespace, argv, ready):
+        proc = topo.spawn(namespace, [BOARD_PYTHON, FLOOR] + argv)
+        procs.append(proc)
+        proc.wait_for(ready, timeout=10)
+        return proc
+
+    procs = []
+    try:
+        for loop, key in (("threads", "rtt_ms"), ("selectors", "rtt_ms_selectors")):
+            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS), "floor relay listening")
+            for name, port in (("a", FLOOR_PORTS[0]), ("b", FLOOR_PORTS[1])):
+                spawn(name, ["tun", FLOOR_SUBNET % (2 if name == "a" else 3), topo.server_ip, port, loop],
+                      "floor tun")
+            for _ in range(args.runs):
+                floor.add(key, ping_ms(topo, "a", (FLOOR_SUBNET % 3).split("/")[0]))
+            for proc in procs:
+                proc.stop()
+            procs = []
+    finally:
+        for proc in procs:
+            proc.stop()
+    for _ in range(args.runs):
+        procs = []
+        try:
+            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS), "floor relay listening")
+            server = topo.spawn("b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
+            procs.append(server)
+            wait_listening(topo, "b", IPERF_PORT)
+            # iperf3 -P 1 makes two connections: its control connection, then the data stream
+            chain = [relay, spawn("b", ["exit", topo.server_ip, FLOOR_PORTS[1], str(IPERF_PORT), "2"],
+                                  "floor exit connected"),
+                     spawn("a", ["entry", str(FLOOR_LOCAL_PORT), topo.server_ip, FLOOR_PORTS[0]],
+                           "floor entry listening")]
+            cpu_before = cpu_seconds([proc.pid for proc in chain])
+            result = topo.run("a", ["iperf3", "-c", "127.0.0.1", "-p", str(FLOOR_LOCAL_PORT), "-t",
+                                    str(args.duration), "-J"], timeout=args.duration + 30)
+            cpu = cpu_seconds([proc.pid for proc in chain]) - cpu_before
+        finally:
+            for proc in procs:
+                proc.stop()
+        report = json.loads(result.stdout)
+        if "sum_received" not in report.get("end", {}):
+            raise RuntimeError("iperf3 through the floor chain: %s" % report.get("error", result.stdout[-500:]))
+        summary = report["end"]["sum_received"]
+        floor.add("gbps", summary["bits_per_second"] / 1e9)
+        floor.add("cpu_s_per_gb", cpu / (summary["bytes"] / 1e9))
+    return floor
+
+
 def bench_openvpn(topo, workdir, args, variant):
     from bench.openvpn_peer import OpenVpnNetwork
     label = {"default": "OpenVPN TCP, default (AES-GCM, MTU 1500)",
@@ -265,6 +330,19 @@ def report(measurements, args):
         goals.append(("MNEDC at MTU 1500 >= 5 x OpenVPN default", ratio(mnedc1500.median("gbps"), openvpn_default.median("gbps")), 5.0))
     if stream:
         goals.append(("stream mode >= 50 % of raw", ratio(stream.median("gbps"), raw), 0.5))
+    floor = by_name.get("floor")
+    if floor:                               # context, not goals: what a least-work Python relay reaches
+        goals.append(("(floor) least-work Python stream chain / raw", ratio(floor.median("gbps"), raw), None))
+        if stream:
+            goals.append(("(floor) MNEDC stream mode / least-work Python stream chain",
+                          ratio(stream.median("gbps"), floor.median("gbps")), None))
+        for loop, key in (("threads", "rtt_ms"), ("one selectors loop", "rtt_ms_selectors")):
+            if mnedc:
+                goals.append(("(floor) MNEDC RTT / least-work Python relay RTT, %s" % loop,
+                              ratio(mnedc.median("rtt_ms"), floor.median(key)), None))
+            if openvpn_default:
+                goals.append(("(floor) least-work Python relay RTT, %s / OpenVPN RTT (its default)" % loop,
+                              ratio(floor.median(key), openvpn_default.median("rtt_ms")), None))
     if mnedc:
         goals.append(("client peak RSS, MB", (mnedc.median("peak_rss_client_kb") or 0) / 1024.0, ("<=", 15)))
     if scale:
@@ -317,6 +395,7 @@ def main():
         mnedc, stream = bench_mnedc(topo, workdir, args)
         measurements += [mnedc, stream]
         measurements.append(bench_mnedc(topo, workdir, args, mtu=1500)[0])
+        measurements.append(bench_floor(topo, args))
         if not args.no_openvpn:
             for variant in ("default", "fast"):
                 measurements.append(bench_openvpn(topo, workdir, args, variant))

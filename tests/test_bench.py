@@ -14,7 +14,7 @@ SUPPORTED, WHY_NOT = have_netns_support()
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the benchmark needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
-def test_bench_quick_measures_raw_mnedc_stream_mode_and_scale(tmp_path):
+def test_bench_quick_measures_raw_mnedc_stream_mode_floor_and_scale(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--no-openvpn",
                              "--output", str(tmp_path)], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -23,7 +23,7 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_and_scale(tmp_path):
                   "MNEDC TUN a -> relay -> b, MTU 1500"):
         assert label in table
     figures = {m["name"]: m["median"] for m in json.loads((tmp_path / "latest.json").read_text())["measurements"]}
-    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-1500", "scale"}
+    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-1500", "floor", "scale"}
     assert figures["scale"]["clients"] == 50 and 0 < figures["scale"]["join_s"] < 10
     assert 0 < figures["scale"]["server_rss_mb"] < 200
     assert "seconds for 50 clients to join" in table
@@ -31,3 +31,8 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_and_scale(tmp_path):
         assert figures[name]["gbps"] > 0.01, (name, figures[name])
     assert figures["mnedc"]["rtt_ms"] > 0 and figures["mnedc"]["cpu_s_per_gb"] > 0
     assert figures["mnedc"]["peak_rss_client_kb"] > 1000
+    # the least-work Python relay moved real traffic on both of its paths, in both loop styles
+    assert figures["floor"]["gbps"] > 0.01 and figures["floor"]["cpu_s_per_gb"] > 0
+    assert figures["floor"]["rtt_ms"] > 0 and figures["floor"]["rtt_ms_selectors"] > 0
+    assert "(floor) MNEDC stream mode / least-work Python stream chain" in table
+    assert "(floor) MNEDC RTT / least-work Python relay RTT, one selectors loop" in table
