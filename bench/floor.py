@@ -1,6 +1,6 @@
 """The floor under MNEDC's figures: the least work a Python relay can do, on the same topology.
 
-    python3 bench/floor.py relay PORT_A PORT_B          (in srv)
+    python3 bench/floor.py relay PORT_A PORT_B LOOP     (in srv; LOOP: threads or selectors)
     python3 bench/floor.py tun CIDR HOST PORT LOOP      (in a device: a TUN over the relay;
                                                          LOOP: threads or selectors)
     python3 bench/floor.py entry LOCAL_PORT HOST PORT   (in a device: a forwarded local port)
@@ -11,7 +11,8 @@ k-th connection on PORT_A with the k-th on PORT_B and pumps each one's bytes to 
 they come. No flow control, no limits, no logs. One blocking thread per direction, so a wakeup
 costs one recv and one send, not even a select(). TUN packets cross as a 2-byte length and the
 packet; streams cross the relay as one TCP connection each, which needs no framing at all.
-The TUN end can also run as MNEDC must (its design card): one thread, one selectors loop.
+The TUN ends and the relay can also run as MNEDC must (its design card): one thread, one
+selectors loop (the relay then serves one pair: the TUN pair).
 
 Every relay built from Python processes and kernel TCP pays at least what this one pays, so its
 figures, measured in the same run, tell what of MNEDC's cost is MNEDC's and what is the
@@ -78,11 +79,24 @@ def pump_both_ways(one, other):
         threading.Thread(target=pump, args=(source, sink), daemon=True).start()
 
 
-def cmd_relay(port_a, port_b):
+def cmd_relay(port_a, port_b, loop):
     side_a, side_b = listener("0.0.0.0", int(port_a)), listener("0.0.0.0", int(port_b))
     print("floor relay listening on %s and %s" % (port_a, port_b), flush=True)
+    if loop == "threads":
+        while True:
+            pump_both_ways(accepted(side_a), accepted(side_b))
+    one, other = accepted(side_a), accepted(side_b)
+    buffer = bytearray(PUMP_BYTES)
+    view = memoryview(buffer)
+    selector = selectors.DefaultSelector()
+    selector.register(one, selectors.EVENT_READ, other)
+    selector.register(other, selectors.EVENT_READ, one)
     while True:
-        pump_both_ways(accepted(side_a), accepted(side_b))
+        for key, _ in selector.select():
+            count = key.fileobj.recv_into(buffer)
+            if not count:
+                return
+            key.data.sendall(view[:count])
 
 
 def cmd_entry(local_port, host, port):
@@ -187,7 +201,7 @@ class RelayToTun:
         return True
 
 
-COMMANDS = {"relay": (cmd_relay, 2), "entry": (cmd_entry, 3), "exit": (cmd_exit, 4), "tun": (cmd_tun, 4)}
+COMMANDS = {"relay": (cmd_relay, 3), "entry": (cmd_entry, 3), "exit": (cmd_exit, 4), "tun": (cmd_tun, 4)}
 
 
 def main(argv):

@@ -13,8 +13,8 @@ the median of --runs runs:
              (AES-GCM, MTU 1500) and its best TCP setting here (no data cipher, tun-mtu 48000)
   floor      the least work a Python relay can do (bench/floor.py: processes that only pump
              bytes, no handshake, framing or flow control) on the same paths: ping RTT through
-             its TUN pair (blocking threads; and one selectors loop, as MNEDC's design card
-             requires), iperf3 through its stream chain. Rows marked (floor) compare MNEDC and
+             its TUN pair and relay (blocking threads; and one selectors loop in each
+             process, as MNEDC's design card requires), iperf3 through its stream chain. Rows marked (floor) compare MNEDC and
              OpenVPN with it: what MNEDC's own work costs, and what no such relay here can beat
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
 (/proc/PID/stat), and their peak RSS (VmHWM). Then a scale run (bench/scale.py): 500 stream
@@ -216,7 +216,7 @@ FLOOR_LOCAL_PORT = 15301
 def bench_floor(topo, args):
     """The least-work Python relay (bench/floor.py): ping RTT through its TUN pair, and iperf3
     through its stream chain (a's forwarded port -> relay -> b), as MNEDC's stream mode runs."""
-    floor = Measurement("floor", "least-work Python relay (bench/floor.py), same paths")
+    floor = Measurement("floor", "least-work Python relay (bench/floor.py): stream chain; RTT with threads")
 
     def spawn(namespace, argv, ready):
         proc = topo.spawn(namespace, [BOARD_PYTHON, FLOOR] + argv)
@@ -227,7 +227,7 @@ def bench_floor(topo, args):
     procs = []
     try:
         for loop, key in (("threads", "rtt_ms"), ("selectors", "rtt_ms_selectors")):
-            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS), "floor relay listening")
+            spawn("srv", ["relay"] + list(FLOOR_PORTS) + [loop], "floor relay listening")
             for name, port in (("a", FLOOR_PORTS[0]), ("b", FLOOR_PORTS[1])):
                 spawn(name, ["tun", FLOOR_SUBNET % (2 if name == "a" else 3), topo.server_ip, port, loop],
                       "floor tun")
@@ -242,7 +242,7 @@ def bench_floor(topo, args):
     for _ in range(args.runs):
         procs = []
         try:
-            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS), "floor relay listening")
+            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS) + ["threads"], "floor relay listening")
             server = topo.spawn("b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
             procs.append(server)
             wait_listening(topo, "b", IPERF_PORT)
