@@ -13,9 +13,10 @@ the median of --runs runs:
              (AES-GCM, MTU 1500) and its best TCP setting here (no data cipher, tun-mtu 48000)
   floor      the least work a Python relay can do (bench/floor.py: processes that only pump
              bytes, no handshake, framing or flow control) on the same paths: ping RTT through
-             its TUN pair and relay (blocking threads; and one selectors loop in each
-             process, as MNEDC's design card requires), iperf3 through its stream chain. Rows marked (floor) compare MNEDC and
-             OpenVPN with it: what MNEDC's own work costs, and what no such relay here can beat
+             its TUN pair and relay (blocking threads; and one selectors loop in each process,
+             as MNEDC's design card requires), iperf3 through its stream chain. Rows marked
+             (floor) compare MNEDC and OpenVPN with it: what MNEDC's own work costs, and what
+             no such relay here can beat
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
 (/proc/PID/stat), and their peak RSS (VmHWM). Then a scale run (bench/scale.py): 500 stream
 sessions, each its own device_id, idle with keepalives for 60 s on one server: the time for all
@@ -88,18 +89,22 @@ def wait_listening(topo, name, port, timeout=10):
         time.sleep(0.05)
 
 
-def iperf(topo, client_ns, server_ns, target, duration, extra=(), tunnel_pids=()):
-    """(Gbit/s, CPU s per GB of the tunnel processes) of one iperf3 run."""
+def iperf(topo, client_ns, server_ns, target, duration, extra=(), tunnel_pids=(), port=IPERF_PORT):
+    """(Gbit/s, CPU s per GB of the tunnel processes) of one iperf3 run; the server listens on
+    IPERF_PORT, the client connects to target:port (a forwarded port may lead there)."""
     server = topo.spawn(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
     try:
         wait_listening(topo, server_ns, IPERF_PORT)
         cpu_before = cpu_seconds(tunnel_pids)
-        result = topo.run(client_ns, ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(duration),
+        result = topo.run(client_ns, ["iperf3", "-c", target, "-p", str(port), "-t", str(duration),
                                       "-J"] + list(extra), timeout=duration + 30)
         cpu = cpu_seconds(tunnel_pids) - cpu_before
     finally:
         server.stop()
-    summary = json.loads(result.stdout)["end"]["sum_received"]
+    report = json.loads(result.stdout)
+    if "sum_received" not in report.get("end", {}):
+        raise RuntimeError("iperf3 to %s:%d failed: %s" % (target, port, report.get("error", result.stdout[-500:])))
+    summary = report["end"]["sum_received"]
     gigabytes = summary["bytes"] / 1e9
     return summary["bits_per_second"] / 1e9, (cpu / gigabytes if tunnel_pids and gigabytes else None)
 
@@ -190,16 +195,10 @@ def bench_stream(topo, net, args):
     pids = [net.server.pid, listener.pid, forwarder.pid]
     try:
         for _ in range(args.runs):
-            server = topo.spawn("b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
-            wait_listening(topo, "b", IPERF_PORT)
-            cpu_before = cpu_seconds(pids)
-            result = topo.run("a", ["iperf3", "-c", "127.0.0.1", "-p", str(STREAM_LOCAL_PORT), "-t",
-                                    str(args.duration), "-J"], timeout=args.duration + 30)
-            cpu = cpu_seconds(pids) - cpu_before
-            server.stop()
-            summary = json.loads(result.stdout)["end"]["sum_received"]
-            stream.add("gbps", summary["bits_per_second"] / 1e9)
-            stream.add("cpu_s_per_gb", cpu / (summary["bytes"] / 1e9))
+            gbps, cpu_per_gb = iperf(topo, "a", "b", "127.0.0.1", args.duration, tunnel_pids=pids,
+                                     port=STREAM_LOCAL_PORT)
+            stream.add("gbps", gbps)
+            stream.add("cpu_s_per_gb", cpu_per_gb)
         stream.add("peak_rss_client_kb", max(peak_rss_kb(listener.pid), peak_rss_kb(forwarder.pid)))
     finally:
         listener.stop()
@@ -242,28 +241,18 @@ def bench_floor(topo, args):
     for _ in range(args.runs):
         procs = []
         try:
-            relay = spawn("srv", ["relay"] + list(FLOOR_PORTS) + ["threads"], "floor relay listening")
-            server = topo.spawn("b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
-            procs.append(server)
-            wait_listening(topo, "b", IPERF_PORT)
-            # iperf3 -P 1 makes two connections: its control connection, then the data stream
-            chain = [relay, spawn("b", ["exit", topo.server_ip, FLOOR_PORTS[1], str(IPERF_PORT), "2"],
-                                  "floor exit connected"),
-                     spawn("a", ["entry", str(FLOOR_LOCAL_PORT), topo.server_ip, FLOOR_PORTS[0]],
-                           "floor entry listening")]
-            cpu_before = cpu_seconds([proc.pid for proc in chain])
-            result = topo.run("a", ["iperf3", "-c", "127.0.0.1", "-p", str(FLOOR_LOCAL_PORT), "-t",
-                                    str(args.duration), "-J"], timeout=args.duration + 30)
-            cpu = cpu_seconds([proc.pid for proc in chain]) - cpu_before
+            # iperf3 -P 1 makes two connections: its control connection, then the data stream;
+            # exit joins each to the iperf3 server only when its first bytes arrive
+            spawn("srv", ["relay"] + list(FLOOR_PORTS) + ["threads"], "floor relay listening")
+            spawn("b", ["exit", topo.server_ip, FLOOR_PORTS[1], str(IPERF_PORT), "2"], "floor exit connected")
+            spawn("a", ["entry", str(FLOOR_LOCAL_PORT), topo.server_ip, FLOOR_PORTS[0]], "floor entry listening")
+            gbps, cpu_per_gb = iperf(topo, "a", "b", "127.0.0.1", args.duration,
+                                     tunnel_pids=[proc.pid for proc in procs], port=FLOOR_LOCAL_PORT)
         finally:
             for proc in procs:
                 proc.stop()
-        report = json.loads(result.stdout)
-        if "sum_received" not in report.get("end", {}):
-            raise RuntimeError("iperf3 through the floor chain: %s" % report.get("error", result.stdout[-500:]))
-        summary = report["end"]["sum_received"]
-        floor.add("gbps", summary["bits_per_second"] / 1e9)
-        floor.add("cpu_s_per_gb", cpu / (summary["bytes"] / 1e9))
+        floor.add("gbps", gbps)
+        floor.add("cpu_s_per_gb", cpu_per_gb)
     return floor
 
 
