@@ -5,11 +5,12 @@ It keeps one TCP connection to the server (which sits in the main NAT, reachable
 proves it knows the network secret, receives this device's virtual IP, and carries IP packets
 between a TUN interface with that address and the relay. Any other device is then reachable
 by its virtual IP, whichever NAT it sits behind. On a lost connection it reconnects forever
-(1 s to 30 s backoff) and keeps the interface and its address, so open sockets survive.
+(every 1 to 3 s for a minute after losing a link that was up for 10 s or more; else a backoff
+from 1 s to 30 s, with jitter) and keeps the interface and its address, so open sockets survive.
 
 Configuration: an INI file with a [client] section (-c; default /etc/mnedc/client-config.ini,
 else ./client-config.ini), then command-line flags.
-  server      HOST or HOST:PORT of the relay server          (required; port 3334)
+  server      HOST or HOST:PORT of the relay server, or several (required; port 3334)
   secret      the network secret, or secret_file = PATH      (required)
   device_id   this device's name; it keeps its address by it (default /etc/machine-id, else hostname)
   interface   TUN interface name                             (default mnedc0)
@@ -18,7 +19,15 @@ else ./client-config.ini), then command-line flags.
   keepalive   seconds without a frame before the server is presumed dead (default 30)
   tls         yes: TLS to the server, verified against tls_ca; tls_cert and tls_key for a
               client certificate (mutual TLS); tls_server_name if it differs from server
-Needs root (or CAP_NET_ADMIN) and /dev/net/tun.
+  control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
+  log_level   debug, info, warning or error                  (default info)
+server may list several addresses of the same relay (its LAN and its public address), tried
+in order: server = 192.0.2.10:3334, relay.example.org:3334.
+SIGHUP re-reads the file and applies every key live (from the next connection on) except
+device_id, interface, mtu, offload and control_socket, which take a restart. --check tests this
+Python and the configuration without starting.
+TUN mode needs root (or CAP_NET_ADMIN) and /dev/net/tun; stream mode (listen, connect,
+services) needs neither. The user it runs as must be able to read the secret and TLS files.
 """
 
 import argparse
@@ -44,7 +53,12 @@ DEFAULT_KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10
 HANDSHAKE_TIMEOUT_S = 10
 MIN_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 30.0            # the longest wait between two attempts, jitter included
+HEALTHY_LINK_S = 10             # a link up this long, then lost without a refusal, ...
+QUICK_RETRY_WINDOW_S = 60       # ... is retried every QUICK_RETRY_S for this long after the loss,
+QUICK_RETRY_S = (1.0, 3.0)      # at a random moment in this range: a relay that crashed comes
+                                # back fast, while one that stays down sees the normal backoff after
+RESOLVE_TIMEOUT_S = 10          # a host name lookup that takes longer fails this attempt
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
 PORT_TAKEN_BACKOFF_STEPS = 3    # a taken virtual port may be a stale session: ask again in ~10 s
 RECV_BYTES = 256 * 1024
@@ -682,6 +696,8 @@ class RelayLink:
         self.deadline = now + CONNECT_TIMEOUT_S
         self.last_received = self.last_ping = now
         self.rtt_ms = None
+        self.established_at = None
+        self.refused = False            # the server ended it with an ERROR (kick, takeover, ...)
 
     def fileno(self):
         return self.sock.fileno()
@@ -746,11 +762,13 @@ class RelayLink:
         address, prefix_length, server_address, max_frame_bytes = decode_welcome(payload)
         self.reader.max_payload = MAX_PAYLOAD_BYTES
         self.stage = "established"
+        self.established_at = time.monotonic()
         self.client.max_frame_bytes = max_frame_bytes       # what we send stays within it
         self.client.on_welcome(self, address, prefix_length, server_address)
 
     def on_error(self, frame_type, payload):
         code, text = decode_error(payload)
+        self.refused = True
         self.client.on_server_error(code, text)
         self.close("the server refused: %s: %s" % (ERROR_NAMES.get(code, "error %d" % code), text))
 
@@ -774,7 +792,8 @@ class RelayLink:
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         config = self.client.config
         if config.tls_context is not None:
-            self.sock = TlsTransport(config.tls_context, self.sock, config.tls_server_name or config.server[0])
+            name = config.tls_server_name or self.server_label.rpartition(":")[0]
+            self.sock = TlsTransport(config.tls_context, self.sock, ascii_host(name))
             self.stage = "tls"
             self.continue_tls()
             return
@@ -1308,6 +1327,69 @@ def uniform(low, high):
     return low + (high - low) * int.from_bytes(os.urandom(4), "big") / 0xFFFFFFFF
 
 
+class NameLookup:
+    """One getaddrinfo off the event loop, so that a slow or dead resolver never holds it
+    (signals, keepalives, streams): the lookup runs in a daemon thread and hands its answer back
+    through a pipe the loop watches. Past RESOLVE_TIMEOUT_S the attempt fails; the thread is left
+    to end by itself, and busy() stays true until it has."""
+
+    thread = None                       # the newest lookup's thread, shared by every lookup
+
+    def __init__(self, loop, host, port, on_done):
+        import threading
+        self.loop, self.host, self.on_done = loop, host, on_done
+        self.answer = None
+        self.reader, writer = os.pipe()
+        self.timer = loop.call_later(RESOLVE_TIMEOUT_S, self.on_timeout)
+        NameLookup.thread = threading.Thread(target=self.resolve, args=(port, writer), daemon=True)
+        NameLookup.thread.start()
+        loop.set_interest(self, selectors.EVENT_READ)
+
+    @classmethod
+    def busy(cls):
+        return cls.thread is not None and cls.thread.is_alive()
+
+    def fileno(self):
+        return self.reader
+
+    def __repr__(self):
+        return "NameLookup(%s)" % self.host
+
+    def resolve(self, port, writer):
+        """In the thread: the only code here that does not run in the loop."""
+        try:
+            self.answer = resolve_ipv4(self.host, port)
+        except (OSError, ValueError) as error:
+            self.answer = error
+        try:
+            os.write(writer, b"!")
+        except OSError:
+            pass                        # the loop gave up on us and closed its end
+        finally:
+            os.close(writer)
+
+    def on_readable(self):
+        answer = self.answer
+        self.close("answered")
+        self.on_done(answer)
+
+    def on_writable(self):
+        pass
+
+    def on_timeout(self):
+        self.close("timed out")
+        self.on_done(OSError("the resolver did not answer within %d s" % RESOLVE_TIMEOUT_S))
+
+    def close(self, reason):
+        """Never raises; safe to call twice."""
+        if self.reader is None:
+            return
+        self.timer.cancel()
+        self.loop.forget(self)
+        os.close(self.reader)
+        self.reader = None
+
+
 class RelayClient:
     """What both modes share: one relay link at a time, the backoff, the timers, the signals."""
 
@@ -1320,7 +1402,12 @@ class RelayClient:
         self.key = network_key(config.secret)
         self.loop = EventLoop(log)
         self.link = None
+        self.lookup = None              # a NameLookup under way for the relay's host name
+        self.server_index = 0           # which of config.servers this attempt dials
+        self.round_tries = 0            # addresses tried since the last success or backoff
         self.failures = 0               # attempts since the last WELCOME, for the backoff
+        self.quick_retry_until = 0.0    # after losing a healthy link: retry quickly until then
+        self.reload_config = None       # SIGHUP: a callable that loads the configuration again
         self.restart_window_s = None    # set by RESTARTING: come back within it, not by backoff
         self.retry_timer = None
         self.batching = False
@@ -1333,23 +1420,41 @@ class RelayClient:
     def start_link(self):
         self.loop.call_every(1.0, self.tick)
         self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self.on_stop_signal)
+        self.loop.on_signals((signal.SIGHUP,), self.on_reload_signal)
         self.connect()
 
     def run(self):
         self.loop.run()
         return self.exit_code
 
+    def server_label(self):
+        return "%s:%d" % self.config.servers[self.server_index]
+
     def connect(self):
+        """One attempt at the current relay address: an address is dialled at once, a name is
+        looked up first, off the loop."""
         self.retry_timer = None
+        if self.stopping or self.link is not None or self.lookup is not None:
+            return
+        host, port = self.config.servers[self.server_index]
+        if is_ipv4_literal(host):
+            self.dial((host, port))
+        elif NameLookup.busy():
+            self.attempt_failed("cannot resolve %s: the resolver has not answered the last lookup yet" % host)
+        else:
+            self.lookup = NameLookup(self.loop, host, port, self.on_resolved)
+
+    def on_resolved(self, answer):
+        self.lookup = None
         if self.stopping or self.link is not None:
             return
-        host, port = self.config.server
-        label = "%s:%d" % (host, port)
-        try:
-            address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-        except (socket.gaierror, OSError) as error:
-            self.retry_later("cannot resolve %s: %s" % (host, error))
-            return
+        if isinstance(answer, Exception):
+            host = self.config.servers[self.server_index][0]
+            self.attempt_failed("cannot resolve %s: %s" % (host, describe_error(answer)))
+        else:
+            self.dial(answer)
+
+    def dial(self, address):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1357,10 +1462,22 @@ class RelayClient:
         failure = sock.connect_ex(address)
         if failure not in (0, errno.EINPROGRESS):
             sock.close()
-            self.retry_later("cannot connect to %s: %s" % (label, os.strerror(failure).lower()))
+            self.attempt_failed("cannot connect to %s: %s" % (self.server_label(), os.strerror(failure).lower()))
             return
-        self.link = RelayLink(self, sock, label)
+        self.link = RelayLink(self, sock, self.server_label())
         self.loop.set_interest(self.link, selectors.EVENT_WRITE)
+
+    def attempt_failed(self, reason):
+        """This address did not work: the next one of config.servers at once, or, once each was
+        tried, the first one again after the backoff."""
+        self.round_tries += 1
+        if self.round_tries < len(self.config.servers):
+            self.server_index = (self.server_index + 1) % len(self.config.servers)
+            self.log.info("%s; trying %s" % (reason, self.server_label()))
+            self.retry_timer = self.loop.call_later(0, self.connect)
+            return
+        self.round_tries = self.server_index = 0
+        self.retry_later(reason)
 
     def send_batch(self):
         """End of a wakeup: send the packets held back, in one sendmsg."""
@@ -1383,6 +1500,7 @@ class RelayClient:
             link.send_parts(FRAME_DATA, data_frame_head(stream_id, data), data)
 
     def on_server_error(self, code, text):
+        self.quick_retry_until = 0.0
         if code in FATAL_SERVER_ERRORS:
             self.fatal("the server refused this device: %s: %s" % (ERROR_NAMES[code], text))
         elif code == ERROR_SHUTDOWN:
@@ -1404,17 +1522,22 @@ class RelayClient:
         self.on_link_lost(reason)
         if self.stopping:
             return
-        if not self.retry_forever:
-            self.fatal("relay connection to %s lost: %s" % (link.server_label, reason) if was_established
-                       else "cannot reach the relay at %s: %s" % (link.server_label, reason))
+        if not was_established:
+            self.attempt_failed("cannot reach the relay at %s: %s" % (link.server_label, reason))
             return
-        if was_established:
-            self.log.warning("relay connection lost: %s" % reason)
-        self.retry_later(reason if not was_established else None)
+        if not self.retry_forever:
+            self.fatal("relay connection to %s lost: %s" % (link.server_label, reason))
+            return
+        self.log.warning("relay connection lost: %s" % reason)
+        self.round_tries = 0
+        now = time.monotonic()
+        if not link.refused and now - link.established_at >= HEALTHY_LINK_S:
+            self.quick_retry_until = now + QUICK_RETRY_WINDOW_S
+        self.retry_later(None)
 
     def retry_later(self, reason):
         if not self.retry_forever:
-            self.fatal("cannot reach the relay: %s" % reason)
+            self.fatal(reason)
             return
         if self.restart_window_s:       # a planned restart: a random moment in its window
             delay = uniform(min(1.0, self.restart_window_s), self.restart_window_s)
@@ -1437,11 +1560,16 @@ class RelayClient:
         self.connect()
 
     def next_backoff_s(self):
-        """1 s, 2 s, 4 s ... up to 30 s, each up to 50 % longer at random, so that devices that
-        lost the relay together do not come back in lockstep."""
-        base = min(MAX_BACKOFF_S, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
+        """1 s, 2 s, 4 s ... each up to 50 % longer at random, so that devices that lost the relay
+        together do not come back in lockstep, and never over MAX_BACKOFF_S (20 to 30 s there).
+        Within QUICK_RETRY_WINDOW_S of losing a healthy link: every QUICK_RETRY_S instead, since a
+        relay that crashed is usually back in seconds and the tunnel's own TCP sessions are
+        waiting on it."""
+        if time.monotonic() < self.quick_retry_until:
+            return uniform(*QUICK_RETRY_S)
+        base = min(MAX_BACKOFF_S / 1.5, MIN_BACKOFF_S * (2 ** min(self.failures, 10)))
         self.failures += 1
-        return min(MAX_BACKOFF_S, base * uniform(1.0, 1.5))
+        return base * uniform(1.0, 1.5)
 
     def tick(self):
         if self.link is not None:
@@ -1461,6 +1589,31 @@ class RelayClient:
         self.log.info("received %s: shutting down" % signal.Signals(signum).name)
         self.stop("client shutting down")
 
+    def on_reload_signal(self, signum):
+        """SIGHUP: read the configuration again and take what can change live (servers, secret,
+        keepalive, log_level, TLS files: from the next connection on); what cannot (device_id,
+        the interface, MTU, offload, control_socket) is kept, and the log says so."""
+        if self.reload_config is None:
+            self.log.info("received SIGHUP: nothing to reload")
+            return
+        try:
+            config = self.reload_config()
+        except ConfigError as error:
+            self.log.error("received SIGHUP, but the configuration is not usable, so the running "
+                           "one stays: %s" % error)
+            return
+        kept = [key for key in RESTART_KEYS if getattr(config, key) != getattr(self.config, key)]
+        for key in kept:
+            setattr(config, key, getattr(self.config, key))
+        if config.secret != self.config.secret:
+            self.key = network_key(config.secret)
+        if config.servers != self.config.servers:
+            self.server_index = self.round_tries = 0
+        self.config = config
+        self.log.set_level(config.log_level)
+        self.log.info("received SIGHUP: reloaded %s%s" % (
+            config.source, "; %s changed, which takes a restart" % ", ".join(kept) if kept else ""))
+
     def stop(self, reason, linger=False):
         """Stop the loop. linger: first let the server take every frame we queued (the last
         WINDOWs and EOFs of a finished stream): closing at once would make the kernel reset
@@ -1468,6 +1621,8 @@ class RelayClient:
         if self.stopping:
             return
         self.stopping = True
+        if self.lookup is not None:
+            self.lookup.close(reason)
         self.release(reason)
         link = self.established_link()
         if linger and link is not None:
@@ -1511,9 +1666,9 @@ class TunClient(RelayClient):
                           % (self.config.interface, describe_error(error)))
         self.tun = ClientTun(self, fd, interface, offload)
         self.loop.set_interest(self.tun, selectors.EVENT_READ)
-        self.log.info("created interface %s (%s); device %s connecting to %s:%d"
+        self.log.info("created interface %s (%s); device %s connecting to %s"
                       % (interface, "offloads on" if offload else "no offloads", self.config.device_id,
-                         self.config.server[0], self.config.server[1]))
+                         format_servers(self.config.servers)))
         if self.config.control_socket:
             self.open_control()
         self.start_link()
@@ -1531,11 +1686,13 @@ class TunClient(RelayClient):
         if request.get("command") != "status":
             return {"error": "unknown command %r (status)" % request.get("command")}
         link = self.established_link()
-        return {"device_id": self.config.device_id, "server": "%s:%d" % self.config.server,
+        return {"device_id": self.config.device_id, "server": self.server_label(),
+                "servers": format_servers(self.config.servers),
                 "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload, "tso": self.tun.tso,
                 "address": "%s/%d" % self.configured if self.configured else None,
                 "server_address": self.server_address, "state": self.state, "since": self.state_since,
                 "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
+                "tls": link.sock.summary() if link and isinstance(link.sock, TlsTransport) else None,
                 "packets_in": self.packets_in, "packets_out": self.packets_out,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "drops": dict(self.drops),
                 "pid": os.getpid()}
@@ -2273,6 +2430,29 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
         raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
+# --check: what the daemon will import, checked before install.sh starts it. OpenWrt splits
+# these out of python3-light (../shared/PLATFORMS.md); Debian's python3-minimal lacks several,
+# which its python3 package brings.
+RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "shutil", "threading")
+OPKG_PACKAGES = {"ssl": "python3-openssl", "logging": "python3-logging", "unicodedata": "python3-codecs"}
+
+
+def missing_modules(names):
+    """The names of names that this Python cannot import."""
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def install_hint(modules):
+    packages = sorted(set(OPKG_PACKAGES.get(name, "python3-light") for name in modules))
+    return "OpenWrt: opkg install %s; Debian: apt-get install python3" % " ".join(packages)
+
+
 # TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
 # apart (python3-openssl) and it costs a board some 4 MB.
 
@@ -2341,6 +2521,12 @@ class TlsTransport:
         certificate = self.sock.getpeercert() or {}
         names = [value for field in certificate.get("subject", ()) for name, value in field if name == "commonName"]
         return names + [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
+
+    def summary(self):
+        """What `status` shows of this link: the TLS version and the peer's certificate."""
+        der = self.sock.getpeercert(True)
+        return {"version": self.sock.version(), "peer_certificate": ", ".join(self.peer_names()) or None,
+                "peer_sha256": sha256(der).hexdigest() if der else None}
 
     def recv_into(self, view):
         total = 0
@@ -2573,6 +2759,39 @@ def parse_host_port(text, default_port):
     return host or "0.0.0.0", int(port_text)
 
 
+def is_ipv4_literal(host):
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def ascii_host(host):
+    """host as bytes for getaddrinfo and TLS: a str host goes through the idna codec, which
+    imports unicodedata, which OpenWrt's python3-light lacks (even for "127.0.0.1"). ASCII
+    skips the codec; a non-ASCII name gets a clear ValueError where the codec is missing."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        pass
+    try:
+        return host.encode("idna")
+    except LookupError:
+        raise ValueError("%r: a non-ASCII host name needs the idna codec, which this Python lacks "
+                         "(OpenWrt: opkg install python3-codecs), or give an address" % host)
+    except UnicodeError as error:
+        raise ValueError("%r is not a valid host name: %s" % (host, error))
+
+
+def resolve_ipv4(host, port):
+    """(address, port) for an IPv4 literal at once, or for a name through the resolver (which
+    may block). Raises OSError (socket.gaierror) or ValueError."""
+    if is_ipv4_literal(host):
+        return host, port
+    return socket.getaddrinfo(ascii_host(host), port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+
+
 def parse_int(text, low, high):
     try:
         value = int(text)
@@ -2642,7 +2861,7 @@ class ClientConfig:
 
     def __init__(self):
         self.source = None
-        self.server = None
+        self.servers = None             # [(host, port), ...]: addresses of one relay, tried in order
         self.secret = None
         self.device_id = None
         self.interface = DEFAULT_INTERFACE
@@ -2657,7 +2876,7 @@ class ClientConfig:
 
 
 CLIENT_KEYS = {
-    "server": lambda config, text: setattr(config, "server", parse_server(text)),
+    "server": lambda config, text: setattr(config, "servers", parse_servers(text)),
     "secret": lambda config, text: setattr(config, "secret", check_secret(text.strip())),
     "secret_file": lambda config, text: setattr(config, "secret", check_secret(read_secret_file(text))),
     "device_id": lambda config, text: setattr(config, "device_id", check_device_id(text.strip())),
@@ -2676,11 +2895,27 @@ CLIENT_KEYS = {
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 
 
-def parse_server(text):
-    host, port = parse_host_port(text, DEFAULT_PORT)
-    if host == "0.0.0.0" or port == 0:
-        raise ValueError("%r: give the server's address, as HOST or HOST:PORT" % text)
-    return host, port
+def parse_servers(text):
+    """[(host, port), ...] from 'HOST[:PORT], HOST[:PORT] ...': addresses of the same relay
+    (its LAN and its public address, say), tried in this order."""
+    servers = []
+    for item in text.replace(",", " ").split():
+        host, port = parse_host_port(item, DEFAULT_PORT)
+        if host == "0.0.0.0" or port == 0:
+            raise ValueError("%r: give the server's address, as HOST or HOST:PORT" % item)
+        ascii_host(host)                # a non-ASCII name this Python cannot look up: say so now
+        servers.append((host, port))
+    if not servers:
+        raise ValueError("give the server's address, as HOST or HOST:PORT")
+    return servers
+
+
+def format_servers(servers):
+    return ", ".join("%s:%d" % server for server in servers)
+
+
+# SIGHUP takes every other key live; these are fixed while the client runs
+RESTART_KEYS = ("device_id", "interface", "mtu", "offload", "control_socket")
 
 
 def default_device_id():
@@ -2713,6 +2948,19 @@ def first_mac_address():
         if len(mac) == 12 and mac != "000000000000":
             return mac
     return ""
+
+
+def unreadable(path):
+    """Why this process cannot read the file path, or None. A key in a 0700 directory of root's
+    shows to a stream client run as another user as 'permission denied', not 'no such file'."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as error:
+        if error.errno != errno.EACCES:
+            return describe_error(error)
+        return "permission denied: this process runs as uid %d, which must be able to read the file " \
+               "and enter every directory above it" % os.getuid()
 
 
 def find_config(path):
@@ -2752,7 +3000,7 @@ def load_client_config(args):
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), describe_error(error)))
     if getattr(args, "command", None) == "status":
         return config                   # status only needs the control socket
-    if config.server is None:
+    if config.servers is None:
         raise ConfigError("no server configured: set server in the [client] section of %s or pass "
                           "--server" % (config.source or "client-config.ini (none found)"))
     if config.secret is None:
@@ -2766,8 +3014,9 @@ def load_client_config(args):
         raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
                           % ", ".join(key for key, _ in tls_files))
     for key, path in tls_files:
-        if not os.path.isfile(path):
-            raise ConfigError(where + "%s: %s: no such file" % (key, path))
+        problem = unreadable(path)
+        if problem:
+            raise ConfigError(where + "%s: %s: %s" % (key, path, problem))
     if config.tls:
         if not config.tls_ca:
             raise ConfigError(where + "tls: tls = yes needs tls_ca, the CA that signed the server's "
@@ -2806,6 +3055,10 @@ def build_parser():
         prog="mnedc_client.py", description=__doc__, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interface", metavar="NAME", help="TUN interface name (default %s)" % DEFAULT_INTERFACE)
+    parser.add_argument("--check", action="store_true",
+                        help="check that this Python and the configuration can run the client "
+                             "(modules, config, relay addresses), then exit: 0 ok, 1 a missing "
+                             "module (with the package to install), 2 a bad configuration")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     listen = commands.add_parser(
         "listen", parents=[common], help="offer a virtual port (stream mode, no root)",
@@ -2856,6 +3109,42 @@ def peer_name(text):
     return service_name(text)
 
 
+def cmd_check(args, log):
+    """--check: what install.sh asks before it starts the service."""
+    missing = missing_modules(RUN_MODULES)
+    if missing:
+        log.error("this Python (%s) lacks %s: %s" % (sys.executable, ", ".join(missing), install_hint(missing)))
+        return 1
+    config = load_or_exit(args, log)
+    if config is None:
+        return 2
+    for host, port in config.servers:
+        answer = resolve_within(host, port, RESOLVE_TIMEOUT_S)
+        if isinstance(answer, Exception):   # a device may be installed before its network is up
+            log.warning("cannot resolve the relay %s now (%s): the client will keep trying"
+                        % (host, describe_error(answer)))
+    sys.stdout.write("check passed: Python %d.%d, %s, relay %s, device %s%s\n" % (
+        sys.version_info[0], sys.version_info[1], config.source or "no config file",
+        format_servers(config.servers), config.device_id, ", TLS" if config.tls else ""))
+    return 0
+
+
+def resolve_within(host, port, timeout_s):
+    """resolve_ipv4 in a thread, waited for at most timeout_s: (address, port) or the error."""
+    import threading
+    answers = []
+
+    def resolve():
+        try:
+            answers.append(resolve_ipv4(host, port))
+        except (OSError, ValueError) as error:
+            answers.append(error)
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return answers[0] if answers else OSError(errno.ETIMEDOUT, "no answer within %d s" % timeout_s)
+
+
 def cmd_tun(args, log):
     config = load_or_exit(args, log)
     if config is None:
@@ -2866,6 +3155,7 @@ def cmd_tun(args, log):
 def run_client(client, args, log):
     """Start client, keep the pidfile and heartbeat while it runs; its exit status."""
     files = DaemonFiles(args.pidfile, args.heartbeat)
+    client.reload_config = lambda: load_client_config(args)
     try:
         client.start()
         files.start(client.loop)
@@ -2910,23 +3200,26 @@ def cmd_status(args, log):
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["since"]))
     rtt = "%.1f ms" % status["rtt_ms"] if status["rtt_ms"] is not None else "-"
     drops = ", ".join("%s %d" % item for item in sorted(status["drops"].items())) or "none"
+    tls = status["tls"]
+    tls = "no" if not tls else "%s, server certificate %s (sha256:%s)" % (
+        tls["version"], tls["peer_certificate"] or "without names", tls["peer_sha256"])
     sys.stdout.write(
         "device %s: %s on %s, server %s (%s)\n%s since %s, round trip %s, %d reconnect(s)\n"
-        "in: %d packets, %d bytes; out: %d packets, %d bytes; drops: %s\n" % (
+        "TLS: %s\nin: %d packets, %d bytes; out: %d packets, %d bytes; drops: %s\n" % (
             status["device_id"], status["address"] or "no address yet", status["interface"],
             status["server"], status["server_address"] or "-", status["state"], since, rtt,
-            status["reconnects"], status["packets_in"], status["bytes_in"], status["packets_out"],
+            status["reconnects"], tls, status["packets_in"], status["bytes_in"], status["packets_out"],
             status["bytes_out"], drops))
     return 0
 
 
-COMMANDS = {"tun": cmd_tun, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams,
+COMMANDS = {"tun": cmd_tun, "check": cmd_check, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams,
             "status": cmd_status}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.command = args.command or "tun"
+    args.command = "check" if getattr(args, "check", False) else args.command or "tun"
     for name, default in (("config", None), ("server", None), ("secret_file", None), ("device_id", None),
                           ("verbose", False), ("syslog", False), ("pidfile", None), ("heartbeat", None),
                           ("control", None)):

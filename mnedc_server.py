@@ -23,6 +23,13 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   max_streams_per_client   limits (default 1024, 256, 256, 65535, 1048576, 64; README)
   tls         yes: TLS with tls_cert and tls_key; tls_client_ca requires client certificates
               whose commonName is the device_id (install.sh certs makes them all)
+  control_socket  the Unix socket for status and kick (default /var/run/mnedc/server.sock)
+  on_join, on_leave  scripts (absolute paths) run when a device joins or leaves
+  restart_window  seconds over which clients spread their return after a restart (default 10)
+  log_level   debug, info, warning or error                  (default info)
+SIGHUP re-reads the file and applies every key live except listen, subnet, tun, interface, mtu,
+offload, state_dir and control_socket, which take a restart. --check tests this Python and the
+configuration without starting. Needs root for the TUN interface (tun = no does without).
 """
 
 import argparse
@@ -68,6 +75,7 @@ LEASE_SAVE_INTERVAL_S = 60
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
 DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
 HOOK_TIMEOUT_S = 30             # an on_join/on_leave script running longer is killed
+HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # all a hook inherits, with MNEDC_*
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 
 
@@ -711,7 +719,8 @@ class LeaseTable:
         return self.last_host - self.first_host + 1
 
     def load(self):
-        """Read the lease file; a corrupt one is kept aside and reported, never fatal."""
+        """Read the lease file; a corrupt one, or one for another subnet (a server started with
+        a default config after a reinstall), is kept aside and reported, never overwritten."""
         try:
             with open(self.path) as source:
                 stored = json.load(source)
@@ -719,13 +728,21 @@ class LeaseTable:
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
-            aside = "%s.corrupt-%d" % (self.path, time.time())
-            self.log.error("lease file %s is unreadable (%s); moved it to %s and starting empty"
-                           % (self.path, error, aside))
-            os.replace(self.path, aside)
+            self.set_aside("corrupt", "is unreadable (%s)" % error)
+            return
+        if stored.get("subnet", self.subnet_text()) != self.subnet_text():
+            self.set_aside("subnet-%s" % str(stored["subnet"]).replace("/", "_"),
+                           "holds the leases of subnet %s, not of %s (is this the right config?); put "
+                           "it back as %s with that subnet configured to keep those addresses"
+                           % (stored["subnet"], self.subnet_text(), os.path.basename(self.path)))
             return
         for device_id, lease in entries:
             self._restore(device_id, lease)
+
+    def set_aside(self, why, problem):
+        aside = "%s.%s-%d" % (self.path, why, time.time())
+        os.replace(self.path, aside)
+        self.log.error("lease file %s %s; moved it to %s and starting empty" % (self.path, problem, aside))
 
     def _restore(self, device_id, lease):
         try:
@@ -1150,7 +1167,9 @@ class Hooks:
     """on_join / on_leave scripts, as OpenVPN's client-connect: run without waiting, reaped later.
 
     The script gets MNEDC_EVENT, MNEDC_DEVICE_ID, MNEDC_VIRTUAL_IP and MNEDC_REMOTE_ADDRESS in
-    its environment. One that runs longer than HOOK_TIMEOUT_S is killed.
+    its environment, with HOOK_PATH and nothing else of the daemon's (which may hold secrets, or
+    LD_PRELOAD and PYTHON* settings meant for the daemon only). One that runs longer than
+    HOOK_TIMEOUT_S is killed.
     """
 
     def __init__(self, config, log):
@@ -1162,7 +1181,7 @@ class Hooks:
         path = getattr(self.config, "on_" + event)
         if not path:
             return
-        environment = dict(os.environ, MNEDC_EVENT=event, MNEDC_DEVICE_ID=member.device_id,
+        environment = dict(PATH=HOOK_PATH, MNEDC_EVENT=event, MNEDC_DEVICE_ID=member.device_id,
                            MNEDC_VIRTUAL_IP=ipv4_text(member.address), MNEDC_REMOTE_ADDRESS=member.remote)
         description = "on_%s hook %s for %s" % (event, path, member.device_id)
         try:
@@ -1961,7 +1980,11 @@ class RelayServer:
             "kind": "streams" if c.streams_session else "tun", "connected_since": c.connected_since,
             "bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "packets_in": c.packets_in,
             "packets_out": c.packets_out, "drops": c.drops, "open_streams": self.switch.open_counts.get(c, 0),
+            "tls": c.sock.summary() if isinstance(c.sock, TlsTransport) else None,
         } for c in members]
+        online = set(device["device_id"] for device in devices)
+        offline = [{"device_id": device_id, "address": lease["address"], "last_seen": lease["last_seen"]}
+                   for device_id, lease in sorted(self.leases.leases.items()) if device_id not in online]
         totals = {"devices": len(self.routes.by_device) - (1 if self.tun else 0),
                   "stream_sessions": sum(len(s) for s in self.stream_sessions.values()),
                   "handshakes_in_progress": len(self.handshaking), "streams": len(self.switch.streams) // 2,
@@ -1978,7 +2001,7 @@ class RelayServer:
             "revoked": config.keys.revoked() if config.keys else [],
             "policy_rules": len(config.policy.rules) if config.policy else 0,
             "limits": {name: getattr(config, name) for name in LIMIT_KEYS},
-        }, "devices": devices, "totals": totals}
+        }, "devices": devices, "offline": offline, "totals": totals}
 
     def kick(self, device_id):
         targets = [c for c in self.connections if c.device_id == device_id and c.stage == "established"]
@@ -1990,14 +2013,14 @@ class RelayServer:
         return {"kicked": len(targets), "device_id": device_id}
 
     def on_reload_signal(self, signum):
-        """SIGHUP: take the secret, log level, keepalive, hooks and restart window anew; keep
-        every connection. What needs a restart (listen, subnet, TUN, paths) is only reported."""
+        """SIGHUP: take every key anew but RESTART_KEYS, which are only reported; keep every
+        connection, but disconnect a device that may no longer join."""
         try:
             fresh = self.reload_config()
         except (ConfigError, OSError, ValueError) as error:
             self.log.error("reload failed, keeping the running configuration: %s" % error)
             return
-        for name in ("listen", "subnet", "tun", "interface", "mtu", "state_dir", "control_socket"):
+        for name in RESTART_KEYS:
             if getattr(fresh, name) != getattr(self.config, name):
                 self.log.warning("%s changed: takes effect at the next restart" % name)
                 setattr(fresh, name, getattr(self.config, name))
@@ -2522,6 +2545,29 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
         raise OSError(errno.EPROTO, "the daemon on %s gave no valid answer" % path)
 
 
+# --check: what the daemon will import, checked before install.sh starts it. OpenWrt splits
+# these out of python3-light (../shared/PLATFORMS.md); Debian's python3-minimal lacks several,
+# which its python3 package brings.
+RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "shutil", "threading")
+OPKG_PACKAGES = {"ssl": "python3-openssl", "logging": "python3-logging", "unicodedata": "python3-codecs"}
+
+
+def missing_modules(names):
+    """The names of names that this Python cannot import."""
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def install_hint(modules):
+    packages = sorted(set(OPKG_PACKAGES.get(name, "python3-light") for name in modules))
+    return "OpenWrt: opkg install %s; Debian: apt-get install python3" % " ".join(packages)
+
+
 # TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
 # apart (python3-openssl) and it costs a board some 4 MB.
 
@@ -2590,6 +2636,12 @@ class TlsTransport:
         certificate = self.sock.getpeercert() or {}
         names = [value for field in certificate.get("subject", ()) for name, value in field if name == "commonName"]
         return names + [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
+
+    def summary(self):
+        """What `status` shows of this link: the TLS version and the peer's certificate."""
+        der = self.sock.getpeercert(True)
+        return {"version": self.sock.version(), "peer_certificate": ", ".join(self.peer_names()) or None,
+                "peer_sha256": sha256(der).hexdigest() if der else None}
 
     def recv_into(self, view):
         total = 0
@@ -2822,6 +2874,39 @@ def parse_host_port(text, default_port):
     return host or "0.0.0.0", int(port_text)
 
 
+def is_ipv4_literal(host):
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def ascii_host(host):
+    """host as bytes for getaddrinfo and TLS: a str host goes through the idna codec, which
+    imports unicodedata, which OpenWrt's python3-light lacks (even for "127.0.0.1"). ASCII
+    skips the codec; a non-ASCII name gets a clear ValueError where the codec is missing."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        pass
+    try:
+        return host.encode("idna")
+    except LookupError:
+        raise ValueError("%r: a non-ASCII host name needs the idna codec, which this Python lacks "
+                         "(OpenWrt: opkg install python3-codecs), or give an address" % host)
+    except UnicodeError as error:
+        raise ValueError("%r is not a valid host name: %s" % (host, error))
+
+
+def resolve_ipv4(host, port):
+    """(address, port) for an IPv4 literal at once, or for a name through the resolver (which
+    may block). Raises OSError (socket.gaierror) or ValueError."""
+    if is_ipv4_literal(host):
+        return host, port
+    return socket.getaddrinfo(ascii_host(host), port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+
+
 def parse_int(text, low, high):
     try:
         value = int(text)
@@ -2949,6 +3034,8 @@ SERVER_KEYS = {
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_client_ca": lambda config, path: setattr(config, "tls_client_ca", path),
 }
+# SIGHUP applies every other key live
+RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
               "max_queue_bytes", "max_streams_per_client")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
@@ -2962,12 +3049,12 @@ def check_hook(text):
 
 
 def parse_listen(text):
+    """(host, port) with host an IPv4 address: a name is resolved once, at start."""
     host, port = parse_host_port(text, DEFAULT_PORT)
     try:
-        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror as error:
+        return resolve_ipv4(host, port)
+    except OSError as error:
         raise ValueError("cannot use %r: %s" % (host, describe_error(error)))
-    return host, port
 
 
 def load_server_config(args, key_cache=None, reloading=False):
@@ -3043,8 +3130,8 @@ def ensure_secret(config):
 
 
 def print_client_lines(config, port, log):
-    log.info("generated a new network secret in %s. Put these lines in each device's "
-             "client-config.ini:\n\n[client]\nserver = %s:%d\nsecret = %s\n"
+    log.info("generated a new network secret in %s. Add these lines at the end of each device's "
+             "client-config.ini (its [client] section):\n\nserver = %s:%d\nsecret = %s\n"
              % (config.secret_source, reachable_address(config.listen[0]), port,
                 config.secret.decode("ascii")))
 
@@ -3083,12 +3170,40 @@ def build_parser():
     parser.add_argument("--pidfile", metavar="FILE", help="write the process id here")
     parser.add_argument("--heartbeat", metavar="FILE",
                         help="touch FILE every %d s from the event loop, for the watchdog" % HEARTBEAT_S)
+    parser.add_argument("--check", action="store_true",
+                        help="check that this Python and the configuration can run the server "
+                             "(modules, config, listen address, state_dir), then exit: 0 ok, 1 a "
+                             "missing module (with the package to install), 2 a bad configuration")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     status = commands.add_parser("status", parents=[common], help="show the running server's devices and counters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     kick = commands.add_parser("kick", parents=[common], help="disconnect a device (it may rejoin)")
     kick.add_argument("device_id", metavar="DEVICE_ID")
     return parser
+
+
+def cmd_check(args):
+    """--check: what install.sh asks before it starts the service."""
+    log = Log("info")
+    missing = missing_modules(RUN_MODULES)
+    if missing:
+        log.error("this Python (%s) lacks %s: %s" % (sys.executable, ", ".join(missing), install_hint(missing)))
+        return 1
+    try:
+        config = load_server_config(args)
+    except ConfigError as error:
+        log.error(str(error))
+        return 2
+    state = config.state_dir
+    while not os.path.isdir(state):     # the daemon creates state_dir: its first parent must allow it
+        state = os.path.dirname(state)
+    if not os.access(state, os.W_OK | os.X_OK):
+        log.error("state_dir %s: %s is not writable" % (config.state_dir, state))
+        return 2
+    sys.stdout.write("check passed: Python %d.%d, %s, listen %s:%d, subnet %s, state_dir %s%s\n" % (
+        sys.version_info[0], sys.version_info[1], args.config or "no config file",
+        config.listen[0], config.listen[1], "%s/%d" % (ipv4_text(packed_address(config.subnet[0])), config.subnet[1]), config.state_dir, ", TLS" if config.tls else ""))
+    return 0
 
 
 def cmd_run(args):
@@ -3178,17 +3293,31 @@ def format_status(status):
             " (revoked: %s)" % ", ".join(server["revoked"]) if server["revoked"] else "",
             "%d rules" % server["policy_rules"] if server["policy_rules"] else "allow all"),
         "limits: " + ", ".join("%s %d" % item for item in sorted(server["limits"].items())),
-        "", "%-24s %-15s %-21s %-7s %-9s %12s %12s %s" % (
-            "DEVICE", "ADDRESS", "REMOTE", "KIND", "SINCE", "BYTES IN", "BYTES OUT", "DROPS")]
+        "", "%-24s %-15s %-21s %-7s %-9s %12s %12s %-7s %s" % (
+            "DEVICE", "ADDRESS", "REMOTE", "KIND", "SINCE", "BYTES IN", "BYTES OUT", "TLS", "DROPS")]
     now = time.time()
     for device in status["devices"]:
         drops = ", ".join("%s %d" % item for item in sorted(device["drops"].items())) or "-"
-        rows.append("%-24s %-15s %-21s %-7s %-9s %12d %12d %s" % (
+        rows.append("%-24s %-15s %-21s %-7s %-9s %12d %12d %-7s %s" % (
             device["device_id"], device["address"] or "-", device["remote"], device["kind"],
-            format_duration(now - device["connected_since"]), device["bytes_in"], device["bytes_out"], drops))
+            format_duration(now - device["connected_since"]), device["bytes_in"], device["bytes_out"],
+            describe_tls(device["tls"]), drops))
+    if status["offline"]:
+        rows += ["", "known, offline:", "%-24s %-15s %s" % ("DEVICE", "ADDRESS", "LAST SEEN")]
+        rows += ["%-24s %-15s %s (%s ago)" % (
+            device["device_id"], device["address"],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(device["last_seen"])),
+            format_duration(max(0, now - device["last_seen"]))) for device in status["offline"]]
     if totals["drops"]:
         rows += ["", "drops: " + ", ".join("%s %d" % item for item in sorted(totals["drops"].items()))]
     return "\n".join(rows) + "\n"
+
+
+def describe_tls(tls):
+    """'no', or the TLS version and the certificate the peer proved: 'TLSv1.3 cert kitchen-pi'."""
+    if not tls:
+        return "no"
+    return tls["version"] + (" cert " + tls["peer_certificate"] if tls["peer_certificate"] else "")
 
 
 def format_duration(seconds):
@@ -3200,12 +3329,12 @@ def format_duration(seconds):
     return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "kick": cmd_kick}
+COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "kick": cmd_kick}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.command = args.command or "run"
+    args.command = "check" if getattr(args, "check", False) else args.command or "run"
     for name, default in (("config", None), ("control", None), ("listen", None), ("subnet", None),
                           ("no_tun", False), ("state_dir", None), ("verbose", False)):
         if not hasattr(args, name):     # options may stand before or after the command

@@ -503,6 +503,9 @@ def _teardown_live_topologies():
         topo.teardown()
 
 
+NETNS_ETC = "/etc/netns"     # ip-netns(8): per-namespace files bind-mounted over /etc
+
+
 class Topology(object):
     """A namespace topology; use as a context manager.
 
@@ -670,6 +673,16 @@ class Topology(object):
         if not self._created:
             raise RuntimeError("topology %s is not built" % self.prefix)
 
+    def etc_file(self, name, filename, text):
+        """Give namespace ``name`` its own /etc/FILENAME (hosts, resolv.conf): `ip netns exec`
+        bind-mounts /etc/netns/NS/FILENAME over it for every process started after this.
+        Removed at teardown."""
+        self._require_built()
+        directory = os.path.join(NETNS_ETC, self.ns(name))
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, filename), "w") as sink:
+            sink.write(text)
+
     def run(self, name, argv, timeout=10, check=True, **kw):
         """Run ``argv`` inside namespace ``name``; returns CompletedProcess (text).
 
@@ -743,6 +756,8 @@ class Topology(object):
         for full in reversed(created + extra):
             self._delete_ns(full, errors)
         self._check_clean(errors)
+        for full in created + extra:
+            shutil.rmtree(os.path.join(NETNS_ETC, full), ignore_errors=True)
         self._remove_logs(keep_logs)
         _live_topologies.discard(self)
         self.teardown_errors = errors

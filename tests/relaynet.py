@@ -24,10 +24,13 @@ class RelayNetwork:
     """
 
     def __init__(self, topo, workdir, python=sys.executable, subnet="198.18.0.0/24",
-                 keepalive=None, secret=None, as_module=False):
-        """as_module runs the scripts as install.sh's services do: python3 -m, from bytecode."""
+                 keepalive=None, secret=None, as_module=False, env=None, relay_host=None):
+        """as_module runs the scripts as install.sh's services do: python3 -m, from bytecode.
+        env: the processes' environment (tests/light.py's python3-light simulation)."""
         self.topo = topo
         self.as_module = as_module
+        self.base_env = env
+        self.relay_host = relay_host or topo.server_ip     # how clients name the relay
         if as_module:
             for script in (SERVER, CLIENT):
                 py_compile.compile(script, doraise=True)
@@ -59,7 +62,11 @@ class RelayNetwork:
         return [self.python, "-u", script]
 
     def env(self):
-        return dict(os.environ, PYTHONPATH=ROOT) if self.as_module else None
+        env = self.base_env
+        if self.as_module:
+            env = dict(env or os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), ROOT]))
+        return env
 
     def start_server(self, extra=(), options=None):
         """The server in srv; options adds or overrides [server] keys."""
@@ -78,7 +85,7 @@ class RelayNetwork:
         overrides [client] keys."""
         label = label or name
         values = {
-            "server": self.topo.server_ip, "secret_file": secret_path or self.secret_path,
+            "server": self.relay_host, "secret_file": secret_path or self.secret_path,
             "device_id": device_id or "device-" + name, "keepalive": self.keepalive,
             "interface": interface, "control_socket": self.control_path(label)}
         values.update(options or {})
@@ -95,7 +102,8 @@ class RelayNetwork:
     def client_status(self, label):
         """The running TUN client's `status --json`, as a dict."""
         result = subprocess.run([self.python, CLIENT, "status", "--json", "--control", self.control_path(label)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=15, check=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=15, check=True,
+                                env=self.base_env)
         return json.loads(result.stdout.decode())
 
     def start(self, names=None):

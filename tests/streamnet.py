@@ -22,12 +22,16 @@ def free_port():
 class StreamNet:
     """A --no-tun relay on loopback and `mnedc_client.py` stream commands against it."""
 
-    def __init__(self, workdir, keepalive=None, python=sys.executable, server_lines=(), client_lines=()):
+    def __init__(self, workdir, keepalive=None, python=sys.executable, server_lines=(), client_lines=(),
+                 env=None, relay_host="127.0.0.1"):
         """server_lines, client_lines: more lines for the [server] and every [client] section;
-        %(device_id)s in a client line becomes the client's device_id."""
+        %(device_id)s in a client line becomes the client's device_id. env: every process's
+        environment (tests/light.py's simulation); relay_host: how clients name the relay."""
         self.workdir = str(workdir)
         self.keepalive = keepalive
         self.python = python
+        self.env = env
+        self.relay_host = relay_host
         self.server_lines = list(server_lines)
         self.client_lines = list(client_lines)
         self.procs = []
@@ -35,22 +39,23 @@ class StreamNet:
         self.start_server()
 
     def start_server(self):
-        extra = ["--listen", "127.0.0.1:%d" % self.port]
+        extra = ["--listen", "%s:%d" % (self.relay_host, self.port)]
         lines = (["keepalive = %d" % self.keepalive] if self.keepalive else []) + self.server_lines
         if lines:
             config = os.path.join(self.workdir, "server.ini")
             with open(config, "w") as sink:
                 sink.write("[server]\n" + "".join(line + "\n" for line in lines))
             extra += ["-c", config]
-        self.server, _, self.secret = start_server(os.path.join(self.workdir, "state"), *extra)
+        self.server, _, self.secret = start_server(os.path.join(self.workdir, "state"), *extra,
+                                                   python=self.python, env=self.env)
         self.procs.append(self.server)
         return self.server
 
     def config(self, device_id):
         path = os.path.join(self.workdir, "%s.ini" % device_id)
         with open(path, "w") as sink:
-            sink.write("[client]\nserver = 127.0.0.1:%d\nsecret = %s\ndevice_id = %s\n"
-                       % (self.port, self.secret.decode(), device_id))
+            sink.write("[client]\nserver = %s:%d\nsecret = %s\ndevice_id = %s\n"
+                       % (self.relay_host, self.port, self.secret.decode(), device_id))
             if self.keepalive:
                 sink.write("keepalive = %d\n" % self.keepalive)
             sink.write("".join(line % {"device_id": device_id} + "\n" for line in self.client_lines))
@@ -60,7 +65,7 @@ class StreamNet:
         return [self.python, "-u", CLIENT, "-c", self.config(device_id)] + list(command)
 
     def spawn(self, device_id, *command, **kw):
-        proc = Proc.start(self.argv(device_id, *command), stdin=kw.get("stdin", subprocess.DEVNULL))
+        proc = Proc.start(self.argv(device_id, *command), stdin=kw.get("stdin", subprocess.DEVNULL), env=self.env)
         self.procs.append(proc)
         return proc
 
@@ -93,7 +98,7 @@ class StreamNet:
     def run(self, device_id, *command, **kw):
         """A one-shot command to completion: CompletedProcess with bytes stdout, text stderr."""
         result = subprocess.run(self.argv(device_id, *command), input=kw.get("input", b""),
-                                capture_output=True, timeout=kw.get("timeout", 60))
+                                capture_output=True, timeout=kw.get("timeout", 60), env=self.env)
         result.stderr = result.stderr.decode("utf-8", "replace")
         return result
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import mnedc_client
+import mnedc_server
 from tests.conftest import ROOT
 from tests.wire_peer import CLIENT, SERVER
 
@@ -81,3 +83,26 @@ def test_client_secret_file_is_relative_to_its_config(tmp_path):
 def test_the_shipped_client_config_is_valid_but_asks_for_a_server(tmp_path):
     result = run(CLIENT, "-c", os.path.join(ROOT, "client-config.ini"))
     assert result.returncode == 2 and "no server configured" in result.stderr
+
+
+# ---- the docs say what the code does (issue #12, part 3) ----------------------------------------
+
+README = os.path.join(ROOT, "README.md")
+
+
+@pytest.mark.parametrize("module, keys", [(mnedc_server, mnedc_server.SERVER_KEYS),
+                                          (mnedc_client, mnedc_client.CLIENT_KEYS)])
+def test_help_and_readme_document_every_key(module, keys):
+    result = subprocess.run([sys.executable, module.__file__, "--help"], capture_output=True, text=True, timeout=30)
+    readme = open(README).read()
+    assert not [key for key in keys if not re.search(r"\b%s\b" % key, result.stdout)], result.stdout
+    assert not [key for key in keys if "`%s`" % key not in readme]
+
+
+def test_the_readme_names_exactly_the_keys_sighup_cannot_change():
+    readme = " ".join(open(README).read().split())
+    server = re.search(r"`SIGHUP` re-reads the configuration file and applies every key at once except (.*?) \(", readme)
+    client = re.search(r"every key from its next connection on, except (.*?); it never", readme)
+    named = [re.findall(r"`(\w+)`", match.group(1)) for match in (server, client)]
+    assert named == [list(mnedc_server.RESTART_KEYS), list(mnedc_client.RESTART_KEYS)]
+    assert "TLS is planned" not in readme and "2,700" not in readme

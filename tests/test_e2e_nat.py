@@ -168,4 +168,7 @@ def test_server_sigterm_removes_its_interface_tells_clients_and_saves_leases(net
     for name in net.topo.clients:
         assert '"address": "%s"' % net.vip[name] in leases
         net.clients[name].wait_for(r"server shutting down: the relay is restarting", start=marks[name])
+        # the RESTARTING frame, not only the ERROR: the client returns within the window
+        delay = net.clients[name].wait_for(r"the relay is restarting: reconnecting in ([\d.]+) s", start=marks[name])
+        assert 1.0 <= float(delay.group(1)) <= 10.0
 

@@ -185,3 +185,31 @@ def test_syslog_gets_one_line_per_event_and_stderr_stays_quiet(tmp_path):
     finally:
         proc.stop()
         collector.close()
+
+
+def test_a_hook_gets_path_and_the_mnedc_variables_only(tmp_path):
+    """Nothing else of the daemon's environment (issue #12, part 5): it may hold secrets, or
+    settings like LD_PRELOAD or PYTHONPATH meant for the daemon alone."""
+    record = tmp_path / "hook.env"
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\nenv > %s.tmp && mv %s.tmp %s\n" % (record, record, record))
+    hook.chmod(0o755)
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\non_join = %s\n" % hook)
+    env = dict(os.environ, DAEMON_ONLY="not for hooks", PYTHONDONTWRITEBYTECODE="1")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config), env=env)
+    try:
+        peer = WirePeer(port)
+        peer.handshake(secret, "hooked")
+        for _ in range(200):            # the hook runs without the server waiting; bounded: 10 s
+            if record.exists():
+                break
+            time.sleep(0.05)
+        seen = dict(line.split("=", 1) for line in record.read_text().splitlines() if "=" in line)
+        assert seen["MNEDC_DEVICE_ID"] == "hooked" and seen["MNEDC_EVENT"] == "join"
+        assert seen["PATH"] == mnedc_server.HOOK_PATH
+        assert set(seen) - {"PWD", "SHLVL", "_", "OLDPWD"} == {
+            "PATH", "MNEDC_EVENT", "MNEDC_DEVICE_ID", "MNEDC_VIRTUAL_IP", "MNEDC_REMOTE_ADDRESS"}, seen
+        peer.close()
+    finally:
+        proc.stop()

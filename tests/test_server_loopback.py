@@ -4,6 +4,7 @@ Covers joining, sticky addresses, routing, anti-spoofing, bad input of every kin
 pool, takeover, slow clients, keepalive and shutdown.
 """
 
+import json
 import os
 import signal
 import socket
@@ -57,9 +58,26 @@ def test_devices_get_sticky_addresses_across_reconnects_and_restarts(tmp_path):
 def test_first_start_generates_a_secret_and_prints_the_client_lines(server):
     proc, port, secret = server
     printed = proc.output()
-    assert "[client]\nserver = 127.0.0.1:%d\n" % port in printed
+    assert "\n\nserver = 127.0.0.1:%d\n" % port in printed and "[client]\n" not in printed   # pastes under [client]
     assert "\nsecret = %s\n" % secret.decode() in printed
     assert len(secret) >= 32
+
+
+def test_each_new_lease_replaces_the_lease_file_atomically(server, tmp_path):
+    """Written to a temporary file and renamed over the old one (a new inode each time), so a
+    crash mid-write leaves the old table or the new one, never half of one."""
+    proc, port, secret = server
+    state = str(tmp_path / "state")            # the fixture's state_dir
+    leases = os.path.join(state, "leases.json")
+    peers = [join(port, secret, "atomic-1")]
+    before = os.stat(leases).st_ino
+    peers.append(join(port, secret, "atomic-2"))
+    after = os.stat(leases)
+    assert after.st_ino != before
+    assert {"atomic-1", "atomic-2"} <= set(json.load(open(leases))["leases"])
+    assert [name for name in os.listdir(state) if name not in ("leases.json", "secret")] == []
+    for peer in peers:
+        peer.close()
 
 
 def test_packets_are_routed_by_destination_address(server):
@@ -336,3 +354,27 @@ def test_out_of_file_descriptors_neither_spins_nor_locks_out_clients(tmp_path):
 def process_cpu_s(pid):
     fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def test_a_lease_file_of_another_subnet_is_set_aside_never_overwritten(tmp_path):
+    """A relay reinstalled with a default config (another subnet) must not wipe every device's
+    address: the old file is moved aside, said so, and put back it gives the old addresses."""
+    state = tmp_path / "state"
+    proc, port, secret = start_server(state, subnet="198.18.0.0/24")
+    try:
+        first = join(port, secret, "sticky").address
+    finally:
+        proc.stop()
+    proc, port, _ = start_server(state, subnet="198.19.0.0/24")
+    try:
+        line = proc.wait_for(r"lease file \S+ holds the leases of subnet 198\.18\.0\.0/24, not of "
+                             r"198\.19\.0\.0/24 .*; moved it to (\S+) and starting empty").group(1)
+        assert join(port, secret, "sticky").address != first
+    finally:
+        proc.stop()
+    os.replace(line, str(state / "leases.json"))
+    proc, port, _ = start_server(state, subnet="198.18.0.0/24")
+    try:
+        assert join(port, secret, "sticky").address == first
+    finally:
+        proc.stop()

@@ -107,7 +107,10 @@ def test_without_the_ssl_module_tls_yes_says_why(tmp_path, pki):
 
 def test_tun_mode_over_mutual_tls_across_nat(tmp_path, pki):
     """As root: two TUN clients behind NAT reach each other over a relay that requires client
-    certificates; 5 MB cross byte-exact."""
+    certificates; 5 MB cross byte-exact. The clients name the relay (relay.test) and run on
+    python3-light with python3-openssl, where the ssl module's own idna encoding of that name
+    would crash; both sides' status show the certificate the other proved."""
+    from tests.light import light_env, light_pythons
     from tests.nettopo import Topology, have_netns_support
     from tests.relaynet import RelayNetwork
     supported, why_not = have_netns_support()
@@ -115,10 +118,14 @@ def test_tun_mode_over_mutual_tls_across_nat(tmp_path, pki):
         pytest.skip("needs root, ip netns, iptables and /dev/net/tun: %s" % why_not)
     with Topology(layout="flat", clients=2) as topo:
         certs = str(tmp_path / "pki")
-        subprocess.run([os.path.join(ROOT, "install.sh"), "certs", "--dir", certs, "--server-name", topo.server_ip]
+        subprocess.run([os.path.join(ROOT, "install.sh"), "certs", "--dir", certs, "--server-name", "relay.test"]
                        + [arg for name in topo.clients for arg in ("--client", "device-" + name)],
                        check=True, stdout=subprocess.DEVNULL, timeout=60)
-        net = RelayNetwork(topo, tmp_path)
+        for name in topo.clients:
+            topo.etc_file(name, "hosts", "127.0.0.1 localhost\n%s relay.test\n" % topo.server_ip)
+        newest = sorted(light_pythons().items(), key=lambda item: int(item[0].split(".")[1]))[-1][1]
+        net = RelayNetwork(topo, tmp_path, python=newest, env=light_env(packages=["python3-openssl"]),
+                           relay_host="relay.test")
         net.start_server(options={"tls": "yes", "tls_cert": certs + "/server.pem", "tls_key": certs + "/server.key",
                                   "tls_client_ca": certs + "/ca.pem"})
         for name in topo.clients:
@@ -139,6 +146,54 @@ def test_tun_mode_over_mutual_tls_across_nat(tmp_path, pki):
         sink.wait(30)
         assert hashlib.sha256(received.read_bytes()).digest() == hashlib.sha256(data).digest()
         assert "Traceback" not in net.server.output()
+
+        client = net.client_status(first)["tls"]
+        assert client["version"] in ("TLSv1.2", "TLSv1.3") and client["peer_certificate"].startswith("relay.test")
+        server_pem = open(certs + "/server.pem").read()
+        der = subprocess.run(["openssl", "x509", "-outform", "DER"], input=server_pem.encode(),
+                             capture_output=True, check=True).stdout
+        assert client["peer_sha256"] == hashlib.sha256(der).hexdigest()
+        status = server_status(net)
+        assert {d["device_id"]: d["tls"]["peer_certificate"] for d in status["devices"]} == {
+            "device-" + name: "device-" + name for name in topo.clients}
+        net.clients[second].stop()
+        offline = []
+        for _ in range(100):            # the relay sees the close at once; bounded at 5 s
+            offline = server_status(net)["offline"]
+            if offline:
+                break
+            time.sleep(0.05)
+        assert [(d["device_id"], d["address"]) for d in offline] == [("device-" + second, net.vip[second])]
+        assert time.time() - offline[0]["last_seen"] < 60
+        table = subprocess.run([sys.executable, os.path.join(ROOT, "mnedc_server.py"), "--control",
+                                net.control_socket, "status"], capture_output=True, text=True, timeout=30).stdout
+        assert "known, offline:" in table and "cert device-" + first in table, table
+
+
+def server_status(net):
+    import json
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "mnedc_server.py"), "--control",
+                             net.control_socket, "status", "--json"], capture_output=True, timeout=30, check=True)
+    return json.loads(result.stdout.decode())
+
+
+def test_the_client_checks_the_name_in_the_relays_certificate(tmp_path):
+    """A certificate for relay.test is refused at 127.0.0.1 unless tls_server_name says
+    relay.test: the CA alone is not enough."""
+    renamed = str(tmp_path / "renamed")
+    subprocess.run([os.path.join(ROOT, "install.sh"), "certs", "--dir", renamed, "--server-name", "relay.test"],
+                   check=True, stdout=subprocess.DEVNULL, timeout=60)
+    net = StreamNet(tmp_path, server_lines=["tls = yes", "tls_cert = %s/server.pem" % renamed,
+                                            "tls_key = %s/server.key" % renamed],
+                    client_lines=client_lines(renamed))
+    try:
+        wrong = net.run("dev-a", "services", timeout=30)
+        assert wrong.returncode == 1 and "TLS handshake" in wrong.stderr, wrong.stderr
+        assert "mismatch" in wrong.stderr or "doesn't match" in wrong.stderr, wrong.stderr   # OpenSSL's words
+        net.client_lines = client_lines(renamed) + ["tls_server_name = relay.test"]
+        assert net.run("dev-a", "services", timeout=30).returncode == 0
+    finally:
+        net.stop()
 
 
 def tls_peer(port, ca):

@@ -134,7 +134,7 @@ def start_server(state_dir, *extra, **kw):
     argv = list(kw.get("prefix", [])) + [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
             "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir),
             "--control", control] + list(extra)
-    proc = Proc.start(argv)
+    proc = Proc.start(argv, env=kw.get("env"))
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout=15).group(1))
         proc.wait_for(r"MNEDC server ready", timeout=10)
