@@ -24,7 +24,7 @@
 #
 # The service runs the script as a module, python3 -u -m mnedc_server (or mnedc_client), with
 # PYTHONPATH=/usr/local/sbin for that process only, so that Python loads the bytecode instead of
-# compiling the script's 2,700 lines at every start: 5 to 7 MB less peak memory (VmHWM), which
+# compiling the whole script at every start: 5 to 7 MB less peak memory (VmHWM), which
 # small boards feel. Python checks the bytecode against the script's mtime and size at each start
 # and compiles afresh (writing a new .pyc) when the script changed or python3 was upgraded.
 #
@@ -58,6 +58,7 @@ USAGE="usage: install.sh server|client [--config FILE] [--prefix DIR] [--root DI
        $CERTS_USAGE"
 
 ROOT=''             # '' is the real /
+KEPT_CONFIG='kept-config'   # in the state directory: the configuration a plain uninstall kept
 PREFIX=/usr/local
 INIT=''
 CONFIG_SRC=''
@@ -99,11 +100,18 @@ check_root() {
 	[ "$(id -u)" = 0 ] || die "must run as root (uid 0): run it with sudo, or as root on the router"
 }
 
+# Run PYTHON as root safely: from / and isolated (-I: no PYTHON* variables, no user site, and
+# neither the current directory nor a script's own directory first on sys.path), so that no
+# module another user left there (a configparser.py) is imported.
+py() {
+	(cd / && "$PYTHON" -I "$@")
+}
+
 # Sets PYTHON to the absolute interpreter path the service will run (boot has no user PATH).
 check_python() {
 	found=$(command -v python3) ||
 		die "python3 is missing: install it (Debian: apt-get install python3; OpenWrt: opkg update && opkg install python3-light)"
-	version=$("$found" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+	version=$(cd / && "$found" -I -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 	major=${version%%.*}
 	minor=${version#*.}
 	case $major.$minor in
@@ -114,14 +122,14 @@ check_python() {
 		{ [ "$major" -eq "$PYTHON_MIN_MAJOR" ] && [ "$minor" -lt "$PYTHON_MIN_MINOR" ]; }; then
 		die "$found is Python $version; MNEDC needs 3.7 or newer: upgrade python3 or put a newer one first on PATH"
 	fi
-	PYTHON=$("$found" -c 'import sys; print(sys.executable)' 2>/dev/null)
+	PYTHON=$(cd / && "$found" -I -c 'import sys; print(sys.executable)' 2>/dev/null)
 	[ -n "$PYTHON" ] || PYTHON=$found
 }
 
 # Import the script (importing has no side effects) to catch a python3 without the modules it
 # needs, e.g. Debian's python3-minimal has no hmac.
 check_modules() {
-	output=$("$PYTHON" -B -c 'import sys; sys.path.insert(0, sys.argv[1]); __import__(sys.argv[2])' \
+	output=$(py -B -c 'import sys; sys.path.insert(0, sys.argv[1]); __import__(sys.argv[2])' \
 		"$SRC_DIR" "$MODULE" 2>&1) ||
 		die "$PYTHON cannot load $SCRIPT ($(printf '%s\n' "$output" | tail -n 1)): install the full python3 (Debian: apt-get install python3; OpenWrt: opkg install python3-light)"
 }
@@ -277,8 +285,10 @@ fill_control() {
 # process got the pid of a dead daemon.
 runs_daemon_function() {
 	cat <<'EOF'
-# True if process $1 is this daemon: /proc says so, not just kill -0 (pids get reused).
+# True if process $1 is this daemon: /proc says so, not just kill -0 (pids get reused). Its
+# owner too: any user can start a process with the daemon's command line after a crash.
 runs_daemon() {
+	awk '$1 == "Uid:" { exit $2 != 0 }' "/proc/$1/status" 2>/dev/null || return 1
 	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null |
 		awk -v module="$MODULE" -v script="$SBIN_DIR/$MODULE.py" -v pidfile="$PIDFILE" '
 			(previous == "-m" && $0 == module) || $0 == script { runs = 1 }
@@ -609,16 +619,51 @@ EOF
 
 install_config() {
 	if [ -n "$CONFIG_SRC" ]; then
-		put_file "$CONFIG_SRC" "$CONFIG" 600
+		make_dir "$ETC_DIR"
+		new_temp "$CONFIG"           # beside its place: relative paths in it mean the same
+		cp "$CONFIG_SRC" "$TEMP" || die "cannot read $CONFIG_SRC"
+		self_check "$TEMP" "$CONFIG_SRC"
+		put_file "$TEMP" "$CONFIG" 600
 	elif [ -f "$CONFIG" ]; then
+		self_check "$CONFIG" "$CONFIG"
 		chmod 600 "$CONFIG"
 		remember "file $(rel "$CONFIG")"
 		note "keeping $CONFIG"
+	elif [ -f "$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}" ]; then
+		kept="$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}"
+		self_check "$kept" "$kept"
+		put_file "$kept" "$CONFIG" 600
+		rm -f "$kept"
+		rmdir "$STATE_DIR/$KEPT_CONFIG" 2>/dev/null
+		note "restored $CONFIG, which the last uninstall kept with the state"
 	elif [ "$NAME" = mnedc-server ]; then
 		put_generated server_ini "$CONFIG" 600
+		self_check "$CONFIG" "$CONFIG"
 	else
 		put_file "$SRC_DIR/client-config.ini" "$CONFIG" 600
 	fi
+}
+
+# Ask the script itself, with the interpreter the service will run, whether it can run with the
+# configuration FILE ($1, known to the user as $2): it imports what that configuration needs and
+# parses and resolves what the daemon will (mnedc_*.py --check). Run from / in isolated mode, so
+# nothing in the current directory or the environment is imported as root. A client config that
+# still lacks server or secret is let through: it is installed but not enabled.
+self_check() {
+	output=$(py -B "$SRC_DIR/$SCRIPT" -c "$1" --check 2>&1)
+	status=$?
+	last=$(printf '%s\n' "$output" | grep -v '^$' | tail -n 1 | sed 's/^[0-9-]* [0-9:]* [A-Z]* //')
+	case $status in
+	0) return 0 ;;
+	1) die "$PYTHON cannot run $SCRIPT: $last" ;;
+	2)
+		case $NAME:$last in
+		"mnedc-client:no server configured"* | "mnedc-client:no secret configured"*) return 0 ;;
+		esac
+		die "$2 is not a configuration $SCRIPT can run, so nothing was changed: $(printf '%s' "$last" | sed "s|$1|$2|g")"
+		;;
+	*) die "$PYTHON $SCRIPT --check failed (exit $status): $last" ;;
+	esac
 }
 
 install_service() {
@@ -631,7 +676,7 @@ install_service() {
 
 # Print the value of KEY in [SECTION] of the INI file FILE, or nothing.
 ini_get() {
-	"$PYTHON" - "$@" <<'EOF'
+	py - "$@" <<'EOF'
 import configparser, sys
 parser = configparser.ConfigParser(interpolation=None)
 try:
@@ -663,6 +708,31 @@ warn_volatile_state() {
 	esac
 }
 
+# Print the permission bits of FILE $1 in octal, from ls (OpenWrt has no stat).
+mode_of() {
+	# shellcheck disable=SC2012 # one file's mode string, no names parsed
+	ls -ldn "$1" | awk '{ m = 0; for (i = 2; i <= 10; i++) m = m * 2 + (substr($1, i, 1) != "-"); printf "%o\n", m }'
+}
+
+# Put the cron file $1 at $2. Root's crontab on OpenWrt keeps its mode and owner (its other jobs
+# may not be for everyone's eyes; a new one is 0600); our /etc/cron.d/mnedc is root's, 0644, as
+# Debian's cron requires.
+place_cron_file() {
+	mode=644 owner=0:0
+	case $2 in
+	*/crontabs/*)
+		mode=600
+		if [ -f "$2" ]; then
+			mode=$(mode_of "$2")
+			# shellcheck disable=SC2012 # one file's numeric owner and group
+			owner=$(ls -ldn "$2" | awk '{ print $3 ":" $4 }')
+		fi
+		;;
+	esac
+	place_file "$1" "$2" "$mode"
+	chown "$owner" "$2" || die "cannot chown $2"
+}
+
 # One watchdog line per service in the cron file; other lines are kept. No % in crontab lines.
 install_cron_line() {
 	make_dir "$(dirname "$CRON_FILE")"
@@ -682,8 +752,7 @@ install_cron_line() {
 			echo "* * * * * root $WATCHDOG $NAME"
 		} >"$temp"
 	fi
-	place_file "$temp" "$CRON_FILE" 644
-	chown 0:0 "$CRON_FILE"
+	place_cron_file "$temp" "$CRON_FILE"
 	remember "cron $(rel "$CRON_FILE")"
 	if [ -n "$ROOT" ]; then
 		return 0
@@ -707,7 +776,7 @@ remove_cron_line() {
 	*) keep='[^[:space:]]' ;;
 	esac
 	if grep -q "$keep" "$temp"; then
-		place_file "$temp" "$2" 644
+		place_cron_file "$temp" "$2"
 	else
 		rm -f "$2"
 	fi
@@ -718,11 +787,11 @@ remove_cron_line() {
 # by PYTHON if $2 is yes (the script was just written) or the bytecode is not intact and up to
 # date: a re-install that changes nothing rewrites nothing. "Up to date" is what the import system
 # checks at the daemon's every start: the header holds the magic number of this Python version and
-# the script's mtime (in whole seconds) and size. -E: no PYTHON* variable (PYTHONPYCACHEPREFIX,
+# the script's mtime (in whole seconds) and size. -I (py): no PYTHON* variable (PYTHONPYCACHEPREFIX,
 # PYTHONOPTIMIZE) may put the bytecode where the daemon does not look, and SOURCE_DATE_EPOCH must
 # not make it a hash-checked one, hence the explicit TIMESTAMP.
 compiled_bytecode() {
-	"$PYTHON" -E - "$1" "$2" <<'EOF'
+	py - "$1" "$2" <<'EOF'
 import importlib.util, marshal, os, py_compile, sys
 source, force = sys.argv[1], sys.argv[2] == "yes"
 cache = importlib.util.cache_from_source(source)
@@ -877,9 +946,10 @@ cmd_install() {
 
 # ---- uninstall ---------------------------------------------------------------------------------
 
-# True if process $1 is the daemon of module $2 installed in $3 with pidfile $4: its
-# /proc/PID/cmdline (pids get reused) as runs_daemon in the generated scripts checks it.
+# True if process $1 is the daemon of module $2 installed in $3 with pidfile $4: its owner (root)
+# and /proc/PID/cmdline (pids get reused), as runs_daemon in the generated scripts checks them.
 pid_runs() {
+	awk '$1 == "Uid:" { exit $2 != 0 }' "/proc/$1/status" 2>/dev/null || return 1
 	tr '\000' '\n' <"/proc/$1/cmdline" 2>/dev/null |
 		awk -v module="$2" -v script="$3/$2.py" -v pidfile="$4" '
 			(previous == "-m" && $0 == module) || $0 == script { runs = 1 }
@@ -967,6 +1037,21 @@ read_manifest() {
 	done
 }
 
+# Move the configurations $2 into the kept state directory $1, since the leases only make sense
+# with the subnet they came from: the next install puts them back. Without a state directory
+# (--purge, or none) they are removed.
+keep_configs() {
+	for path in $2; do
+		if [ -n "$1" ] && [ -f "$ROOT$path" ]; then
+			{ mkdir -p "$ROOT$1/$KEPT_CONFIG" && mv -f "$ROOT$path" "$ROOT$1/$KEPT_CONFIG/"; } ||
+				die "cannot keep $ROOT$path in $ROOT$1/$KEPT_CONFIG"
+			note "kept $ROOT$path in $ROOT$1/$KEPT_CONFIG: the next install puts it back"
+		else
+			rm -f "$ROOT$path"
+		fi
+	done
+}
+
 cmd_uninstall() {
 	set_paths
 	manifest=$(read_manifest)
@@ -982,7 +1067,7 @@ cmd_uninstall() {
 	done <<EOF
 $manifest
 EOF
-	kept=''
+	kept='' configs=''
 	while read -r kind path; do
 		case $kind in
 		cron)
@@ -990,7 +1075,12 @@ EOF
 			remove_cron_line mnedc-client "$ROOT$path"
 			;;
 		sysupgrade) remove_sysupgrade_line "$ROOT$path" ;;
-		file) rm -f "$ROOT$path" ;;
+		file)
+			case $PURGE:$path in
+			no:*/server.ini | no:*/client-config.ini) configs="$configs $path" ;;   # kept with the state
+			*) rm -f "$ROOT$path" ;;
+			esac
+			;;
 		bytecode) remove_bytecode "$ROOT$path" ;;
 		state)
 			rm -f "$ROOT$path/install.manifest"
@@ -1004,6 +1094,7 @@ EOF
 	done <<EOF
 $manifest
 EOF
+	keep_configs "$kept" "$configs"
 	rm -f "$MANIFEST"
 	if [ -z "$ROOT" ]; then
 		[ -d /run/systemd/system ] && systemctl daemon-reload
@@ -1206,29 +1297,29 @@ client_ids() {
 print_cert_settings() {
 	cat <<TEXT
 
-Server: in [server] of its config (/etc/mnedc/server.ini). With tls_client_ca (mutual TLS) it
-admits only clients with a certificate from this CA whose CN is their device_id; leave that line
-out for TLS without client certificates.
-  [server]
-  tls = yes
-  tls_cert = $CERT_DIR/server.pem
-  tls_key = $CERT_DIR/server.key
-  tls_client_ca = $CERT_DIR/ca.pem
+Server: add these lines at the end of its config (/etc/mnedc/server.ini, in its [server]
+section). With tls_client_ca (mutual TLS) it admits only clients with a certificate from this
+CA whose CN is their device_id; leave that line out for TLS without client certificates.
+tls = yes
+tls_cert = $CERT_DIR/server.pem
+tls_key = $CERT_DIR/server.key
+tls_client_ca = $CERT_DIR/ca.pem
 TEXT
 	ids=$(client_ids)
 	names=$(cert_names "$CERT_DIR/server.pem")
 	for id in ${ids:-DEVICE_ID}; do
 		cat <<TEXT
 
-Client $id: copy ca.pem, client-$id.pem and client-$id.key to it, then in [client] of its
-config (/etc/mnedc/client-config.ini), with the paths they have there; its server must be one
-of the names in the server certificate: $names.
-  [client]
-  device_id = $id
-  tls = yes
-  tls_ca = $CERT_DIR/ca.pem
-  tls_cert = $CERT_DIR/client-$id.pem
-  tls_key = $CERT_DIR/client-$id.key
+Client $id: copy ca.pem, client-$id.pem and client-$id.key to it, readable by the user the
+client runs as (root for TUN mode), then add these lines at the end of its config
+(/etc/mnedc/client-config.ini, in its [client] section; replace a device_id line it has), with
+the paths the files have there. Its server must be one of the names in the server
+certificate: $names.
+device_id = $id
+tls = yes
+tls_ca = $CERT_DIR/ca.pem
+tls_cert = $CERT_DIR/client-$id.pem
+tls_key = $CERT_DIR/client-$id.key
 TEXT
 	done
 	[ -n "$ids" ] || echo "(make a certificate for each client: install.sh certs --dir $CERT_DIR --client DEVICE_ID)"
@@ -1282,12 +1373,24 @@ parse_certs_options() {
 		die "--server-name $first_name: the first name is the certificate's CN, at most 64 characters: give a shorter one first"
 }
 
+# Refuse a directory that another user owns or may write in: its CA key would sign our server
+# certificate, and a planted ca.pem would be trusted. ls -ldn, since OpenWrt has no stat.
+check_own_dir() {
+	# shellcheck disable=SC2012,SC2046 # one directory's mode and numeric owner, split on purpose
+	set -- "$1" $(ls -ldn "$1")
+	case $2 in
+	d????w* | d???????w*) die "$1 is writable by others ($2): use a directory only you can write" ;;
+	esac
+	[ "$4" = "$(id -u)" ] || die "$1 belongs to uid $4, not to you (uid $(id -u)): use a directory of your own"
+}
+
 cmd_certs() {
 	check_openssl
 	if [ ! -d "$CERT_DIR" ]; then
 		{ mkdir -p "$(dirname "$CERT_DIR")" && mkdir -m 700 "$CERT_DIR"; } || die "cannot create $CERT_DIR"
 	fi
 	CERT_DIR=$(cd "$CERT_DIR" && pwd) || die "cannot enter $CERT_DIR"
+	check_own_dir "$CERT_DIR"
 	to_sign=''
 	pair_missing server && to_sign=' server.pem'
 	for id in $CLIENT_IDS; do
@@ -1381,7 +1484,7 @@ main() {
 		[ "$ROOT" = / ] && ROOT=''
 	fi
 	case $ROOT$PREFIX in
-	*[[:space:]\'\"%\\]*) die "--root and --prefix must not contain blanks, quotes, % or backslashes (cron lines and units carry them)" ;;
+	*[![:alnum:]._/+@:,-]*) die "--root and --prefix may hold only letters, digits and . _ / + @ : , - (cron lines, init scripts and units carry them)" ;;
 	esac
 	case $CONFIG_SRC in
 	'' | /*) ;;

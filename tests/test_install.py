@@ -445,6 +445,18 @@ def test_watchdog_leaves_a_healthy_daemon_alone(running):
     assert box.daemon_pid() == pid and box.logged() == ""
 
 
+def test_the_heartbeat_keeps_beating_while_the_loop_runs(running):
+    """Not only the beat at start: a daemon whose loop stopped touching it would be killed by
+    the watchdog every minute, so two beats after the first are waited for (HEARTBEAT_S is 5)."""
+    box = running
+    first = os.stat(box.heartbeat).st_mtime
+    second = wait_for(lambda: os.stat(box.heartbeat).st_mtime > first and os.stat(box.heartbeat).st_mtime,
+                      "a second heartbeat", timeout=12)
+    wait_for(lambda: os.stat(box.heartbeat).st_mtime > second, "a third heartbeat", timeout=12)
+    result = box.watchdog(MNEDC_HEARTBEAT_MAX_S="8")
+    assert result.returncode == 0 and result.stderr == "" and box.logged() == ""
+
+
 def test_watchdog_restarts_a_killed_daemon(running):
     box = running
     old = box.daemon_pid()
@@ -506,6 +518,28 @@ def test_watchdog_distrusts_a_pidfile_naming_another_program(running):
     new = box.daemon_pid()
     assert new and new not in (old, sleeper.pid)
     assert sleeper.poll() is None, "the watchdog must not touch the unrelated process"
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to drop root")
+def test_a_copy_of_the_daemons_command_line_run_by_another_user_is_not_the_daemon(running):
+    """After a crash, a user's process with the daemon's very command line takes the dead pid's
+    place: neither start nor the watchdog may take it for the daemon (it is not root's)."""
+    box = running
+    old = box.daemon_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not alive(old), "the killed server to die")
+    impostor = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 sys.executable, "-c", "import time; time.sleep(300)",
+                                 "-m", "mnedc_server", "--pidfile", box.pidfile], cwd="/")
+    box.others.append(impostor)
+    wait_for(lambda: runs_module(cmdline(impostor.pid), "mnedc_server"), "the impostor to run")
+    with open(box.pidfile, "w") as sink:
+        sink.write("%d\n" % impostor.pid)
+    assert box.init("status").returncode != 0
+    assert box.init("start").returncode == 0
+    new = wait_for(box.daemon_pid, "a real server")
+    assert new != impostor.pid and alive(impostor.pid)
+    assert os.stat("/proc/%d" % new).st_uid == 0
 
 
 def test_watchdog_distrusts_a_pidfile_naming_another_installations_daemon(running):
@@ -585,6 +619,31 @@ def test_reinstall_changes_nothing_and_uninstall_removes_all_but_state(box):
     assert "leases.json" in os.listdir(box.path("/var/lib/mnedc"))
     assert "kept the state" in result.stdout
 
+    box.install("uninstall", "--purge")
+    assert os.listdir(box.root) == []
+
+
+def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box):
+    """Reinstalling after a plain uninstall gives every device its old address: the config (its
+    subnet) comes back with the leases, instead of a default one that would re-address all."""
+    from tests.wire_peer import WirePeer
+    box.install_server()
+    config = read_text(box.path("/etc/mnedc/server.ini"))
+    box.start()
+    peer = WirePeer(wait_for(box.accepts, "the relay to accept") and box.port)
+    first = peer.handshake(SECRET.encode(), "sticky-device")
+    peer.close()
+    result = box.install("uninstall")
+    assert "kept %s in %s" % (box.path("/etc/mnedc/server.ini"), box.path("/var/lib/mnedc/kept-config")) in result.stdout
+    assert not os.path.exists(box.path("/etc/mnedc/server.ini"))
+    result = box.install("server", "--init", "sysv")                # no --config this time
+    assert "restored %s" % box.path("/etc/mnedc/server.ini") in result.stdout
+    assert read_text(box.path("/etc/mnedc/server.ini")) == config
+    assert not os.path.exists(box.path("/var/lib/mnedc/kept-config"))
+    box.start()
+    peer = WirePeer(wait_for(box.accepts, "the relay to accept again") and box.port)
+    assert peer.handshake(SECRET.encode(), "sticky-device") == first
+    peer.close()
     box.install("uninstall", "--purge")
     assert os.listdir(box.root) == []
 
@@ -732,10 +791,20 @@ def test_procd_crontab_keeps_other_jobs(box):
     os.makedirs(box.path("/etc/crontabs"))
     with open(box.path("/etc/crontabs/root"), "w") as sink:
         sink.write("0 3 * * * /sbin/reboot\n")
+    os.chmod(box.path("/etc/crontabs/root"), 0o600)
+    os.chown(box.path("/etc/crontabs/root"), 0, 65534)
     box.install("server", "--init", "procd")
     assert len(job_lines(box.path("/etc/crontabs/root"))) == 2
-    box.install("uninstall", "--purge")
+    for _ in ("installed", "uninstalled"):      # root's other jobs stay for root's eyes only
+        info = os.stat(box.path("/etc/crontabs/root"))
+        assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o600, 0, 65534)
+        box.install("uninstall", "--purge")
     assert open(box.path("/etc/crontabs/root")).read() == "0 3 * * * /sbin/reboot\n"
+
+
+def test_a_new_openwrt_crontab_is_root_only(box):
+    box.install("server", "--init", "procd")
+    assert os.stat(box.path("/etc/crontabs/root")).st_mode & 0o777 == 0o600
 
 
 def test_systemd_unit(box):
@@ -796,6 +865,70 @@ def test_client_refuses_without_tun(box):
     env = dict(os.environ, MNEDC_TUN_DEV=os.path.join(box.tmp, "no-tun"))
     result = box.install("client", env=env, check=False)
     assert_refused(box, result, "no-tun is missing", "kmod-tun", "stream mode", "listen", "connect")
+
+
+def light_python(box):
+    """A python3 that is OpenWrt's python3-light, also under -I: a venv of this interpreter whose
+    site-packages installs the simulation's import hook through a .pth line."""
+    import venv
+    from tests.light import SIMULATION
+    home = os.path.join(box.tmp, "light")
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(home)
+    site = subprocess.run([os.path.join(home, "bin", "python3"), "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "mnedc-light.pth"), "w") as sink:
+        sink.write("import sys; sys.path.insert(0, %r); import sitecustomize\n" % SIMULATION)
+    return dict(os.environ, PATH=os.path.join(home, "bin") + ":" + os.environ["PATH"])
+
+
+def test_install_runs_the_scripts_own_check_on_python3_light(box):
+    env = light_python(box)
+    box.install_server(env=env)                         # the plain relay needs nothing more
+    assert os.path.exists(box.script)
+    with open(box.config, "a") as sink:
+        sink.write("tls = yes\ntls_cert = %s\ntls_key = %s\n" % (box.config, box.config))
+    before = read_text(box.path("/etc/mnedc/server.ini"))
+    result = box.install_server(env=env, check=False)
+    assert result.returncode != 0, result.stdout
+    assert "opkg install python3-openssl" in result.stderr, result.stderr
+    assert read_text(box.path("/etc/mnedc/server.ini")) == before      # the working config stays
+
+
+def test_install_refuses_a_broken_config_and_keeps_the_working_one(running):
+    pid = running.daemon_pid()
+    before = read_text(running.path("/etc/mnedc/server.ini"))
+    broken = os.path.join(running.tmp, "typo.ini")
+    with open(broken, "w") as sink:
+        sink.write(before.replace("subnet = 198.18.0.0/24", "subnet = 198.18.0.1/24"))
+    result = running.install("server", "--init", "sysv", "--config", broken, check=False)
+    assert result.returncode != 0
+    assert "%s is not a configuration mnedc_server.py can run" % broken in result.stderr, result.stderr
+    assert "has host bits set" in result.stderr
+    assert read_text(running.path("/etc/mnedc/server.ini")) == before
+    assert running.daemon_pid() == pid and running.accepts()        # never stopped
+    assert not [name for name in os.listdir(running.path("/etc/mnedc")) if name.startswith(".mnedc.")]
+
+
+def test_install_imports_nothing_from_the_current_directory(box):
+    """A configparser.py (or any module) that another user left in the directory install.sh is
+    run from must not run as root."""
+    marker = os.path.join(box.tmp, "planted-module-ran")
+    for module in ("configparser", "importlib", "py_compile", "marshal", "argparse", "mnedc_server"):
+        with open(os.path.join(box.decoy, module + ".py"), "w") as sink:
+            sink.write("open(%r, 'a').write(%r)\n" % (marker, module + "\n"))
+    env = dict(os.environ, PYTHONPATH=box.decoy, PYTHONSTARTUP=os.path.join(box.decoy, "argparse.py"))
+    result = run(["/bin/sh", INSTALL_SH, "server", "--init", "sysv", "--config", box.config, "--root", box.root],
+                 env=env, cwd=box.decoy)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(marker), open(marker).read()
+
+
+@pytest.mark.parametrize("value", ["/opt/a;touch /tmp/mnedc-pwned", "/opt/$(id)", "/opt/`id`", "/opt/a|b",
+                                   "/opt/a&b", "/opt/a>b", "/opt/a*", "/opt/a\nb"])
+def test_refuses_a_prefix_the_shell_would_read(box, value):
+    result = box.install("server", "--init", "sysv", "--prefix", value.replace("\\n", "\n"), check=False)
+    assert_refused(box, result, "--root and --prefix may hold only")
+    assert not os.path.exists("/tmp/mnedc-pwned")
 
 
 def test_refuses_bad_options(box):
@@ -993,8 +1126,40 @@ def test_certs_names_and_usages(pki):
                  "tls_client_ca = %s/ca.pem" % directory, "tls_ca = %s/ca.pem" % directory,
                  "device_id = dev-a", "tls_cert = %s/client-dev-a.pem" % directory,
                  "tls_key = %s/client-dev.b_2.key" % directory]:
-        assert "\n  %s\n" % line in stdout, line
-    assert stdout.count("  [client]\n") == 2 and stdout.count("  [server]\n") == 1
+        assert "\n%s\n" % line in stdout, line
+    assert "\n[client]\n" not in stdout and "\n[server]\n" not in stdout   # a second header breaks the INI
+
+
+def pasted_block(text, heading):
+    """The key = value lines that follow the paragraph starting with heading, as a user copies them."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if " = " in line and not line.startswith(" "))
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line)
+    return "\n".join(block) + "\n"
+
+
+def test_the_printed_config_lines_paste_into_the_shipped_configs(pki, tmp_path):
+    """Both the server's first-start lines and those of install.sh certs, appended as they are to
+    the shipped client-config.ini (and to a server.ini), give configs the daemons accept."""
+    directory, stdout = pki
+    from tests.wire_peer import start_server
+    proc, port, _ = start_server(tmp_path / "state")
+    proc.stop()
+    shipped = open(os.path.join(PROJECT, "client-config.ini")).read()
+    client = tmp_path / "client-config.ini"
+    client.write_text(shipped + pasted_block(proc.output(), "generated a new network secret")
+                      + pasted_block(stdout, "Client dev-a:"))
+    check = run([sys.executable, os.path.join(PROJECT, "mnedc_client.py"), "-c", str(client), "--check"])
+    assert check.returncode == 0, check.stderr
+    assert "relay 127.0.0.1:%d, device dev-a, TLS" % port in check.stdout, check.stdout
+    server = tmp_path / "server.ini"
+    server.write_text("[server]\nstate_dir = %s\n" % (tmp_path / "state") + pasted_block(stdout, "Server: add"))
+    check = run([sys.executable, os.path.join(PROJECT, "mnedc_server.py"), "-c", str(server), "--check"])
+    assert check.returncode == 0 and ", TLS" in check.stdout, check.stderr
 
 
 def common_name(certificate):
@@ -1138,6 +1303,22 @@ def test_certs_refusals(tmp_path):
         assert_certs_refused(result, *phrases)
         assert not os.path.exists(directory), "a refused certs must not write anything"
     assert_certs_refused(run(["dash", INSTALL_SH, "certs", "--client", "a"]), "certs needs --dir DIR")
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed (test.sh installs it)")
+def test_certs_refuse_a_directory_another_user_owns_or_may_write(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directories other owners")
+    for name, mode, owner, phrase in [("shared", 0o777, 0, "is writable by others"),
+                                      ("group", 0o770, 0, "is writable by others"),
+                                      ("theirs", 0o700, 65534, "belongs to uid 65534")]:
+        directory = str(tmp_path / name)
+        os.mkdir(directory)
+        os.chmod(directory, mode)
+        os.chown(directory, owner, 0)
+        result = make_certs(directory, "--server-name", "127.0.0.1")
+        assert_certs_refused(result, directory, phrase)
+        assert os.listdir(directory) == [], "nothing may be written there, CA key included"
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed (test.sh installs it)")
