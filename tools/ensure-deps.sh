@@ -15,6 +15,7 @@ package_for() {
         openssl) echo openssl ;;
         sshd) echo openssh-server ;;
         ssh) echo openssh-client ;;
+        setpriv|unshare) echo util-linux ;;
         *) echo "$1" ;;
     esac
 }
