@@ -67,6 +67,8 @@ PURGE=no
 CHANGED=no          # did this run change an installed file? then a running service restarts
 NEW_MANIFEST=''     # manifest lines this run adds, one per line
 TEMP_FILES=''
+MANIFEST=''         # set_paths sets it: ETC_DIR/install.manifest
+JOURNALED=no        # yes once remember() writes straight to the manifest on disk; off in uninstall
 CERT_DIR=''         # certs --dir
 CERT_DAYS=3650
 SERVER_NAMES=''     # certs --server-name, blank-separated (each checked: no blanks, no globs)
@@ -192,9 +194,22 @@ set_service() {
 # empty), "bytecode PATH" (the script's __pycache__/NAME.*.pyc, of any Python version), "state
 # PATH", "cron PATH", "sysupgrade PATH". PATH is relative to --root.
 
+# Record $1 ("file /etc/...", "dir ...", "temp ...") for uninstall, in memory and at once in the
+# manifest on disk: callers remember a path before they place it, so an install killed half-way
+# (kill -9, a power cut) leaves nothing uninstall cannot see. Until ETC_DIR exists the lines
+# wait in NEW_MANIFEST and go out with the first one that can be written.
 remember() {
 	NEW_MANIFEST="$NEW_MANIFEST$1
 "
+	case $JOURNALED in
+	yes) printf '%s\n' "$1" >>"$MANIFEST" || die "cannot write $MANIFEST" ;;
+	no)
+		if [ -n "$MANIFEST" ] && [ -d "$ETC_DIR" ]; then
+			printf '%s' "$NEW_MANIFEST" >>"$MANIFEST" || die "cannot write $MANIFEST"
+			JOURNALED=yes
+		fi
+		;;
+	esac                                # off: uninstall, which removes the manifest
 }
 
 rel() {
@@ -206,7 +221,7 @@ write_manifest() {
 	{
 		[ -f "$MANIFEST" ] && grep -v "^service $NAME " "$MANIFEST"
 		printf '%s' "$NEW_MANIFEST"
-	} | awk 'NF && !seen[$0]++' >"$TEMP"
+	} | awk 'NF && $1 != "temp" && !seen[$0]++' >"$TEMP"
 	{ chmod 644 "$TEMP" && mv -f "$TEMP" "$MANIFEST"; } || die "cannot write $MANIFEST"
 }
 
@@ -214,14 +229,15 @@ write_manifest() {
 new_temp() {
 	TEMP=$(mktemp "$(dirname "$1")/.mnedc.XXXXXX") || die "cannot write in $(dirname "$1")"
 	TEMP_FILES="$TEMP_FILES $TEMP"
+	remember "temp $(rel "$TEMP")"
 }
 
 # mkdir -p that remembers each directory it created.
 make_dir() {
 	[ -d "$1" ] && return 0
 	make_dir "$(dirname "$1")"
-	mkdir "$1" || die "cannot create $1"
 	remember "dir $(rel "$1")"
+	mkdir "$1" || die "cannot create $1"
 }
 
 # Put SOURCE at TARGET with MODE, atomically; CHANGED=yes if the content differs.
@@ -237,8 +253,8 @@ place_file() {
 
 # place_file, and uninstall removes TARGET.
 put_file() {
-	place_file "$@"
 	remember "file $(rel "$2")"
+	place_file "$@"
 }
 
 # Write the output of the function GENERATOR to TARGET with MODE (through put_file).
@@ -752,8 +768,8 @@ install_cron_line() {
 			echo "* * * * * root $WATCHDOG $NAME"
 		} >"$temp"
 	fi
-	place_cron_file "$temp" "$CRON_FILE"
 	remember "cron $(rel "$CRON_FILE")"
+	place_cron_file "$temp" "$CRON_FILE"
 	if [ -n "$ROOT" ]; then
 		return 0
 	elif [ "$INIT" = procd ]; then
@@ -819,20 +835,20 @@ install_script() {
 	cmp -s "$SRC_DIR/$SCRIPT" "$SBIN_DIR/$SCRIPT" 2>/dev/null && new_script=no
 	put_file "$SRC_DIR/$SCRIPT" "$SBIN_DIR/$SCRIPT" 755
 	make_dir "$SBIN_DIR/__pycache__"
+	remember "bytecode $(rel "$SBIN_DIR/$SCRIPT")"
 	output=$(compiled_bytecode "$SBIN_DIR/$SCRIPT" "$new_script" 2>&1) ||
 		die "$PYTHON cannot byte-compile $SBIN_DIR/$SCRIPT ($(printf '%s\n' "$output" | tail -n 1)): is $SBIN_DIR writable, and is $SCRIPT intact?"
 	BYTECODE=$output
-	remember "bytecode $(rel "$SBIN_DIR/$SCRIPT")"
 }
 
 # OpenWrt's sysupgrade keeps only the files listed in /etc/sysupgrade.conf (and package files).
 install_sysupgrade() {
 	for keep in "$ETC_DIR/" "$SBIN_DIR/$SCRIPT" "$WATCHDOG" "$INIT_DIR/$NAME"; do
+		remember "sysupgrade $(rel "$keep")"
 		if ! { [ -f "$SYSUPGRADE" ] && grep -qxF "$keep" "$SYSUPGRADE"; }; then
 			make_dir "$(dirname "$SYSUPGRADE")"
 			echo "$keep" >>"$SYSUPGRADE" || die "cannot write $SYSUPGRADE"
 		fi
-		remember "sysupgrade $(rel "$keep")"
 	done
 }
 
@@ -908,10 +924,11 @@ cmd_install() {
 	fi
 
 	make_dir "$ETC_DIR"
+	remember "service $NAME $INIT $PREFIX"   # first, so that uninstall also stops a half install
 	make_dir "$(dirname "$STATE_DIR")"   # the state dir itself is a "state" line, not a "dir"
+	remember "state $(rel "$STATE_DIR")"
 	[ -d "$STATE_DIR" ] || mkdir "$STATE_DIR" || die "cannot create $STATE_DIR"
 	chmod 700 "$STATE_DIR" || die "cannot chmod $STATE_DIR"
-	remember "state $(rel "$STATE_DIR")"
 	make_dir "$RUN_DIR"
 	install_script
 	put_generated watchdog_script "$WATCHDOG" 755
@@ -927,7 +944,6 @@ cmd_install() {
 	else
 		remove_cron_line "$NAME" "$CRON_FILE"
 	fi
-	remember "service $NAME $INIT $PREFIX"
 	write_manifest
 	rm -f "$STATE_DIR/install.manifest"
 
@@ -991,10 +1007,10 @@ remove_service() {
 	esac
 	if [ -z "$ROOT" ]; then
 		case $2 in
-		procd) "$INIT_DIR/$1" stop && "$INIT_DIR/$1" disable ;;
+		procd) [ ! -x "$INIT_DIR/$1" ] || { "$INIT_DIR/$1" stop && "$INIT_DIR/$1" disable; } ;;
 		systemd) systemctl disable --now "$1" 2>/dev/null ;;
 		sysv)
-			"$INIT_DIR/$1" stop
+			[ ! -x "$INIT_DIR/$1" ] || "$INIT_DIR/$1" stop
 			if command -v update-rc.d >/dev/null 2>&1; then
 				update-rc.d -f "$1" remove >/dev/null
 			fi
@@ -1053,6 +1069,7 @@ keep_configs() {
 }
 
 cmd_uninstall() {
+	JOURNALED=off
 	set_paths
 	manifest=$(read_manifest)
 	if [ -z "$manifest" ]; then
@@ -1082,6 +1099,7 @@ EOF
 			esac
 			;;
 		bytecode) remove_bytecode "$ROOT$path" ;;
+		temp) rm -f "$ROOT$path" ;;     # left by an install that was killed
 		state)
 			rm -f "$ROOT$path/install.manifest"
 			if [ "$PURGE" = yes ]; then

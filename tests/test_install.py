@@ -648,6 +648,21 @@ def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box
     assert os.listdir(box.root) == []
 
 
+@pytest.mark.parametrize("killed_after", ["/etc/init.d/mnedc-server", "/etc/cron.d/mnedc"])
+def test_an_install_killed_half_way_is_uninstalled_whole(box, killed_after):
+    """kill -9 right after the init script or the root cron job was placed, before the install
+    finished: uninstall --purge must still find and remove every file, temporary ones too."""
+    mv = shutil.which("mv")
+    box.write_script("mv", "#!/bin/sh\n%s \"$@\" || exit 1\n"
+                           "case \"$*\" in *%s) kill -9 $PPID ;; esac\n" % (mv, box.path(killed_after)))
+    env = dict(os.environ, PATH=box.bin + ":" + os.environ["PATH"])
+    result = box.install_server(env=env, check=False)
+    assert result.returncode == -signal.SIGKILL or result.returncode == 128 + signal.SIGKILL, result
+    assert os.path.exists(box.path(killed_after))
+    box.install("uninstall", "--purge")
+    assert os.listdir(box.root) == [], tree(box.root)
+
+
 def test_upgrade_recompiles_the_bytecode(box):
     """A re-install with another script compiles it again, even within the same second and at the
     same size (the header alone would not tell): the bytecode always matches the script."""

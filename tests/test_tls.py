@@ -290,3 +290,34 @@ def test_a_certificate_must_name_the_device_in_cn_or_san(tmp_path, pki):
         assert other.returncode == 1 and "certificate is for dev-a, not for device dev-b" in other.stderr, other.stderr
     finally:
         net.stop()
+
+
+def test_a_stream_client_of_another_user_says_it_cannot_read_a_key(pki):
+    """A key in root's 0700 directory, and `services` run as nobody: the one line names the file,
+    the permission and the uid, not 'no such file' (issue #12, part 3)."""
+    import tempfile
+    from tests.test_streams import unprivileged_python
+    python = unprivileged_python() if os.geteuid() == 0 and shutil.which("setpriv") else None
+    if python is None:
+        pytest.skip("needs root, setpriv (util-linux) and a python3 that user nobody can run")
+    board = tempfile.mkdtemp(prefix="mnedc-nobody-")
+    try:
+        os.chmod(board, 0o755)
+        client = os.path.join(board, "mnedc_client.py")
+        shutil.copy(CLIENT, client)
+        private = os.path.join(board, "root-only")
+        os.mkdir(private, 0o700)
+        shutil.copy(pki["ours"] + "/ca.pem", os.path.join(private, "ca.pem"))
+        config = os.path.join(board, "client.ini")
+        with open(config, "w") as sink:
+            sink.write("[client]\nserver = 127.0.0.1:%d\nsecret = %s\ndevice_id = dev-a\ntls = yes\n"
+                       "tls_ca = %s/ca.pem\n" % (free_port(), "x" * 20, private))
+        for path in (client, config):
+            os.chmod(path, 0o644)
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,
+                                 client, "-c", config, "services"], capture_output=True, text=True,
+                                timeout=30, cwd="/")
+        assert result.returncode == 2, result.stderr
+        assert "tls_ca: %s/ca.pem: permission denied: this process runs as uid 65534" % private in result.stderr
+    finally:
+        shutil.rmtree(board, ignore_errors=True)
