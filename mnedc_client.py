@@ -1333,21 +1333,19 @@ class NameLookup:
     through a pipe the loop watches. Past RESOLVE_TIMEOUT_S the attempt fails; the thread is left
     to end by itself, and busy() stays true until it has."""
 
-    thread = None                       # the newest lookup's thread, shared by every lookup
-
     def __init__(self, loop, host, port, on_done):
         import threading
         self.loop, self.host, self.on_done = loop, host, on_done
         self.answer = None
         self.reader, writer = os.pipe()
         self.timer = loop.call_later(RESOLVE_TIMEOUT_S, self.on_timeout)
-        NameLookup.thread = threading.Thread(target=self.resolve, args=(port, writer), daemon=True)
-        NameLookup.thread.start()
+        self.thread = threading.Thread(target=self.resolve, args=(port, writer), daemon=True)
+        self.thread.start()
         loop.set_interest(self, selectors.EVENT_READ)
 
-    @classmethod
-    def busy(cls):
-        return cls.thread is not None and cls.thread.is_alive()
+    def busy(self):
+        """Whether its thread still waits in the resolver (after a timeout, too)."""
+        return self.thread.is_alive()
 
     def fileno(self):
         return self.reader
@@ -1403,6 +1401,7 @@ class RelayClient:
         self.loop = EventLoop(log)
         self.link = None
         self.lookup = None              # a NameLookup under way for the relay's host name
+        self.last_lookup = None         # the newest one, whose thread may outlive its timeout
         self.server_index = 0           # which of config.servers this attempt dials
         self.round_tries = 0            # addresses tried since the last success or backoff
         self.failures = 0               # attempts since the last WELCOME, for the backoff
@@ -1439,10 +1438,10 @@ class RelayClient:
         host, port = self.config.servers[self.server_index]
         if is_ipv4_literal(host):
             self.dial((host, port))
-        elif NameLookup.busy():
+        elif self.last_lookup is not None and self.last_lookup.busy():     # one thread at a time
             self.attempt_failed("cannot resolve %s: the resolver has not answered the last lookup yet" % host)
         else:
-            self.lookup = NameLookup(self.loop, host, port, self.on_resolved)
+            self.lookup = self.last_lookup = NameLookup(self.loop, host, port, self.on_resolved)
 
     def on_resolved(self, answer):
         self.lookup = None
@@ -1548,7 +1547,7 @@ class RelayClient:
         delay = self.next_backoff_s()
         self.log.debug("attempt %d failed; next in %.1f s" % (self.failures, delay))
         if reason:
-            self.log.limited("retry", "warning", "cannot join the relay: %s; retrying in %.1f s" % (reason, delay))
+            self.log.limited("retry", "warning", "%s; retrying in %.1f s" % (reason, delay))
         else:
             self.log.info("reconnecting in %.1f s" % delay)
         self.retry_timer = self.loop.call_later(delay, self.connect)
