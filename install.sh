@@ -2,7 +2,7 @@
 # install.sh: install the MNEDC relay server or a TUN client as a service, with a cron watchdog.
 #
 #   ./install.sh server|client [--config FILE] [--prefix DIR] [--root DIR]
-#                              [--init procd|sysv|systemd] [--no-start]
+#                              [--init procd|sysv|systemd] [--no-start] [--start]
 #   ./install.sh uninstall [--root DIR] [--purge]
 #   ./install.sh certs --dir DIR [--server-name NAME]... [--client DEVICE_ID]... [--days N]
 #
@@ -30,9 +30,12 @@
 #
 # --root DIR installs into DIR as if it were /: every path written into the generated files points
 # inside DIR, nothing outside DIR is touched, and nothing is enabled or started (implies
-# --no-start); the installed tree runs for real (tests use it). MNEDC_TUN_DEV overrides the TUN
-# device checked for a client (default /dev/net/tun). Re-running is safe; uninstall keeps the
-# state directory unless --purge.
+# --no-start, unless --start: then the service is started through DIR's init script, as on a real
+# install); the installed tree runs for real (tests use it). MNEDC_TUN_DEV overrides the TUN
+# device checked for a client (default /dev/net/tun), MNEDC_START_WAIT_S how long the LSB init
+# script waits for the daemon to come up (30 s). A new --config that does not start is replaced
+# by the previous one, which is started again. Re-running is safe; uninstall keeps the state
+# directory (and the configuration) unless --purge.
 #
 # certs makes the certificates for TLS with the openssl command (Debian: openssl; OpenWrt:
 # openssl-util), needs no root and writes only in DIR (created 0700):
@@ -53,7 +56,7 @@ PYTHON_MIN_MAJOR=3
 PYTHON_MIN_MINOR=7
 TUN_DEV=${MNEDC_TUN_DEV:-/dev/net/tun}
 CERTS_USAGE="install.sh certs --dir DIR [--server-name NAME]... [--client DEVICE_ID]... [--days N]"
-USAGE="usage: install.sh server|client [--config FILE] [--prefix DIR] [--root DIR] [--init procd|sysv|systemd] [--no-start]
+USAGE="usage: install.sh server|client [--config FILE] [--prefix DIR] [--root DIR [--start]] [--init procd|sysv|systemd] [--no-start]
        install.sh uninstall [--root DIR] [--purge]
        $CERTS_USAGE"
 
@@ -68,6 +71,7 @@ CHANGED=no          # did this run change an installed file? then a running serv
 NEW_MANIFEST=''     # manifest lines this run adds, one per line
 TEMP_FILES=''
 MANIFEST=''         # set_paths sets it: ETC_DIR/install.manifest
+PREVIOUS_CONFIG=''  # a copy of the config this run replaced, put back if the new one does not start
 JOURNALED=no        # yes once remember() writes straight to the manifest on disk; off in uninstall
 CERT_DIR=''         # certs --dir
 CERT_DAYS=3650
@@ -356,7 +360,7 @@ EOF
 		script_settings
 		cat <<'EOF'
 STOPPED=$RUN_DIR/$NAME.stopped
-START_WAIT_S=30
+START_WAIT_S=${MNEDC_START_WAIT_S:-30}
 STOP_WAIT_S=10
 
 EOF
@@ -639,7 +643,13 @@ install_config() {
 		new_temp "$CONFIG"           # beside its place: relative paths in it mean the same
 		cp "$CONFIG_SRC" "$TEMP" || die "cannot read $CONFIG_SRC"
 		self_check "$TEMP" "$CONFIG_SRC"
-		put_file "$TEMP" "$CONFIG" 600
+		new=$TEMP
+		if [ -f "$CONFIG" ] && ! cmp -s "$new" "$CONFIG"; then
+			new_temp "$CONFIG"       # the working one, put back if the new one does not start
+			cp -p "$CONFIG" "$TEMP" || die "cannot copy $CONFIG"
+			PREVIOUS_CONFIG=$TEMP
+		fi
+		put_file "$new" "$CONFIG" 600
 	elif [ -f "$CONFIG" ]; then
 		self_check "$CONFIG" "$CONFIG"
 		chmod 600 "$CONFIG"
@@ -867,11 +877,44 @@ control_hint() {
 
 # Enable at boot and (re)start, as the init system does it. Never under --root.
 activate() {
-	if [ -n "$ROOT" ]; then
+	if [ -n "$ROOT" ] && [ "$START" != always ]; then
 		mark_stopped
 		note "$NAME is neither enabled nor started (--root); run it with: $(control_hint)"
 		return 0
 	fi
+	[ -n "$ROOT" ] || enable_service
+	if [ "$START" = no ]; then
+		[ "$INIT" = systemd ] || mark_stopped
+		note "$NAME is not started (--no-start); start it with: $(control_hint)"
+		return 0
+	fi
+	action=start
+	[ "$CHANGED" = yes ] && action=restart
+	start_service "$action" && return 0
+	[ -n "$PREVIOUS_CONFIG" ] || die "$NAME did not start: $(log_hint)"
+	place_file "$PREVIOUS_CONFIG" "$CONFIG" 600
+	start_service restart ||
+		die "$NAME did not start with the new configuration, nor with the previous one put back in $CONFIG: $(log_hint)"
+	die "$NAME did not start with the new configuration, so the previous one is back in $CONFIG and running: $(log_hint)"
+}
+
+start_service() {
+	if [ "$INIT" = systemd ]; then
+		systemctl "$1" "$NAME"
+	else
+		"$INIT_DIR/$NAME" "$1"
+	fi
+}
+
+log_hint() {
+	if [ "$INIT" = systemd ]; then
+		echo "see journalctl -u $NAME"
+	else
+		echo "see the system log (logread or /var/log/syslog)"
+	fi
+}
+
+enable_service() {
 	case $INIT in
 	procd) "$INIT_DIR/$NAME" enable ;;
 	systemd) systemctl daemon-reload && systemctl enable "$NAME" 2>/dev/null ;;
@@ -883,18 +926,6 @@ activate() {
 		fi
 		;;
 	esac || note "warning: could not enable $NAME at boot"
-	if [ "$START" = no ]; then
-		[ "$INIT" = systemd ] || mark_stopped
-		note "$NAME is not started (--no-start); start it with: $(control_hint)"
-		return 0
-	fi
-	action=start
-	[ "$CHANGED" = yes ] && action=restart
-	if [ "$INIT" = systemd ]; then
-		systemctl "$action" "$NAME" || die "$NAME did not start: see journalctl -u $NAME"
-	else
-		"$INIT_DIR/$NAME" "$action" || die "$NAME did not start: see the system log (logread or /var/log/syslog)"
-	fi
 }
 
 # Refuse to install over an installation with another init system or prefix.
@@ -1479,6 +1510,7 @@ main() {
 		--root) ROOT=$(need_value "$@") || exit 1; shift ;;
 		--init) install_option=$1 INIT=$(need_value "$@") || exit 1; shift ;;
 		--no-start) install_option=$1 START=no ;;
+		--start) install_option=$1 START=always ;;
 		--purge) PURGE=yes ;;
 		*) die "unknown option $1; $USAGE" ;;
 		esac

@@ -946,6 +946,30 @@ def test_refuses_a_prefix_the_shell_would_read(box, value):
     assert not os.path.exists("/tmp/mnedc-pwned")
 
 
+def test_a_new_config_that_does_not_start_is_replaced_by_the_working_one(running):
+    """It passes --check (its port is a number) but the daemon cannot bind it: install.sh puts
+    the previous config back, starts the relay again with it, and says so."""
+    box = running
+    before = read_text(box.path("/etc/mnedc/server.ini"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        new = os.path.join(box.tmp, "new.ini")
+        with open(new, "w") as sink:
+            sink.write(before.replace("127.0.0.1:%d" % box.port, "127.0.0.1:%d" % taken.getsockname()[1]))
+        env = dict(os.environ, MNEDC_START_WAIT_S="3")
+        result = box.install("server", "--init", "sysv", "--config", new, "--start", env=env, check=False)
+    finally:
+        taken.close()
+    assert result.returncode != 0
+    assert "did not start with the new configuration, so the previous one is back in %s and running" \
+        % box.path("/etc/mnedc/server.ini") in result.stderr, result.stderr
+    assert read_text(box.path("/etc/mnedc/server.ini")) == before
+    wait_for(box.daemon_pid, "the relay, running again")
+    assert wait_for(box.accepts, "the relay to accept on its old port")
+
+
 def test_refuses_bad_options(box):
     for args in (["server", "--init", "upstart"], ["uninstall", "--prefix", "/opt"],
                  ["server", "--purge"], ["bogus"]):
