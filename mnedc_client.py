@@ -17,8 +17,10 @@ else ./client-config.ini), then command-line flags.
   mtu         TUN interface MTU, up to 65525                 (default 65520)
   offload     yes or no: TSO and checksum offload on the TUN (default yes)
   keepalive   seconds without a frame before the server is presumed dead (default 30)
-  tls         yes: TLS to the server, verified against tls_ca; tls_cert and tls_key for a
-              client certificate (mutual TLS); tls_server_name if it differs from server
+  server_pin  sha256:HEX of the relay's certificate (it prints it), or several: TLS, and only
+              that certificate is accepted (no CA or host name needed)
+  tls         yes: TLS to the server, verified by server_pin or against tls_ca; tls_cert and
+              tls_key for a client certificate (mutual TLS); tls_server_name if it differs
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
@@ -810,8 +812,14 @@ class RelayLink:
             return
         if events:
             self.client.loop.set_interest(self, events)
-        else:
-            self.send_hello()
+            return
+        pins = self.client.config.server_pins
+        problem = pins and pin_problem(self.sock, pins)
+        if problem:
+            self.client.fatal("%s (a new certificate, or someone on the path): check server_pin" % problem)
+            self.close("certificate not pinned")
+            return
+        self.send_hello()
 
     def send_hello(self):
         self.stage = "challenge"
@@ -2467,11 +2475,14 @@ def load_ssl():
 
 def tls_context(server_side, cert=None, key=None, ca=None):
     """A TLS 1.2+ context. Server: its cert and key; ca set means client certs are required.
-    Client: ca verifies the server (always required); cert and key for mutual TLS."""
+    Client: ca verifies the server, else its pin does (pin_problem); cert and key for mutual TLS."""
     ssl = load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a send never waits for a read
+    if not server_side and not ca:      # the client checks the server's pin after the handshake
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
         if cert:
             context.load_cert_chain(cert, key)
@@ -2549,6 +2560,14 @@ class TlsTransport:
 
     def sendmsg(self, buffers):
         return self.send(b"".join(buffers))
+
+
+def pin_problem(transport, pins):
+    """Why the certificate on the TLS link transport is none of pins ("sha256:HEX"), or None."""
+    got = "sha256:" + (transport.summary()["peer_sha256"] or "no certificate")
+    if got in pins:
+        return None
+    return "the relay's certificate is not the pinned one: got %s, server_pin is %s" % (got, ", ".join(pins))
 
 
 def describe_error(error):
@@ -2869,8 +2888,9 @@ class ClientConfig:
         self.keepalive = DEFAULT_KEEPALIVE_S
         self.control_socket = DEFAULT_CONTROL_SOCKET
         self.log_level = "info"
-        self.tls = False
+        self.tls = None                         # None: not set; server_pin then means yes
         self.tls_ca = self.tls_cert = self.tls_key = self.tls_server_name = None
+        self.server_pins = []                   # ["sha256:HEX", ...]: certificates we accept
         self.tls_context = None                 # built from those when tls = yes
 
 
@@ -2890,6 +2910,7 @@ CLIENT_KEYS = {
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_server_name": lambda config, text: setattr(config, "tls_server_name", text.strip()),
+    "server_pin": lambda config, text: setattr(config, "server_pins", parse_pins(text)),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 
@@ -2907,6 +2928,19 @@ def parse_servers(text):
     if not servers:
         raise ValueError("give the server's address, as HOST or HOST:PORT")
     return servers
+
+
+def parse_pins(text):
+    """["sha256:HEX", ...] from one pin or several (separated by commas or blanks): the relay's
+    certificate must be one of them, so a new certificate can be added before the old goes."""
+    pins = [word.lower() for word in text.replace(",", " ").split()]
+    for pin in pins:
+        digest = pin[len("sha256:"):]
+        if not pin.startswith("sha256:") or len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise ValueError("%r is not a pin like sha256:<64 hex digits> (the relay prints it)" % pin)
+    if not pins:
+        raise ValueError("give the relay's pin, sha256:<64 hex digits>")
+    return pins
 
 
 def format_servers(servers):
@@ -3009,17 +3043,21 @@ def load_client_config(args):
     if config.device_id is None:
         config.device_id = default_device_id()
     tls_files = [(key, getattr(config, key)) for key in ("tls_ca", "tls_cert", "tls_key") if getattr(config, key)]
-    if tls_files and not config.tls:
+    if config.server_pins and config.tls is None:
+        config.tls = True                       # a pin says TLS
+    if (tls_files or config.server_pins) and not config.tls:
         raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
-                          % ", ".join(key for key, _ in tls_files))
+                          % ", ".join([key for key, _ in tls_files] + (["server_pin"] if config.server_pins else [])))
+    config.tls = bool(config.tls)
     for key, path in tls_files:
         problem = unreadable(path)
         if problem:
             raise ConfigError(where + "%s: %s: %s" % (key, path, problem))
     if config.tls:
-        if not config.tls_ca:
-            raise ConfigError(where + "tls: tls = yes needs tls_ca, the CA that signed the server's "
-                              "certificate (install.sh certs makes it)")
+        if not config.tls_ca and not config.server_pins:
+            raise ConfigError(where + "tls: tls = yes needs server_pin, the relay's certificate pin (it "
+                              "prints it at its first start and in status), or tls_ca, the CA that "
+                              "signed its certificate (install.sh certs makes it)")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ConfigError(where + "tls_key: a client certificate needs both tls_cert and tls_key")
         try:

@@ -21,8 +21,9 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all)
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
   max_streams_per_client   limits (default 1024, 256, 256, 65535, 1048576, 64; README)
-  tls         yes: TLS with tls_cert and tls_key; tls_client_ca requires client certificates
-              whose commonName is the device_id (install.sh certs makes them all)
+  tls         yes: TLS with tls_cert and tls_key, or without them with the relay's own key and
+              certificate, made in state_dir at the first start (clients pin it: server_pin);
+              tls_client_ca requires client certificates whose commonName is the device_id
   control_socket  the Unix socket for status and kick (default /var/run/mnedc/server.sock)
   on_join, on_leave  scripts (absolute paths) run when a device joins or leaves
   restart_window  seconds over which clients spread their return after a restart (default 10)
@@ -1997,6 +1998,7 @@ class RelayServer:
             "interface": self.tun.interface if self.tun else None, "started": self.started,
             "uptime_s": int(time.time() - self.started), "pid": os.getpid(),
             "tls": "client certificates" if config.tls_client_ca else "yes" if config.tls else "no",
+            "tls_pin": config.tls_pin,
             "device_keys": len(config.keys.keys) if config.keys else 0,
             "revoked": config.keys.revoked() if config.keys else [],
             "policy_rules": len(config.policy.rules) if config.policy else 0,
@@ -2583,11 +2585,14 @@ def load_ssl():
 
 def tls_context(server_side, cert=None, key=None, ca=None):
     """A TLS 1.2+ context. Server: its cert and key; ca set means client certs are required.
-    Client: ca verifies the server (always required); cert and key for mutual TLS."""
+    Client: ca verifies the server, else its pin does (pin_problem); cert and key for mutual TLS."""
     ssl = load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a send never waits for a read
+    if not server_side and not ca:      # the client checks the server's pin after the handshake
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
         if cert:
             context.load_cert_chain(cert, key)
@@ -2665,6 +2670,14 @@ class TlsTransport:
 
     def sendmsg(self, buffers):
         return self.send(b"".join(buffers))
+
+
+def pin_problem(transport, pins):
+    """Why the certificate on the TLS link transport is none of pins ("sha256:HEX"), or None."""
+    got = "sha256:" + (transport.summary()["peer_sha256"] or "no certificate")
+    if got in pins:
+        return None
+    return "the relay's certificate is not the pinned one: got %s, server_pin is %s" % (got, ", ".join(pins))
 
 
 def describe_error(error):
@@ -2969,6 +2982,161 @@ def read_ini(path, section, known_keys):
 # ==== END MNEDC RUNTIME ====
 
 
+# ==== TLS IDENTITY ====
+# tls = yes without tls_cert/tls_key: at first start the server makes its own key and a
+# self-signed certificate in state_dir, in Python, since a board may have no openssl command
+# and the ssl module cannot make either. Ed25519 (RFC 8032), which OpenSSL 1.1.1 and newer
+# (every supported board) accept for TLS 1.2 and 1.3. Clients trust it by its pin, the SHA-256
+# of the certificate, instead of by a CA and a host name.
+
+ED25519_P = 2 ** 255 - 19                   # the field
+ED25519_L = 2 ** 252 + 27742317777372353535851937790883648493   # the order of the base point
+ED25519_D = -121665 * pow(121666, ED25519_P - 2, ED25519_P) % ED25519_P
+ED25519_SQRT_M1 = pow(2, (ED25519_P - 1) // 4, ED25519_P)
+OID_ED25519 = bytes((0x06, 0x03, 0x2B, 0x65, 0x70))             # 1.3.101.112
+OID_COMMON_NAME = bytes((0x06, 0x03, 0x55, 0x04, 0x03))         # 2.5.4.3
+DER_SEQUENCE, DER_SET, DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING = 0x30, 0x31, 0x02, 0x03, 0x04
+DER_UTF8, DER_UTC_TIME, DER_GENERALIZED_TIME, DER_EXPLICIT_0 = 0x0C, 0x17, 0x18, 0xA0
+NO_EXPIRY = b"99991231235959Z"              # RFC 5280 4.1.2.5: a certificate without an end
+TLS_CERT_NAME, TLS_KEY_NAME = "tls.pem", "tls.key"
+
+
+def sha512(data):
+    """The builtin SHA-512 (_sha512 to 3.11, _sha2 from 3.12): no OpenSSL needed for hashlib."""
+    try:
+        from _sha2 import sha512 as digest
+    except ImportError:
+        try:
+            from _sha512 import sha512 as digest
+        except ImportError:
+            from hashlib import sha512 as digest
+    return digest(data).digest()
+
+
+def ed25519_add(p, q):
+    """Two points in extended coordinates (X, Y, Z, T) added (RFC 8032 5.1.4)."""
+    field = ED25519_P
+    a = (p[1] - p[0]) * (q[1] - q[0]) % field
+    b = (p[1] + p[0]) * (q[1] + q[0]) % field
+    c = 2 * p[3] * q[3] * ED25519_D % field
+    d = 2 * p[2] * q[2] % field
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % field, g * h % field, f * g % field, e * h % field
+
+
+def ed25519_multiply(scalar, point):
+    result = (0, 1, 1, 0)
+    while scalar:
+        if scalar & 1:
+            result = ed25519_add(result, point)
+        point = ed25519_add(point, point)
+        scalar >>= 1
+    return result
+
+
+def ed25519_base_point():
+    field = ED25519_P
+    y = 4 * pow(5, field - 2, field) % field
+    xx = (y * y - 1) * pow(ED25519_D * y * y + 1, field - 2, field) % field
+    x = pow(xx, (field + 3) // 8, field)
+    if (x * x - xx) % field:
+        x = x * ED25519_SQRT_M1 % field
+    if x & 1:
+        x = field - x
+    return x, y, 1, x * y % field
+
+
+def ed25519_encode(point):
+    inverse = pow(point[2], ED25519_P - 2, ED25519_P)
+    x, y = point[0] * inverse % ED25519_P, point[1] * inverse % ED25519_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def ed25519_expand(seed):
+    digest = sha512(seed)
+    scalar = int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | (1 << 254)
+    return scalar, digest[32:]
+
+
+def ed25519_public_key(seed):
+    return ed25519_encode(ed25519_multiply(ed25519_expand(seed)[0], ed25519_base_point()))
+
+
+def ed25519_sign(seed, message):
+    """The 64-byte signature of message by the private key seed (RFC 8032 5.1.6)."""
+    scalar, prefix = ed25519_expand(seed)
+    base = ed25519_base_point()
+    public = ed25519_encode(ed25519_multiply(scalar, base))
+    nonce = int.from_bytes(sha512(prefix + message), "little") % ED25519_L
+    commitment = ed25519_encode(ed25519_multiply(nonce, base))
+    challenge = int.from_bytes(sha512(commitment + public + message), "little") % ED25519_L
+    return commitment + ((nonce + challenge * scalar) % ED25519_L).to_bytes(32, "little")
+
+
+def der(tag, body):
+    """One DER element: tag, length, body."""
+    if len(body) < 0x80:
+        return bytes((tag, len(body))) + body
+    length = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + body
+
+
+def der_name(common_name):
+    return der(DER_SEQUENCE, der(DER_SET, der(DER_SEQUENCE, OID_COMMON_NAME + der(DER_UTF8, common_name.encode()))))
+
+
+def self_signed_certificate(seed, common_name, now):
+    """A DER X.509 v3 certificate for the Ed25519 key seed, signed by itself, valid from now on."""
+    serial = bytearray(os.urandom(16))
+    serial[0] = serial[0] & 0x3F | 0x40         # positive, and always 16 bytes long
+    algorithm = der(DER_SEQUENCE, OID_ED25519)
+    validity = der(DER_SEQUENCE, der(DER_UTC_TIME, time.strftime("%y%m%d%H%M%SZ", time.gmtime(now)).encode())
+                   + der(DER_GENERALIZED_TIME, NO_EXPIRY))
+    public_key = der(DER_SEQUENCE, algorithm + der(DER_BIT_STRING, b"\0" + ed25519_public_key(seed)))
+    unsigned = der(DER_SEQUENCE, der(DER_EXPLICIT_0, der(DER_INTEGER, b"\x02")) + der(DER_INTEGER, bytes(serial))
+                   + algorithm + der_name(common_name) + validity + der_name(common_name) + public_key)
+    return der(DER_SEQUENCE, unsigned + algorithm + der(DER_BIT_STRING, b"\0" + ed25519_sign(seed, unsigned)))
+
+
+def ed25519_private_key_der(seed):
+    """PKCS #8 for an Ed25519 key (RFC 8410 7)."""
+    return der(DER_SEQUENCE, der(DER_INTEGER, b"\0") + der(DER_SEQUENCE, OID_ED25519)
+               + der(DER_OCTET_STRING, der(DER_OCTET_STRING, seed)))
+
+
+def pem(label, data):
+    import base64
+    text = base64.b64encode(data).decode("ascii")
+    lines = [text[start:start + 64] for start in range(0, len(text), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def ensure_tls_identity(state_dir, common_name):
+    """(certificate path, key path) in state_dir, made on the first call: True as a third value
+    when they were made now. The key is written 0600 before the certificate that names it."""
+    cert_path, key_path = os.path.join(state_dir, TLS_CERT_NAME), os.path.join(state_dir, TLS_KEY_NAME)
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path, False
+    seed = os.urandom(32)
+    for path, text, mode in ((key_path, pem("PRIVATE KEY", ed25519_private_key_der(seed)), 0o600),
+                             (cert_path, pem("CERTIFICATE", self_signed_certificate(seed, common_name, time.time())), 0o644)):
+        temporary = path + ".tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        with os.fdopen(descriptor, "w") as sink:
+            sink.write(text)
+        os.replace(temporary, path)
+    return cert_path, key_path, True
+
+
+def certificate_pin(path):
+    """'sha256:HEX' of the PEM certificate at path: what clients pin."""
+    import base64
+    with open(path) as source:
+        text = source.read()
+    body = text.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----", 1)[0]
+    return "sha256:" + sha256(base64.b64decode("".join(body.split()))).hexdigest()
+
+
 # ==== CONFIG ====
 
 class ServerConfig:
@@ -3001,6 +3169,8 @@ class ServerConfig:
         self.tls = False
         self.tls_cert = self.tls_key = self.tls_client_ca = None
         self.tls_context = None                 # built from those when tls = yes
+        self.tls_generate = False               # tls = yes, no tls_cert: make our own at start
+        self.tls_pin = None                     # "sha256:..." of the certificate in use
 
 
 SERVER_KEYS = {
@@ -3084,20 +3254,6 @@ def load_server_config(args, key_cache=None, reloading=False):
     if not config.network_secret and not (config.keys and config.keys.keys) and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
-    tls_files = [(key, getattr(config, key)) for key in ("tls_cert", "tls_key", "tls_client_ca") if getattr(config, key)]
-    if tls_files and not config.tls:
-        raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
-                          % ", ".join(key for key, _ in tls_files))
-    for key, path in tls_files:
-        if not os.path.isfile(path):
-            raise ConfigError(where + "%s: %s: no such file" % (key, path))
-    if config.tls:
-        if not (config.tls_cert and config.tls_key):
-            raise ConfigError(where + "tls: tls = yes needs tls_cert and tls_key (install.sh certs makes them)")
-        try:
-            config.tls_context = tls_context(True, config.tls_cert, config.tls_key, config.tls_client_ca)
-        except (ValueError, OSError) as error:
-            raise ConfigError(where + "tls: %s" % describe_error(error))
     flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
              ("tun", "no" if args.no_tun else None), ("control_socket", args.control),
              ("log_level", "debug" if args.verbose else None))
@@ -3107,7 +3263,44 @@ def load_server_config(args, key_cache=None, reloading=False):
                 SERVER_KEYS[key](config, text)
             except ValueError as error:
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
+    check_tls_settings(config, where)
     return config
+
+
+def check_tls_settings(config, where):
+    """With tls = yes: the configured certificate and key, or, with neither, the server's own
+    identity in state_dir (made at the first start: config.tls_generate). Builds the context."""
+    tls_files = [(key, getattr(config, key)) for key in ("tls_cert", "tls_key", "tls_client_ca") if getattr(config, key)]
+    if tls_files and not config.tls:
+        raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
+                          % ", ".join(key for key, _ in tls_files))
+    for key, path in tls_files:
+        if not os.path.isfile(path):
+            raise ConfigError(where + "%s: %s: no such file" % (key, path))
+    if not config.tls:
+        return
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError(where + "tls: give both tls_cert and tls_key, or neither (then the server "
+                          "makes its own in state_dir)")
+    if not config.tls_cert:
+        try:
+            load_ssl()
+        except ValueError as error:
+            raise ConfigError(where + "tls: %s" % error)
+        config.tls_cert = os.path.join(config.state_dir, TLS_CERT_NAME)
+        config.tls_key = os.path.join(config.state_dir, TLS_KEY_NAME)
+        if not (os.path.exists(config.tls_cert) and os.path.exists(config.tls_key)):
+            config.tls_generate = True          # cmd_run makes them once state_dir exists
+            return
+    build_tls_context(config, where)
+
+
+def build_tls_context(config, where):
+    try:
+        config.tls_context = tls_context(True, config.tls_cert, config.tls_key, config.tls_client_ca)
+        config.tls_pin = certificate_pin(config.tls_cert)
+    except (ValueError, OSError, IndexError) as error:
+        raise ConfigError(where + "tls: %s" % describe_error(error))
 
 
 def ensure_secret(config):
@@ -3129,11 +3322,15 @@ def ensure_secret(config):
     return True
 
 
-def print_client_lines(config, port, log):
-    log.info("generated a new network secret in %s. Add these lines at the end of each device's "
-             "client-config.ini (its [client] section):\n\nserver = %s:%d\nsecret = %s\n"
-             % (config.secret_source, reachable_address(config.listen[0]), port,
-                config.secret.decode("ascii")))
+def print_client_lines(config, port, log, with_secret):
+    """What each client needs of what the server made at this start: the secret, the pin."""
+    made = ["a new network secret"] if with_secret else []
+    made += ["a TLS certificate"] if config.tls_generate else []
+    lines = ["server = %s:%d" % (reachable_address(config.listen[0]), port)]
+    lines += ["secret = %s" % config.secret.decode("ascii")] if with_secret else []
+    lines += ["server_pin = %s" % config.tls_pin] if config.tls_pin else []
+    log.info("generated %s in %s. Add these lines at the end of each device's client-config.ini "
+             "(its [client] section):\n\n%s\n" % (" and ".join(made), config.state_dir, "\n".join(lines)))
 
 
 def reachable_address(listen_host):
@@ -3216,8 +3413,11 @@ def cmd_run(args):
     log.set_level(config.log_level)
     try:
         os.makedirs(config.state_dir, exist_ok=True)
-        generated = ensure_secret(config)
-    except (OSError, ValueError) as error:
+        secret_made = ensure_secret(config)
+        certificate_made = config.tls_generate and ensure_tls_identity(config.state_dir, "mnedc-relay")[2]
+        if config.tls_generate:
+            build_tls_context(config, "%s: [server] " % args.config)
+    except (OSError, ValueError, ConfigError) as error:
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
     key_cache = config.keys.cache if config.keys else {}
@@ -3227,8 +3427,8 @@ def cmd_run(args):
     except OSError as error:
         log.error(str(error))
         return 1
-    if generated:
-        print_client_lines(config, server.listener.sock.getsockname()[1], log)
+    if secret_made or certificate_made:
+        print_client_lines(config, server.listener.sock.getsockname()[1], log, secret_made)
     files = DaemonFiles(args.pidfile, args.heartbeat)
     try:
         files.start(server.loop)
@@ -3236,6 +3436,8 @@ def cmd_run(args):
         log.error("cannot write %s: %s" % (error.filename, describe_error(error)))
         return 1
     tls = "no TLS" if not config.tls else "TLS, client certificates required" if config.tls_client_ca else "TLS"
+    if config.tls:
+        tls += ", certificate pin %s" % config.tls_pin
     log.info("MNEDC server ready (protocol %d, secret from %s, %s)"
              % (PROTOCOL_VERSION, config.secret_source or "config", tls))
     try:
@@ -3288,8 +3490,8 @@ def format_status(status):
         " on " + server["interface"] if server["interface"] else ", no TUN", format_duration(server["uptime_s"])),
         "%d device(s), %d stream session(s), %d stream(s), %d handshake(s) in progress" % (
             totals["devices"], totals["stream_sessions"], totals["streams"], totals["handshakes_in_progress"]),
-        "TLS: %s; device keys: %d%s; policy: %s" % (
-            server["tls"], server["device_keys"],
+        "TLS: %s%s; device keys: %d%s; policy: %s" % (
+            server["tls"], " (certificate pin %s)" % server["tls_pin"] if server["tls_pin"] else "", server["device_keys"],
             " (revoked: %s)" % ", ".join(server["revoked"]) if server["revoked"] else "",
             "%d rules" % server["policy_rules"] if server["policy_rules"] else "allow all"),
         "limits: " + ", ".join("%s %d" % item for item in sorted(server["limits"].items())),

@@ -50,7 +50,7 @@ def client_lines(ca_dir, cert_dir=None, cert_for="%(device_id)s"):
 def test_data_crosses_a_tls_relay_byte_exact(tmp_path, pki):
     net = StreamNet(tmp_path, server_lines=server_lines(pki["ours"]), client_lines=client_lines(pki["ours"]))
     try:
-        net.server.wait_for(r"MNEDC server ready .*, TLS\)")
+        net.server.wait_for(r"MNEDC server ready .*, TLS, certificate pin sha256:[0-9a-f]{64}\)")
         net.send_through("dev-a", "dev-b", 9000, os.urandom(5 * 1000 * 1000))
         assert "Traceback" not in net.server.output()
     finally:
