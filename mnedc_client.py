@@ -808,6 +808,8 @@ class RelayLink:
             hint = ""
             if isinstance(error, ConnectionError) or type(error).__name__ == "SSLEOFError":
                 hint = " (a server at a connection limit closes TLS connections at once; its log says why)"
+            elif "wrong version number" in describe_error(error):
+                hint = " (the relay answered without TLS: it has tls = no, or it is not an MNEDC relay)"
             self.close("TLS handshake with %s failed: %s%s" % (self.server_label, describe_error(error), hint))
             return
         if events:

@@ -63,6 +63,7 @@ TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
+TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte a TLS client sends (RFC 8446 5.1)
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
 MAX_SERVICES_PER_SESSION = 16
 MAX_SERVICES = 1024
@@ -1271,6 +1272,7 @@ class ClientConnection:
         self.stage = "hello"
         self.certificate_names = None       # with client certificates: the names the client proved
         self.tls = server.config.tls_context is not None
+        self.first_bytes_seen = False       # a TLS relay looks at them once: TLS or a plain HELLO?
         if self.tls:
             self.sock, self.stage = TlsTransport(server.config.tls_context, sock), "tls"
         self.device_id = None
@@ -1309,6 +1311,10 @@ class ClientConnection:
         if self.stage == "tls":
             self.continue_tls()
             return
+        if self.stage == "hello" and not self.tls and self.speaks_tls():
+            self.refuse(ERROR_PROTOCOL, "this relay does not speak TLS (tls = no here): on the client "
+                        "remove server_pin and tls_ca, or set tls = yes on the relay")
+            return
         self.read_frames()
         while self.tls and self.stage not in ("closing", "closed") and self.sock.pending():
             self.read_frames()              # bytes OpenSSL holds, which select() cannot see
@@ -1340,7 +1346,42 @@ class ClientConnection:
         finally:
             self.server.send_batches()
 
+    def speaks_tls(self):
+        """Whether the first byte waiting is a TLS record's (22): a HELLO frame's is its length's
+        high byte, 0."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == TLS_HANDSHAKE_RECORD
+        except BlockingIOError:
+            return False
+
+    def plaintext_hello(self):
+        """Before the first TLS handshake step: whether a plaintext MNEDC client is talking to
+        this TLS relay. It gets its answer in plaintext, the one language it understands."""
+        if self.first_bytes_seen:
+            return False                    # mid-handshake records start otherwise (20, 23)
+        raw = self.sock.sock                # socket.socket's own methods skip the TLS layer
+        try:
+            first = socket.socket.recv(raw, FRAME_HEADER.size, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        self.first_bytes_seen = True
+        if not first or first[:1] == TLS_HANDSHAKE_RECORD:
+            return False
+        try:
+            socket.socket.recv(raw, RECV_BYTES)         # read it all, so close sends no RST
+            socket.socket.send(raw, encode_frame(FRAME_ERROR, encode_error(
+                ERROR_PROTOCOL, "the relay requires TLS: set server_pin = %s (or tls_ca) in [client]"
+                % self.server.config.tls_pin)))
+        except OSError:
+            pass
+        self.server.log.limited(("plain", self.remote_ip()), "warning", "refusing %s: a client without "
+                                "TLS, and this relay requires it (told it so)" % self.name())
+        return True
+
     def continue_tls(self):
+        if self.plaintext_hello():
+            self.close("a client without TLS")
+            return
         try:
             events = self.sock.handshake()
         except OSError as error:

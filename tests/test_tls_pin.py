@@ -142,3 +142,29 @@ def test_a_pinned_stream_client_on_python3_light_with_openssl(tmp_path):
             assert not re.search(r"Traceback|LookupError", proc.output()), proc.output()
     finally:
         net.stop()
+
+
+def test_a_plaintext_client_at_a_tls_relay_is_told_what_to_set(tmp_path):
+    net, pin = pinned_net(tmp_path)
+    try:
+        net.client_lines = []
+        result = net.run("dev-a", "services", timeout=30)
+        assert result.returncode == 1
+        assert "the relay requires TLS: set server_pin = %s (or tls_ca) in [client]" % pin in result.stderr, result.stderr
+        net.server.wait_for(r"a client without TLS, and this relay requires it")
+        net.client_lines = ["server_pin = %s" % pin]               # and the relay is none the worse
+        assert net.run("dev-a", "services", timeout=30).returncode == 0
+    finally:
+        net.stop()
+
+
+def test_a_tls_client_at_a_plaintext_relay_gets_one_clear_line_on_each_side(tmp_path):
+    net = StreamNet(tmp_path, client_lines=["server_pin = sha256:" + "0" * 64])
+    try:
+        result = net.run("dev-a", "services", timeout=30)
+        assert result.returncode == 1
+        assert "the relay answered without TLS: it has tls = no" in result.stderr, result.stderr
+        net.server.wait_for(r"this relay does not speak TLS \(tls = no here\)")
+        assert "Traceback" not in net.server.output()
+    finally:
+        net.stop()
