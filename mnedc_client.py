@@ -61,6 +61,9 @@ QUICK_RETRY_WINDOW_S = 60       # ... is retried every QUICK_RETRY_S for this lo
 QUICK_RETRY_S = (1.0, 3.0)      # at a random moment in this range: a relay that crashed comes
                                 # back fast, while one that stays down sees the normal backoff after
 RESOLVE_TIMEOUT_S = 10          # a host name lookup that takes longer fails this attempt
+MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH = 16, 29   # the subnets a relay may offer (its subnet key)
+IPV4_SOURCE_AT, IPV4_DESTINATION_AT = 12, 16    # offsets in the IPv4 header (RFC 791)
+ROUTES_FILE = "/proc/net/route"
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
 PORT_TAKEN_BACKOFF_STEPS = 3    # a taken virtual port may be a stale session: ask again in ~10 s
 RECV_BYTES = 256 * 1024
@@ -1659,6 +1662,8 @@ class TunClient(RelayClient):
         RelayClient.__init__(self, config, log)
         self.tun = None
         self.configured = None          # (address, prefix length) the interface has
+        self.own_address = None         # the same address, packed: what packets to us carry
+        self.network = None             # (packed network, prefix length) of the virtual network
         self.mtu = None                 # and its MTU
         self.server_address = None
         self.control = None
@@ -1707,7 +1712,12 @@ class TunClient(RelayClient):
                 "pid": os.getpid()}
 
     def on_welcome(self, link, address, prefix_length, server_address):
+        problem = self.welcome_problem(address, prefix_length)
+        if problem:
+            raise ProtocolError(problem)
         wanted = (ipv4_text(address), prefix_length)
+        self.own_address = bytes(address)
+        self.network = prefix_of(address, prefix_length)
         mtu = self.fit_frame_limit()
         if wanted != self.configured or mtu != self.mtu:
             if self.configured not in (None, wanted):
@@ -1726,6 +1736,25 @@ class TunClient(RelayClient):
         self.log.info("connected to relay %s as %s/%d on %s (device %s); the server is %s"
                       % (link.server_label, wanted[0], prefix_length, self.tun.interface,
                          self.config.device_id, ipv4_text(server_address)))
+
+    def welcome_problem(self, address, prefix_length):
+        """Why this client takes no address from this WELCOME, or None. A relay (or whoever
+        speaks for it) must not make this device send a whole LAN's traffic into the tunnel."""
+        if not MIN_PREFIX_LENGTH <= prefix_length <= MAX_PREFIX_LENGTH:
+            return "WELCOME offers a /%d; an MNEDC network is /%d to /%d" % (
+                prefix_length, MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH)
+        offered = prefix_of(address, prefix_length)
+        if self.network is not None and offered != self.network:
+            return ("the relay moved this device to another network, %s/%d (it was %s/%d): restart the "
+                    "client if that is right" % (ipv4_text(offered[0]), offered[1],
+                                                 ipv4_text(self.network[0]), self.network[1]))
+        if self.network is None:
+            for interface, route in routes_other_than(self.tun.interface):
+                if networks_overlap(offered, route):
+                    return ("WELCOME offers %s/%d, which overlaps %s/%d on %s: refused, so that traffic "
+                            "for that network does not go into the tunnel"
+                            % (ipv4_text(offered[0]), offered[1], ipv4_text(route[0]), route[1], interface))
+        return None
 
     def fit_frame_limit(self):
         """The MTU to use under the server's frame limit. Below 64 KB TSO goes off as well, since
@@ -1757,13 +1786,24 @@ class TunClient(RelayClient):
         problem = ipv4_problem(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             raise ProtocolError(problem)
-        problem = offloaded and offload_problem(payload)
+        problem = offloaded and offload_problem(payload) or \
+            self.foreign_packet(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             self.count_drop(problem)
             return
         self.packets_in += 1
         self.bytes_in += len(payload)
         self.tun.send_packet(frame_type, payload)
+
+    def foreign_packet(self, payload, offset):
+        """Why a packet from the relay must not reach this host, or None: only packets to this
+        device from inside the virtual network go to the TUN, whatever the relay says."""
+        if payload[offset + IPV4_DESTINATION_AT:offset + IPV4_DESTINATION_AT + 4] != self.own_address:
+            return "not addressed to this device"
+        source = payload[offset + IPV4_SOURCE_AT:offset + IPV4_SOURCE_AT + 4]
+        if prefix_of(source, self.network[1]) != self.network:
+            return "source outside the virtual network"
+        return None
 
     def forward_from_tun(self, frame_type, packet):
         """Send one packet the kernel routed into the TUN; False asks the TUN to pause."""
@@ -2040,6 +2080,36 @@ STREAM_CLIENT_HANDLERS = {
     FRAME_WINDOW: StreamClient.on_window, FRAME_EOF: StreamClient.on_eof,
     FRAME_RESET: StreamClient.on_reset, FRAME_SERVICE_LIST: StreamClient.on_service_list,
 }
+
+
+def prefix_of(address, prefix_length):
+    """(packed network, prefix length) of a packed IPv4 address."""
+    mask = (0xFFFFFFFF << (32 - prefix_length)) & 0xFFFFFFFF
+    return (int.from_bytes(address, "big") & mask).to_bytes(4, "big"), prefix_length
+
+
+def networks_overlap(one, other):
+    shorter = min(one[1], other[1])
+    return prefix_of(one[0], shorter) == prefix_of(other[0], shorter)
+
+
+def routes_other_than(interface):
+    """[(interface, (packed network, prefix length))] of this host's IPv4 routes but the default
+    ones and those on interface, from /proc/net/route (addresses there are little-endian hex)."""
+    try:
+        with open(ROUTES_FILE) as source:
+            rows = [line.split() for line in source.read().splitlines()[1:]]
+    except OSError:
+        return []
+    routes = []
+    for row in rows:
+        if len(row) < 8 or row[0] == interface:
+            continue
+        network, mask = (int(field, 16).to_bytes(4, "little") for field in (row[1], row[7]))
+        prefix_length = bin(int.from_bytes(mask, "big")).count("1")
+        if prefix_length:
+            routes.append((row[0], (network, prefix_length)))
+    return routes
 
 
 def format_services(listing):
