@@ -43,6 +43,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -2425,6 +2426,16 @@ class EventLoop:
                 handler.close("internal error")
 
 
+def check_shared_directory(path):
+    """OSError unless path's directory is safe for root to write path in: writable by others
+    only with the sticky bit (as /tmp), which keeps them from replacing what root made."""
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = os.stat(directory).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise OSError("refusing to write %s: its directory %s is writable by others (mode %o) "
+                      "without the sticky bit" % (path, directory, mode & 0o7777))
+
+
 class DaemonFiles:
     """The pidfile and the heartbeat file that the init scripts and the cron watchdog read.
 
@@ -2437,10 +2448,20 @@ class DaemonFiles:
         self.heartbeat = heartbeat
 
     def start(self, loop):
-        """Write the pidfile and start beating; OSError if a file cannot be written."""
+        """Write the pidfile and start beating; OSError if a file cannot be written. Both are
+        written as root into directories others may share: no symlink is followed (one planted
+        at the pidfile's temporary name would have had root truncate its target), and a
+        directory others can write without the sticky bit is refused."""
+        for path in filter(None, (self.pidfile, self.heartbeat)):
+            check_shared_directory(path)
         if self.pidfile:
             temporary = self.pidfile + ".tmp"
-            with open(temporary, "w") as sink:
+            try:
+                os.unlink(temporary)        # a stale one, or a planted link: gone, not followed
+            except FileNotFoundError:
+                pass
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(descriptor, "w") as sink:
                 sink.write("%d\n" % os.getpid())
             os.replace(temporary, self.pidfile)
         if self.heartbeat:
@@ -2448,8 +2469,11 @@ class DaemonFiles:
             loop.call_every(HEARTBEAT_S, self.beat)
 
     def beat(self):
-        with open(self.heartbeat, "a"):
-            os.utime(self.heartbeat, None)
+        descriptor = os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.utime(descriptor)
+        finally:
+            os.close(descriptor)
 
     def remove(self):
         """Remove both files, the pidfile only while it still names this process."""
@@ -3474,7 +3498,8 @@ def cmd_run(args):
     try:
         files.start(server.loop)
     except OSError as error:
-        log.error("cannot write %s: %s" % (error.filename, describe_error(error)))
+        log.error(str(error) if error.filename is None else
+                  "cannot write %s: %s" % (error.filename, describe_error(error)))
         return 1
     tls = "no TLS" if not config.tls else "TLS, client certificates required" if config.tls_client_ca else "TLS"
     if config.tls:

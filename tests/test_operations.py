@@ -213,3 +213,38 @@ def test_a_hook_gets_path_and_the_mnedc_variables_only(tmp_path):
         peer.close()
     finally:
         proc.stop()
+
+
+def test_pidfile_and_heartbeat_follow_no_planted_symlink(tmp_path):
+    """Both files are written as root, often in a directory others share: a symlink planted at
+    their names must not make root truncate or touch its target (issue #13), and a directory
+    others can write without the sticky bit is refused."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    before = os.stat(str(victim)).st_mtime_ns
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(str(shared), 0o1777)                  # like /tmp
+    os.symlink(str(victim), str(shared / "relay.pid.tmp"))
+    proc, _, _ = start_server(tmp_path / "state", "--pidfile", str(shared / "relay.pid"))
+    try:
+        assert open(str(shared / "relay.pid")).read().strip() == str(proc.pid)
+        assert not os.path.islink(str(shared / "relay.pid"))
+    finally:
+        proc.stop()
+    os.symlink(str(victim), str(shared / "relay.heartbeat"))
+    result = subprocess.run([sys.executable, SERVER, "--no-tun", "--listen", "127.0.0.1:0", "--state-dir",
+                             str(tmp_path / "state"), "--control", str(tmp_path / "s2.sock"),
+                             "--heartbeat", str(shared / "relay.heartbeat")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "too many levels of symbolic links" in result.stderr, result.stderr
+    assert victim.read_text() == "precious\n" and os.stat(str(victim)).st_mtime_ns == before
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(str(open_dir), 0o777)
+    result = subprocess.run([sys.executable, SERVER, "--no-tun", "--listen", "127.0.0.1:0", "--state-dir",
+                             str(tmp_path / "state"), "--control", str(tmp_path / "s3.sock"),
+                             "--pidfile", str(open_dir / "relay.pid")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "refusing to write %s: its directory %s is writable by others (mode 777) without the sticky bit" \
+        % (open_dir / "relay.pid", open_dir) in result.stderr
+    assert os.listdir(str(open_dir)) == []
