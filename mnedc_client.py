@@ -2157,6 +2157,13 @@ class Log:
     def set_level(self, level):
         self.threshold = LOG_LEVELS[level]
 
+    def to_terminal(self):
+        """Whether the lines go to a person's terminal, not to a file or syslog that keeps them."""
+        try:
+            return self.to_syslog is None and self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
     def write(self, level, message):
         if LOG_LEVELS[level] < self.threshold:
             return

@@ -2237,6 +2237,13 @@ class Log:
     def set_level(self, level):
         self.threshold = LOG_LEVELS[level]
 
+    def to_terminal(self):
+        """Whether the lines go to a person's terminal, not to a file or syslog that keeps them."""
+        try:
+            return self.to_syslog is None and self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
     def write(self, level, message):
         if LOG_LEVELS[level] < self.threshold:
             return
@@ -3388,11 +3395,15 @@ def ensure_secret(config):
 
 
 def print_client_lines(config, port, log, with_secret):
-    """What each client needs of what the server made at this start: the secret, the pin."""
+    """What each client needs of what the server made at this start: the secret, the pin. The
+    secret itself only to a terminal: a log ends up in syslog, logread, a journal."""
     made = ["a new network secret"] if with_secret else []
     made += ["a TLS certificate"] if config.tls_generate else []
     lines = ["server = %s:%d" % (reachable_address(config.listen[0]), port)]
-    lines += ["secret = %s" % config.secret.decode("ascii")] if with_secret else []
+    if with_secret and log.to_terminal():
+        lines.append("secret = %s" % config.secret.decode("ascii"))
+    elif with_secret:
+        lines.append("secret = (the line in %s, readable by root only; it is not logged)" % config.secret_source)
     lines += ["server_pin = %s" % config.tls_pin] if config.tls_pin else []
     log.info("generated %s in %s. Add these lines at the end of each device's client-config.ini "
              "(its [client] section):\n\n%s\n" % (" and ".join(made), config.state_dir, "\n".join(lines)))

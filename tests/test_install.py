@@ -1185,12 +1185,11 @@ def test_the_printed_config_lines_paste_into_the_shipped_configs(pki, tmp_path):
     """Both the server's first-start lines and those of install.sh certs, appended as they are to
     the shipped client-config.ini (and to a server.ini), give configs the daemons accept."""
     directory, stdout = pki
-    from tests.wire_peer import start_server
-    proc, port, _ = start_server(tmp_path / "state")
-    proc.stop()
+    from tests.wire_peer import first_start_on_a_terminal
+    printed, port, _ = first_start_on_a_terminal(tmp_path / "state")     # as an operator sees it
     shipped = open(os.path.join(PROJECT, "client-config.ini")).read()
     client = tmp_path / "client-config.ini"
-    client.write_text(shipped + pasted_block(proc.output(), "generated a new network secret")
+    client.write_text(shipped + pasted_block(printed, "generated a new network secret")
                       + pasted_block(stdout, "Client dev-a:"))
     check = run([sys.executable, os.path.join(PROJECT, "mnedc_client.py"), "-c", str(client), "--check"])
     assert check.returncode == 0, check.stderr

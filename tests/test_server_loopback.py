@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.wire_peer import Refused, WirePeer, ipv4_packet, start_server
+from tests.wire_peer import Refused, WirePeer, first_start_on_a_terminal, ipv4_packet, start_server
 import mnedc_client as wire
 
 
@@ -55,12 +55,17 @@ def test_devices_get_sticky_addresses_across_reconnects_and_restarts(tmp_path):
         proc.stop()
 
 
-def test_first_start_generates_a_secret_and_prints_the_client_lines(server):
+def test_first_start_generates_a_secret_and_prints_the_client_lines(server, tmp_path):
+    """To a terminal the lines carry the secret; to a log (a pipe here, syslog or a journal on a
+    board) they say where it is instead, since logs are kept and read by more people."""
     proc, port, secret = server
-    printed = proc.output()
-    assert "\n\nserver = 127.0.0.1:%d\n" % port in printed and "[client]\n" not in printed   # pastes under [client]
-    assert "\nsecret = %s\n" % secret.decode() in printed
+    logged = proc.output()
+    assert "\n\nserver = 127.0.0.1:%d\n" % port in logged and "[client]\n" not in logged   # pastes under [client]
+    assert secret.decode() not in logged
+    assert "secret = (the line in %s, readable by root only; it is not logged)" % (tmp_path / "state" / "secret") in logged
     assert len(secret) >= 32
+    printed, port, secret = first_start_on_a_terminal(tmp_path / "by-hand")
+    assert "\n\nserver = 127.0.0.1:%d\nsecret = %s\n" % (port, secret.decode()) in printed, printed
 
 
 def test_each_new_lease_replaces_the_lease_file_atomically(server, tmp_path):

@@ -144,3 +144,34 @@ def start_server(state_dir, *extra, **kw):
         proc.stop()
         raise
     return proc, port, secret
+
+
+def first_start_on_a_terminal(state_dir, *extra, **kw):
+    """The output of a --no-tun server started with a terminal on stdout and stderr (as an
+    operator starts it by hand) until it is ready, then stopped: (text, port, secret)."""
+    import pty
+    import re
+    import select
+    import signal
+    import subprocess
+    control = os.path.join(os.path.dirname(str(state_dir)), "terminal.sock")
+    argv = [sys.executable, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0", "--subnet", "198.18.0.0/24",
+            "--state-dir", str(state_dir), "--control", control] + list(extra)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    text, deadline = "", time.monotonic() + kw.get("timeout", 15)
+    try:
+        while "MNEDC server ready" not in text and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    text += os.read(master, 65536).decode("utf-8", "replace")
+                except OSError:             # EIO: the server exited
+                    break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        os.close(master)
+    text = text.replace("\r\n", "\n")
+    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", text).group(1))
+    return text, port, open(os.path.join(str(state_dir), "secret")).read().strip().encode()
