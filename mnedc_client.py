@@ -138,7 +138,7 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4             # 4: WELCOME carries a MAC under the session's key
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -226,6 +226,7 @@ HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_
 CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
+WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
 OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
@@ -456,17 +457,29 @@ def decode_auth(payload):
     return payload
 
 
-def encode_welcome(address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
+def welcome_mac(session, body):
+    """The MAC that keeps anyone on the path without the key from changing WELCOME (the address,
+    the network, the limits). session: (key, client nonce, server nonce) of this handshake."""
+    key, client_nonce, server_nonce = session
+    return hmac_sha256(key, b"mnedc welcome" + client_nonce + server_nonce + bytes(body))
+
+
+def encode_welcome(session, address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
     """Addresses are 4 packed bytes (socket.inet_aton); max_frame_bytes is the largest payload
     the server takes from this client (its max_frame_bytes)."""
-    return WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
+    body = WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
+    return body + welcome_mac(session, body)
 
 
-def decode_welcome(payload):
-    """(address, prefix length, server address, largest frame payload the server takes)."""
-    if len(payload) != WELCOME.size:
-        raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size))
-    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(payload)
+def decode_welcome(session, payload):
+    """(address, prefix length, server address, largest frame payload the server takes), once
+    its MAC under session proves that the server sent it as it is."""
+    if len(payload) != WELCOME.size + WELCOME_MAC_BYTES:
+        raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size + WELCOME_MAC_BYTES))
+    body = payload[:WELCOME.size]
+    if not equal_digests(bytes(payload[WELCOME.size:]), welcome_mac(session, body)):
+        raise ProtocolError("WELCOME's MAC is wrong: it was changed on the way to this client")
+    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(body)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
     if max_frame_bytes < MIN_FRAME_BYTES:
@@ -761,10 +774,11 @@ class RelayLink:
             self.close("authentication failed")
             return
         self.send_frame(FRAME_AUTH, client_proof(key, self.client_nonce, server_nonce, config.device_id))
+        self.session = (key, self.client_nonce, server_nonce)      # what WELCOME's MAC is under
         self.stage = "welcome"
 
     def on_welcome(self, frame_type, payload):
-        address, prefix_length, server_address, max_frame_bytes = decode_welcome(payload)
+        address, prefix_length, server_address, max_frame_bytes = decode_welcome(self.session, payload)
         self.reader.max_payload = MAX_PAYLOAD_BYTES
         self.stage = "established"
         self.established_at = time.monotonic()

@@ -42,7 +42,7 @@ def serve(sock, key, welcome, server_address, packets, deadline):
     next_frame(sock, reader, pending)                   # AUTH: a liar need not check it
     address, prefix = welcome.split("/")
     sock.sendall(wire.encode_frame(wire.FRAME_WELCOME, wire.encode_welcome(
-        socket.inet_aton(address), int(prefix), socket.inet_aton(server_address))))
+        (key, client_nonce, server_nonce), socket.inet_aton(address), int(prefix), socket.inet_aton(server_address))))
     print("welcomed %s as %s" % (device_id, welcome), flush=True)
     time.sleep(0.5)                                     # the client configures its interface
     for packet in packets:

@@ -191,13 +191,15 @@ def handshake(sock, reader, key, device_id, flags=0):
     nonce, proof, reader = os.urandom(wire.NONCE_BYTES), None, reader or wire.FrameReader(wire.MAX_PAYLOAD_BYTES)
     sock.sendall(wire.encode_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id, flags)))
     frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)
+    server_nonce = None
     if frames and frames[0][0] == wire.FRAME_CHALLENGE:
-        proof = wire.client_proof(key, nonce, wire.decode_challenge(frames[0][1])[0], device_id)
+        server_nonce = wire.decode_challenge(frames[0][1])[0]
+        proof = wire.client_proof(key, nonce, server_nonce, device_id)
         sock.sendall(wire.encode_frame(wire.FRAME_AUTH, proof))
         frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)
     if not frames or frames[0][0] != wire.FRAME_WELCOME:
         return None, nonce, proof
-    return wire.decode_welcome(frames[0][1])[0], nonce, proof
+    return wire.decode_welcome((key, nonce, server_nonce), frames[0][1])[0], nonce, proof
 
 
 class Storm:

@@ -144,8 +144,17 @@ def test_stream_frames_round_trip():
 def test_challenge_welcome_error_round_trips():
     ns, proof = os.urandom(16), os.urandom(32)
     assert wire.decode_challenge(wire.encode_challenge(ns, proof)) == (ns, proof)
-    welcome = wire.encode_welcome(bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
-    assert wire.decode_welcome(welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
+    session = (os.urandom(32), os.urandom(16), os.urandom(16))
+    welcome = wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
+    assert wire.decode_welcome(session, welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
+    for changed in (session[:2] + (os.urandom(16),), (os.urandom(32),) + session[1:]):   # another handshake, another key
+        with pytest.raises(wire.ProtocolError, match="MAC is wrong"):
+            wire.decode_welcome(changed, welcome)
+    for position in range(len(welcome)):        # any byte changed on the way: refused
+        forged = bytearray(welcome)
+        forged[position] ^= 0x20
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_welcome(session, bytes(forged))
     code, text = wire.decode_error(wire.encode_error(wire.ERROR_AUTH, "wrong secret"))
     assert (code, text) == (wire.ERROR_AUTH, "wrong secret")
     assert wire.decode_error(bytes([9]) + b"\x1b[31mred\xff")[1] == "?[31mred\ufffd"
@@ -160,7 +169,9 @@ def test_ipv4_problem_accepts_real_packets_only():
     assert "total length" in wire.ipv4_problem(bytes(header) + b"extra")
 
 
-DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth, wire.decode_welcome,
+FUZZ_SESSION = (bytes(32), bytes(16), bytes(16))
+DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth,
+            lambda payload: wire.decode_welcome(FUZZ_SESSION, payload),
             wire.decode_error, wire.check_ping, wire.decode_listen, wire.decode_open,
             wire.decode_accept, wire.decode_data, wire.decode_window, wire.decode_eof,
             wire.decode_reset)
@@ -169,7 +180,7 @@ DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth, wire.dec
 def test_fuzzed_decoders_only_ever_raise_protocol_error():
     rng = random.Random(20261123)
     valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16), bytes(32)),
-             bytes(32), wire.encode_welcome(bytes(4), 24, bytes(4)), wire.encode_error(1, "x"),
+             bytes(32), wire.encode_welcome(FUZZ_SESSION, bytes(4), 24, bytes(4)), wire.encode_error(1, "x"),
              wire.encode_listen(22, "ssh"), wire.encode_open(1, 22, 100, "peer"), wire.encode_accept(1, 5),
              wire.encode_window(1, 5), wire.encode_reset(1, 2, "why")]
     for _ in range(5000):

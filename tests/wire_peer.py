@@ -101,7 +101,7 @@ class WirePeer:
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
         assert frame_type == wire.FRAME_WELCOME
-        self.address = wire.decode_welcome(payload)[0]
+        self.address = wire.decode_welcome((key, nonce, server_nonce), payload)[0]
         return self.address
 
     def send_packet(self, packet):
