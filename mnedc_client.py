@@ -703,6 +703,7 @@ class RelayLink:
 
     def __init__(self, client, sock, server_label):
         self.client = client
+        self.config = client.config     # this attempt's settings, whatever a SIGHUP does meanwhile
         self.sock = sock
         self.server_label = server_label
         self.stage = "connecting"
@@ -765,7 +766,7 @@ class RelayLink:
 
     def on_challenge(self, frame_type, payload):
         server_nonce, proof = decode_challenge(payload)
-        config, key = self.client.config, self.client.key
+        config, key = self.config, self.client.key
         expected = server_proof(key, self.client_nonce, server_nonce, config.device_id)
         if not equal_digests(proof, expected):
             self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
@@ -809,10 +810,14 @@ class RelayLink:
         if failure:
             raise OSError(failure, os.strerror(failure))
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        config = self.client.config
+        config = self.config
         if config.tls_context is not None:
             name = config.tls_server_name or self.server_label.rpartition(":")[0]
-            self.sock = TlsTransport(config.tls_context, self.sock, ascii_host(name))
+            try:
+                self.sock = TlsTransport(config.tls_context, self.sock, ascii_host(name))
+            except ValueError as error:         # a name ssl will not check a certificate against
+                self.close("TLS to %s cannot start: %s" % (self.server_label, error))
+                return
             self.stage = "tls"
             self.continue_tls()
             return
@@ -832,7 +837,7 @@ class RelayLink:
         if events:
             self.client.loop.set_interest(self, events)
             return
-        pins = self.client.config.server_pins
+        pins = self.config.server_pins
         problem = pins and pin_problem(self.sock, pins)
         if problem:
             self.client.fatal("%s (a new certificate, or someone on the path): check server_pin" % problem)
@@ -843,7 +848,7 @@ class RelayLink:
     def send_hello(self):
         self.stage = "challenge"
         self.client.loop.set_interest(self, selectors.EVENT_READ)
-        self.send_frame(FRAME_HELLO, encode_hello(self.client_nonce, self.client.config.device_id,
+        self.send_frame(FRAME_HELLO, encode_hello(self.client_nonce, self.config.device_id,
                                                   self.client.hello_flags))
 
     def send_packet(self, frame_type, packet):
@@ -1372,7 +1377,7 @@ class NameLookup:
 
     def busy(self):
         """Whether its thread still waits in the resolver (after a timeout, too)."""
-        return self.thread.is_alive()
+        return self.answer is None and self.thread.is_alive()
 
     def fileno(self):
         return self.reader
@@ -1384,13 +1389,13 @@ class NameLookup:
         """In the thread: the only code here that does not run in the loop."""
         try:
             self.answer = resolve_ipv4(self.host, port)
-        except (OSError, ValueError) as error:
+        except Exception as error:      # noqa: BLE001 - any failure is this lookup's answer
             self.answer = error
-        try:
-            os.write(writer, b"!")
-        except OSError:
-            pass                        # the loop gave up on us and closed its end
         finally:
+            try:
+                os.write(writer, b"!")
+            except OSError:
+                pass                    # the loop gave up on us and closed its end
             os.close(writer)
 
     def on_readable(self):
@@ -1624,7 +1629,7 @@ class RelayClient:
             return
         try:
             config = self.reload_config()
-        except ConfigError as error:
+        except (ConfigError, OSError, ValueError) as error:   # ValueError: a file that is not UTF-8
             self.log.error("received SIGHUP, but the configuration is not usable, so the running "
                            "one stays: %s" % error)
             return
@@ -1758,6 +1763,11 @@ class TunClient(RelayClient):
             return "WELCOME offers a /%d; an MNEDC network is /%d to /%d" % (
                 prefix_length, MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH)
         offered = prefix_of(address, prefix_length)
+        host_bits = int.from_bytes(address, "big") & ((1 << (32 - prefix_length)) - 1)
+        if host_bits in (0, (1 << (32 - prefix_length)) - 1):
+            return "WELCOME offers %s, the network's own or broadcast address" % ipv4_text(address)
+        if address[0] in (0, 127) or address[0] >= 224:
+            return "WELCOME offers %s, which is no unicast address a network can use" % ipv4_text(address)
         if self.network is not None and offered != self.network:
             return ("the relay moved this device to another network, %s/%d (it was %s/%d): restart the "
                     "client if that is right" % (ipv4_text(offered[0]), offered[1],
@@ -2107,11 +2117,12 @@ def networks_overlap(one, other):
     return prefix_of(one[0], shorter) == prefix_of(other[0], shorter)
 
 
-def routes_other_than(interface):
+def routes_other_than(interface, path=ROUTES_FILE, byteorder=sys.byteorder):
     """[(interface, (packed network, prefix length))] of this host's IPv4 routes but the default
-    ones and those on interface, from /proc/net/route (addresses there are little-endian hex)."""
+    ones and those on interface, from /proc/net/route, which prints each address in the host's
+    byte order (reversed on x86 and ARM, as it is on big-endian MIPS)."""
     try:
-        with open(ROUTES_FILE) as source:
+        with open(path) as source:
             rows = [line.split() for line in source.read().splitlines()[1:]]
     except OSError:
         return []
@@ -2119,7 +2130,7 @@ def routes_other_than(interface):
     for row in rows:
         if len(row) < 8 or row[0] == interface:
             continue
-        network, mask = (int(field, 16).to_bytes(4, "little") for field in (row[1], row[7]))
+        network, mask = (int(field, 16).to_bytes(4, byteorder) for field in (row[1], row[7]))
         prefix_length = bin(int.from_bytes(mask, "big")).count("1")
         if prefix_length:
             routes.append((row[0], (network, prefix_length)))
@@ -2370,6 +2381,8 @@ class EventLoop:
 def check_shared_directory(path):
     """OSError unless path's directory is safe for root to write path in: writable by others
     only with the sticky bit (as /tmp), which keeps them from replacing what root made."""
+    if os.geteuid() != 0:
+        return                          # a user's own daemon risks only that user's files
     directory = os.path.dirname(os.path.abspath(path))
     mode = os.stat(directory).st_mode
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
@@ -2410,8 +2423,11 @@ class DaemonFiles:
             loop.call_every(HEARTBEAT_S, self.beat)
 
     def beat(self):
-        descriptor = os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        """Touch the heartbeat; O_NONBLOCK, so that a FIFO planted at its name cannot hold the loop."""
+        descriptor = os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise OSError("refusing to use %s as the heartbeat: not a regular file" % self.heartbeat)
             os.utime(descriptor)
         finally:
             os.close(descriptor)
@@ -3025,7 +3041,7 @@ CLIENT_KEYS = {
     "tls_ca": lambda config, path: setattr(config, "tls_ca", path),
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
-    "tls_server_name": lambda config, text: setattr(config, "tls_server_name", text.strip()),
+    "tls_server_name": lambda config, text: setattr(config, "tls_server_name", check_server_name(text)),
     "server_pin": lambda config, text: setattr(config, "server_pins", parse_pins(text)),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
@@ -3044,6 +3060,16 @@ def parse_servers(text):
     if not servers:
         raise ValueError("give the server's address, as HOST or HOST:PORT")
     return servers
+
+
+def check_server_name(text):
+    """A name the relay's certificate holds (a DNS name or an address), checked now, since ssl
+    refuses bad ones only at each connection."""
+    name = text.strip()
+    ascii_host(name)
+    if not name or name.startswith(".") or ".." in name or not all(c.isalnum() or c in ".-:" for c in name):
+        raise ValueError("%r is not a host name or address" % text)
+    return name
 
 
 def parse_pins(text):

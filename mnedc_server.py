@@ -29,7 +29,7 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   restart_window  seconds over which clients spread their return after a restart (default 10)
   log_level   debug, info, warning or error                  (default info)
 SIGHUP re-reads the file and applies every key live except listen, subnet, tun, interface, mtu,
-offload, state_dir and control_socket, which take a restart. --check tests this Python and the
+offload, state_dir and control_socket, and turning tls on or off, which take a restart. --check tests this Python and the
 configuration without starting. Needs root for the TUN interface (tun = no does without).
 """
 
@@ -1325,7 +1325,7 @@ class ClientConnection:
         if self.stage == "tls":
             self.continue_tls()
             return
-        if self.stage == "hello" and not self.tls and self.speaks_tls():
+        if self.stage == "hello" and not self.tls and not self.first_bytes_seen and self.speaks_tls():
             self.refuse(ERROR_PROTOCOL, "this relay does not speak TLS (tls = no here): on the client "
                         "remove server_pin and tls_ca, or set tls = yes on the relay")
             return
@@ -1364,9 +1364,11 @@ class ClientConnection:
         """Whether the first byte waiting is a TLS record's (22): a HELLO frame's is its length's
         high byte, 0."""
         try:
-            return self.sock.recv(1, socket.MSG_PEEK) == TLS_HANDSHAKE_RECORD
+            first = self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             return False
+        self.first_bytes_seen = True        # once: a HELLO split in two must not be judged twice
+        return first == TLS_HANDSHAKE_RECORD
 
     def plaintext_hello(self):
         """Before the first TLS handshake step: whether a plaintext MNEDC client is talking to
@@ -2077,6 +2079,11 @@ class RelayServer:
         except (ConfigError, OSError, ValueError) as error:
             self.log.error("reload failed, keeping the running configuration: %s" % error)
             return
+        if fresh.tls != self.config.tls or fresh.tls_generate or fresh.state_dir != self.config.state_dir:
+            if fresh.tls != self.config.tls:    # TLS turned on or off: a restart makes the identity
+                self.log.warning("tls changed: takes effect at the next restart")
+            for name in TLS_SETTINGS:
+                setattr(fresh, name, getattr(self.config, name))
         for name in RESTART_KEYS:
             if getattr(fresh, name) != getattr(self.config, name):
                 self.log.warning("%s changed: takes effect at the next restart" % name)
@@ -2449,6 +2456,8 @@ class EventLoop:
 def check_shared_directory(path):
     """OSError unless path's directory is safe for root to write path in: writable by others
     only with the sticky bit (as /tmp), which keeps them from replacing what root made."""
+    if os.geteuid() != 0:
+        return                          # a user's own daemon risks only that user's files
     directory = os.path.dirname(os.path.abspath(path))
     mode = os.stat(directory).st_mode
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
@@ -2489,8 +2498,11 @@ class DaemonFiles:
             loop.call_every(HEARTBEAT_S, self.beat)
 
     def beat(self):
-        descriptor = os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        """Touch the heartbeat; O_NONBLOCK, so that a FIFO planted at its name cannot hold the loop."""
+        descriptor = os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise OSError("refusing to use %s as the heartbeat: not a regular file" % self.heartbeat)
             os.utime(descriptor)
         finally:
             os.close(descriptor)
@@ -3289,6 +3301,7 @@ SERVER_KEYS = {
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_client_ca": lambda config, path: setattr(config, "tls_client_ca", path),
 }
+TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "tls_pin", "tls_generate")
 # SIGHUP applies every other key live
 RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
@@ -3480,9 +3493,12 @@ def cmd_check(args):
     except ConfigError as error:
         log.error(str(error))
         return 2
-    state = config.state_dir
-    while not os.path.isdir(state):     # the daemon creates state_dir: its first parent must allow it
-        state = os.path.dirname(state)
+    state = os.path.abspath(config.state_dir)
+    if os.path.exists(state) and not os.path.isdir(state):
+        log.error("state_dir %s: not a directory" % config.state_dir)
+        return 2
+    while not os.path.isdir(state) and os.path.dirname(state) != state:
+        state = os.path.dirname(state)  # the daemon creates state_dir: its first parent must allow it
     if not os.access(state, os.W_OK | os.X_OK):
         log.error("state_dir %s: %s is not writable" % (config.state_dir, state))
         return 2

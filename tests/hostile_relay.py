@@ -5,7 +5,7 @@ someone with the secret, can send a TUN client. Run as a script inside a test's 
 
 It accepts one client at a time, completes the real handshake, sends WELCOME with WELCOME_CIDR
 (the client's address and prefix, whatever they are), then every packet in PACKETS_FILE (one hex
-string a line) as a PACKET frame, answers pings, and prints what it did, for the test to wait on.
+string a line; "vnet:" before it sends it as a VNET_PACKET, with a header asking for nothing), answers pings, and prints what it did, for the test to wait on.
 Bounded: it serves at most 5 clients and exits after 60 s.
 """
 
@@ -46,7 +46,10 @@ def serve(sock, key, welcome, server_address, packets, deadline):
     print("welcomed %s as %s" % (device_id, welcome), flush=True)
     time.sleep(0.5)                                     # the client configures its interface
     for packet in packets:
-        sock.sendall(wire.encode_frame(wire.FRAME_PACKET, packet))
+        if packet.startswith(b"vnet:"):
+            sock.sendall(wire.encode_frame(wire.FRAME_VNET_PACKET, bytes(wire.VNET_HEADER.size) + packet[5:]))
+        else:
+            sock.sendall(wire.encode_frame(wire.FRAME_PACKET, packet))
     print("sent %d packets" % len(packets), flush=True)
     while time.monotonic() < deadline:
         sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -58,7 +61,8 @@ def serve(sock, key, welcome, server_address, packets, deadline):
 def main():
     port, secret_file, welcome, server_address, packets_file = sys.argv[1:6]
     key = wire.network_key(open(secret_file).read().strip().encode())
-    packets = [bytes.fromhex(line) for line in open(packets_file).read().split()]
+    packets = [b"vnet:" + bytes.fromhex(line[5:]) if line.startswith("vnet:") else bytes.fromhex(line)
+               for line in open(packets_file).read().split()]
     deadline = time.monotonic() + 60
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

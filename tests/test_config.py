@@ -106,3 +106,38 @@ def test_the_readme_names_exactly_the_keys_sighup_cannot_change():
     named = [re.findall(r"`(\w+)`", match.group(1)) for match in (server, client)]
     assert named == [list(mnedc_server.RESTART_KEYS), list(mnedc_client.RESTART_KEYS)]
     assert "TLS is planned" not in readme and "2,700" not in readme
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_routes_are_read_in_the_hosts_byte_order(tmp_path, byteorder):
+    """/proc/net/route prints addresses as host-order hex: reversed on x86 and ARM, as they are
+    on big-endian MIPS (ath79), where a little-endian reading found no overlap at all."""
+    def hex_of(dotted):
+        return "%08X" % int.from_bytes(bytes(int(part) for part in dotted.split(".")), byteorder)
+    routes = tmp_path / "route"
+    routes.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+                      "eth0\t%s\t00000000\t0001\t0\t0\t0\t%s\n" % (hex_of("192.0.2.0"), hex_of("255.255.255.0"))
+                      + "eth0\t00000000\t%s\t0003\t0\t0\t0\t00000000\n" % hex_of("192.0.2.1")
+                      + "mnedc0\t%s\t00000000\t0001\t0\t0\t0\t%s\n" % (hex_of("198.18.0.0"), hex_of("255.255.255.0")))
+    found = mnedc_client.routes_other_than("mnedc0", str(routes), byteorder)
+    assert found == [("eth0", (bytes([192, 0, 2, 0]), 24))]       # not the default, not our own
+
+
+@pytest.mark.parametrize("name", [".bad", "a..b", "two words", ""])
+def test_a_bad_tls_server_name_is_refused_at_start(tmp_path, name):
+    config = tmp_path / "client.ini"
+    config.write_text("[client]\nserver = 192.0.2.1\nsecret = %s\ntls = yes\ntls_ca = %s\ntls_server_name = %s\n"
+                      % ("k3y-" * 5, config, name))
+    result = run(CLIENT, "-c", str(config), "--check")
+    assert result.returncode == 2 and "tls_server_name" in result.stderr, result.stderr
+
+
+def test_check_of_a_relative_state_dir_ends(tmp_path):
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nstate_dir = relative-state\ntun = no\n")
+    result = run(SERVER, "-c", str(config), "--check", cwd="/")
+    assert result.returncode in (0, 2), result        # the point: it ends (it looped forever)
+    (tmp_path / "file-state").write_text("x")
+    config.write_text("[server]\nstate_dir = %s\n" % (tmp_path / "file-state"))
+    result = run(SERVER, "-c", str(config), "--check")
+    assert result.returncode == 2 and "not a directory" in result.stderr

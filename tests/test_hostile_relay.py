@@ -48,7 +48,7 @@ def udp_packet(source, destination, payload):
 def hostile_relay(topo, net, welcome, packets):
     packets_file = os.path.join(net.workdir, "packets.txt")
     with open(packets_file, "w") as sink:
-        sink.write("\n".join(packet.hex() for packet in packets) + "\n")
+        sink.write("\n".join(packet if isinstance(packet, str) else packet.hex() for packet in packets) + "\n")
     relay = topo.spawn("srv", [sys.executable, "-u", HOSTILE, "3334", net.secret_path, welcome,
                                "198.18.0.1", packets_file])
     relay.wait_for("hostile relay ready", timeout=15)
@@ -65,17 +65,18 @@ def test_the_client_writes_to_its_tun_only_packets_for_it_from_the_virtual_netwo
             udp_packet("198.18.0.9", "198.18.0.77", b"to another device's address"),
             udp_packet("198.18.0.9", lan, b"to the client's LAN address"),
             udp_packet("203.0.113.66", CLIENT_ADDRESS, b"from outside the network"),
+            "vnet:" + udp_packet("198.18.0.9", "198.18.0.78", b"offload frame to another").hex(),
             udp_packet("198.18.0.1", CLIENT_ADDRESS, b"legit"),
         ])
         net.start_client("c1")
-        relay.wait_for("sent 4 packets", timeout=15)
+        relay.wait_for("sent 5 packets", timeout=15)
         sink.wait_for(r"got 'legit' from 198\.18\.0\.1", timeout=10)
         drops = {}
         for _ in range(50):             # the counters are read while the client runs: 5 s at most
             drops = net.client_status("c1")["drops"]
-            if sum(drops.values()) >= 3:
+            if sum(drops.values()) >= 4:
                 break
-        assert drops == {"not addressed to this device": 2, "source outside the virtual network": 1}
+        assert drops == {"not addressed to this device": 3, "source outside the virtual network": 1}
         assert [line for line in sink.lines() if line.startswith("got")] == ["got 'legit' from 198.18.0.1"]
 
 

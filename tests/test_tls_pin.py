@@ -168,3 +168,24 @@ def test_a_tls_client_at_a_plaintext_relay_gets_one_clear_line_on_each_side(tmp_
         assert "Traceback" not in net.server.output()
     finally:
         net.stop()
+
+
+def test_turning_tls_on_with_sighup_waits_for_a_restart_instead_of_claiming_it(tmp_path):
+    """A reload that turns tls on made status say TLS while the relay went on in plaintext,
+    with no certificate made. It is now a restart key: said so, and nothing pretends."""
+    import signal
+    net = StreamNet(tmp_path, server_lines=["tls = no"])
+    try:
+        config = os.path.join(str(tmp_path), "server.ini")
+        text = open(config).read().replace("tls = no", "tls = yes")
+        with open(config, "w") as sink:
+            sink.write(text)
+        net.server.send_signal(signal.SIGHUP)
+        net.server.wait_for(r"tls changed: takes effect at the next restart")
+        status = subprocess.run([sys.executable, SERVER, "--control", os.path.join(str(tmp_path), "server.sock"),
+                                 "status", "--json"], capture_output=True, text=True, timeout=30)
+        assert '"tls": "no"' in status.stdout
+        assert not os.path.exists(os.path.join(str(tmp_path), "state", "tls.pem"))
+        assert net.run("dev-a", "services", timeout=30).returncode == 0      # plaintext, as it says
+    finally:
+        net.stop()
