@@ -637,36 +637,53 @@ EOF
 
 # ---- install -----------------------------------------------------------------------------------
 
-install_config() {
+# Before anything is placed: the configuration this install will use, copied beside its place
+# (so relative paths in it mean the same) and checked with the script's own --check. Sets
+# CANDIDATE (a temporary file to place, or '' to keep the one there) and CONFIG_ORIGIN.
+check_config() {
+	kept="$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}"
+	CANDIDATE='' CONFIG_ORIGIN=''
 	if [ -n "$CONFIG_SRC" ]; then
-		make_dir "$ETC_DIR"
-		new_temp "$CONFIG"           # beside its place: relative paths in it mean the same
-		cp "$CONFIG_SRC" "$TEMP" || die "cannot read $CONFIG_SRC"
-		self_check "$TEMP" "$CONFIG_SRC"
-		new=$TEMP
-		if [ -f "$CONFIG" ] && ! cmp -s "$new" "$CONFIG"; then
-			new_temp "$CONFIG"       # the working one, put back if the new one does not start
-			cp -p "$CONFIG" "$TEMP" || die "cannot copy $CONFIG"
-			PREVIOUS_CONFIG=$TEMP
-		fi
-		put_file "$new" "$CONFIG" 600
+		CONFIG_ORIGIN=$CONFIG_SRC
 	elif [ -f "$CONFIG" ]; then
 		self_check "$CONFIG" "$CONFIG"
+		return 0
+	elif [ -f "$kept" ]; then
+		CONFIG_ORIGIN=$kept
+	fi
+	new_temp "$CONFIG"
+	CANDIDATE=$TEMP
+	if [ -n "$CONFIG_ORIGIN" ]; then
+		cp "$CONFIG_ORIGIN" "$CANDIDATE" || die "cannot read $CONFIG_ORIGIN"
+	elif [ "$NAME" = mnedc-server ]; then
+		server_ini >"$CANDIDATE" || die "cannot write $CANDIDATE"
+		CONFIG_ORIGIN="the generated server.ini"
+	else
+		cp "$SRC_DIR/client-config.ini" "$CANDIDATE" || die "cannot read $SRC_DIR/client-config.ini"
+		CONFIG_ORIGIN="the client template"
+	fi
+	self_check "$CANDIDATE" "$CONFIG_ORIGIN"
+}
+
+# Place the configuration check_config chose, keeping a copy of the one it replaces in case the
+# new one does not start.
+install_config() {
+	if [ -z "$CANDIDATE" ]; then
 		chmod 600 "$CONFIG"
 		remember "file $(rel "$CONFIG")"
 		note "keeping $CONFIG"
-	elif [ -f "$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}" ]; then
-		kept="$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}"
-		self_check "$kept" "$kept"
-		put_file "$kept" "$CONFIG" 600
-		rm -f "$kept"
+		return 0
+	fi
+	if [ -f "$CONFIG" ] && ! cmp -s "$CANDIDATE" "$CONFIG"; then
+		new_temp "$CONFIG"
+		cp -p "$CONFIG" "$TEMP" || die "cannot copy $CONFIG"
+		PREVIOUS_CONFIG=$TEMP
+	fi
+	put_file "$CANDIDATE" "$CONFIG" 600
+	if [ "$CONFIG_ORIGIN" = "$STATE_DIR/$KEPT_CONFIG/${CONFIG##*/}" ]; then
+		rm -f "$CONFIG_ORIGIN"
 		rmdir "$STATE_DIR/$KEPT_CONFIG" 2>/dev/null
 		note "restored $CONFIG, which the last uninstall kept with the state"
-	elif [ "$NAME" = mnedc-server ]; then
-		put_generated server_ini "$CONFIG" 600
-		self_check "$CONFIG" "$CONFIG"
-	else
-		put_file "$SRC_DIR/client-config.ini" "$CONFIG" 600
 	fi
 }
 
@@ -737,7 +754,13 @@ warn_volatile_state() {
 # Print the permission bits of FILE $1 in octal, from ls (OpenWrt has no stat).
 mode_of() {
 	# shellcheck disable=SC2012 # one file's mode string, no names parsed
-	ls -ldn "$1" | awk '{ m = 0; for (i = 2; i <= 10; i++) m = m * 2 + (substr($1, i, 1) != "-"); printf "%o\n", m }'
+	ls -ldn "$1" | awk '{
+		m = 0; special = 0
+		for (i = 2; i <= 10; i++) { c = substr($1, i, 1); m = m * 2 + (c != "-" && c != "S" && c != "T") }
+		if (substr($1, 4, 1) ~ /[sS]/) special += 4
+		if (substr($1, 7, 1) ~ /[sS]/) special += 2
+		if (substr($1, 10, 1) ~ /[tT]/) special += 1
+		printf "%o\n", special * 512 + m }'
 }
 
 # Put the cron file $1 at $2. Root's crontab on OpenWrt keeps its mode and owner (its other jobs
@@ -890,20 +913,32 @@ activate() {
 	fi
 	action=start
 	[ "$CHANGED" = yes ] && action=restart
-	start_service "$action" && return 0
+	run_service "$action" && return 0
 	[ -n "$PREVIOUS_CONFIG" ] || die "$NAME did not start: $(log_hint)"
 	place_file "$PREVIOUS_CONFIG" "$CONFIG" 600
-	start_service restart ||
+	run_service restart ||
 		die "$NAME did not start with the new configuration, nor with the previous one put back in $CONFIG: $(log_hint)"
 	die "$NAME did not start with the new configuration, so the previous one is back in $CONFIG and running: $(log_hint)"
 }
 
-start_service() {
+# start or restart ($1) the service and wait until its daemon runs (its pidfile names a live
+# root process with its command line; after a restart, another one than before): procd's
+# restart and systemd's return at once, before a daemon with a bad config has died.
+run_service() {
+	before=$(daemon_pid "$PIDFILE" "$MODULE" "$SBIN_DIR") || before=''
+	[ "$1" = restart ] || before=''
 	if [ "$INIT" = systemd ]; then
-		systemctl "$1" "$NAME"
+		systemctl "$1" "$NAME" || return 1
 	else
-		"$INIT_DIR/$NAME" "$1"
+		"$INIT_DIR/$NAME" "$1" || return 1
 	fi
+	waited=0
+	while [ "$waited" -lt $((${MNEDC_START_WAIT_S:-30} * 5)) ]; do
+		now=$(daemon_pid "$PIDFILE" "$MODULE" "$SBIN_DIR") && [ "$now" != "$before" ] && return 0
+		sleep 0.2 2>/dev/null || sleep 1
+		waited=$((waited + 1))
+	done
+	return 1
 }
 
 log_hint() {
@@ -945,6 +980,9 @@ cmd_install() {
 		[ -f "$CONFIG_SRC" ] || die "--config $CONFIG_SRC: no such file"
 	fi
 	[ -n "$INIT" ] || INIT=$(detect_init)
+	if [ -n "$ROOT" ] && [ "$START" = always ] && [ "$INIT" != sysv ]; then
+		die "--root --start needs --init sysv: procd and systemd would start the service outside $ROOT"
+	fi
 	set_paths
 	detect_control
 	check_previous
@@ -961,6 +999,7 @@ cmd_install() {
 	[ -d "$STATE_DIR" ] || mkdir "$STATE_DIR" || die "cannot create $STATE_DIR"
 	chmod 700 "$STATE_DIR" || die "cannot chmod $STATE_DIR"
 	make_dir "$RUN_DIR"
+	check_config                        # before the script: a refused config changes nothing
 	install_script
 	put_generated watchdog_script "$WATCHDOG" 755
 	install_config
@@ -1425,12 +1464,25 @@ parse_certs_options() {
 # Refuse a directory that another user owns or may write in: its CA key would sign our server
 # certificate, and a planted ca.pem would be trusted. ls -ldn, since OpenWrt has no stat.
 check_own_dir() {
+	dir=$(cd -P "$1" && pwd -P) || die "cannot enter $1"      # the real directory, not a link to it
 	# shellcheck disable=SC2012,SC2046 # one directory's mode and numeric owner, split on purpose
-	set -- "$1" $(ls -ldn "$1")
+	set -- "$dir" $(ls -ldn "$dir")
 	case $2 in
-	d????w* | d???????w*) die "$1 is writable by others ($2): use a directory only you can write" ;;
+	?????w* | ????????w*) die "$1 is writable by others ($2): use a directory only you can write" ;;
 	esac
 	[ "$4" = "$(id -u)" ] || die "$1 belongs to uid $4, not to you (uid $(id -u)): use a directory of your own"
+	# Above it, a directory another user may write (without the sticky bit) or owns could have
+	# it renamed away and replaced.
+	parent=$dir
+	while [ "$parent" != / ]; do
+		parent=$(dirname "$parent")
+		# shellcheck disable=SC2012,SC2046
+		set -- "$parent" $(ls -ldn "$parent")
+		case $2 in
+		?????w???[!tT]* | ????????w[!tT]*) die "$dir lies in $1, which others may write ($2): use a directory in one only you (or root) can write" ;;
+		esac
+		[ "$4" = 0 ] || [ "$4" = "$(id -u)" ] || die "$dir lies in $1, which belongs to uid $4: use a directory in one of your own or root's"
+	done
 }
 
 cmd_certs() {

@@ -636,6 +636,12 @@ def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box
     result = box.install("uninstall")
     assert "kept %s in %s" % (box.path("/etc/mnedc/server.ini"), box.path("/var/lib/mnedc/kept-config")) in result.stdout
     assert not os.path.exists(box.path("/etc/mnedc/server.ini"))
+    os.makedirs(box.path("/etc/mnedc"), exist_ok=True)
+    with open(box.path("/etc/mnedc/network.secret"), "w") as sink:     # the operator's own file
+        sink.write(SECRET + "\n")
+    config = config.replace("secret = %s\n" % SECRET, "secret_file = network.secret\n")
+    with open(box.path("/var/lib/mnedc/kept-config/server.ini"), "w") as sink:
+        sink.write(config)                          # relative to /etc/mnedc, where it goes back
     result = box.install("server", "--init", "sysv")                # no --config this time
     assert "restored %s" % box.path("/etc/mnedc/server.ini") in result.stdout
     assert read_text(box.path("/etc/mnedc/server.ini")) == config
@@ -645,6 +651,9 @@ def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box
     assert peer.handshake(SECRET.encode(), "sticky-device") == first
     peer.close()
     box.install("uninstall", "--purge")
+    os.unlink(box.path("/etc/mnedc/network.secret"))
+    os.rmdir(box.path("/etc/mnedc"))
+    os.rmdir(box.path("/etc"))
     assert os.listdir(box.root) == []
 
 
@@ -907,6 +916,30 @@ def test_install_runs_the_scripts_own_check_on_python3_light(box):
     assert result.returncode != 0, result.stdout
     assert "opkg install python3-openssl" in result.stderr, result.stderr
     assert read_text(box.path("/etc/mnedc/server.ini")) == before      # the working config stays
+
+
+def test_an_upgrade_whose_script_refuses_the_config_changes_nothing(running):
+    """The check runs before the script is placed: a new script that would not start with the
+    config there must not be left beside a daemon still running the old one."""
+    box = running
+    script_before = read_text(box.script)
+    newer = os.path.join(box.tmp, "newer")
+    shutil.copytree(PROJECT, newer, ignore=shutil.ignore_patterns(".git", "__pycache__", "tests", "bench"))
+    with open(os.path.join(newer, "mnedc_server.py")) as source:     # a release that dropped a key
+        text = source.read().replace('    "restart_window":', '    "restart_window_gone":')
+    with open(os.path.join(newer, "mnedc_server.py"), "w") as sink:
+        sink.write(text)
+    with open(box.path("/etc/mnedc/server.ini"), "a") as sink:
+        sink.write("restart_window = 5\n")
+    result = run(["/bin/sh", os.path.join(newer, "install.sh"), "server", "--init", "sysv", "--root", box.root])
+    assert result.returncode != 0 and "is not a configuration mnedc_server.py can run" in result.stderr, result.stderr
+    assert read_text(box.script) == script_before
+
+
+def test_root_start_is_only_for_the_lsb_init_script(box):
+    result = box.install("server", "--init", "procd", "--config", box.config, "--start", check=False)
+    assert result.returncode != 0 and "--root --start needs --init sysv" in result.stderr
+    assert not os.path.exists(box.path("/etc/init.d/mnedc-server"))
 
 
 def test_install_refuses_a_broken_config_and_keeps_the_working_one(running):
@@ -1357,6 +1390,14 @@ def test_certs_refuse_a_directory_another_user_owns_or_may_write(tmp_path):
         result = make_certs(directory, "--server-name", "127.0.0.1")
         assert_certs_refused(result, directory, phrase)
         assert os.listdir(directory) == [], "nothing may be written there, CA key included"
+    # through a symlink of one's own to such a directory, and below a parent others may write
+    os.symlink(str(tmp_path / "shared"), str(tmp_path / "mine"))
+    assert_certs_refused(make_certs(str(tmp_path / "mine"), "--server-name", "127.0.0.1"),
+                         str(tmp_path / "shared"), "is writable by others")
+    os.makedirs(str(tmp_path / "shared" / "pki"), mode=0o700)
+    assert_certs_refused(make_certs(str(tmp_path / "shared" / "pki"), "--server-name", "127.0.0.1"),
+                         "lies in %s, which others may write" % (tmp_path / "shared"))
+    assert os.listdir(str(tmp_path / "shared" / "pki")) == []
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed (test.sh installs it)")
