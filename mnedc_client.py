@@ -94,10 +94,14 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 #
 # Handshake (client C, server S, network secret K, fresh 16-byte nonces Nc and Ns):
 #     C -> S  HELLO      "MNEDC", version, Nc, device_id
-#     S -> C  CHALLENGE  version, Ns, HMAC-SHA256(K, "mnedc server" | Nc | Ns | device_id)
+#     S -> C  CHALLENGE  version, Ns
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
-#     S -> C  WELCOME    virtual address, prefix length, the server's virtual address
+#     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
+#                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
+# The client proves first: the server proves itself (WELCOME's MAC) only to a client that did,
+# so a stranger who sends HELLO gets nothing to test guesses of the secret against, and every
+# refusal before that proof reads the same, whatever the keys file lists or revokes.
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
@@ -138,7 +142,7 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 4             # 4: WELCOME carries a MAC under the session's key
+PROTOCOL_VERSION = 4             # 4: the client proves first; WELCOME's MAC proves the server
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -223,7 +227,7 @@ MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
-CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
+CHALLENGE = struct.Struct("!H16s")       # version, server nonce
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
@@ -427,28 +431,22 @@ def pbkdf2_sha256(secret, salt, rounds):
     return result.to_bytes(32, "big")
 
 
-def server_proof(secret, client_nonce, server_nonce, device_id):
-    message = b"mnedc server" + client_nonce + server_nonce + device_id.encode("ascii")
-    return hmac_sha256(secret, message)
-
-
 def client_proof(secret, client_nonce, server_nonce, device_id):
     message = b"mnedc client" + server_nonce + client_nonce + device_id.encode("ascii")
     return hmac_sha256(secret, message)
 
 
-def encode_challenge(server_nonce, proof):
-    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce, proof)
+def encode_challenge(server_nonce):
+    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce)
 
 
 def decode_challenge(payload):
-    """(server nonce, server proof)."""
+    """The server nonce."""
     if len(payload) >= 2 and struct.unpack_from("!H", payload)[0] != PROTOCOL_VERSION:
         raise VersionMismatch(struct.unpack_from("!H", payload)[0])
     if len(payload) != CHALLENGE.size:
         raise ProtocolError("CHALLENGE of %d bytes, expected %d" % (len(payload), CHALLENGE.size))
-    _, server_nonce, proof = CHALLENGE.unpack(payload)
-    return server_nonce, proof
+    return CHALLENGE.unpack(payload)[1]
 
 
 def decode_auth(payload):
@@ -685,8 +683,9 @@ def finished_packet(payload):
 #
 #   stage        waits for        then
 #   connecting   TCP connect      send HELLO                               -> challenge
-#   challenge    CHALLENGE        check the server's proof, send AUTH      -> welcome
-#   welcome      WELCOME          give the TUN interface its address       -> established
+#   challenge    CHALLENGE        send AUTH, our proof                     -> welcome
+#   welcome      WELCOME          check its MAC (the server's proof), then
+#                                 give the TUN interface its address       -> established
 #   established  PACKET/PING/...  packets to the TUN, answer pings, send keepalives
 #
 # Each stage before established must finish within its timeout, or the attempt is closed.
@@ -765,21 +764,23 @@ class RelayLink:
         raise ProtocolError("%s while in stage %s" % (name, self.stage))
 
     def on_challenge(self, frame_type, payload):
-        server_nonce, proof = decode_challenge(payload)
+        server_nonce = decode_challenge(payload)
         config, key = self.config, self.client.key
-        expected = server_proof(key, self.client_nonce, server_nonce, config.device_id)
-        if not equal_digests(proof, expected):
-            self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
-            self.client.fatal("authentication failed: the server at %s does not know this "
-                              "network's secret (check secret in the client config)" % self.server_label)
-            self.close("authentication failed")
-            return
         self.send_frame(FRAME_AUTH, client_proof(key, self.client_nonce, server_nonce, config.device_id))
         self.session = (key, self.client_nonce, server_nonce)      # what WELCOME's MAC is under
         self.stage = "welcome"
 
     def on_welcome(self, frame_type, payload):
-        address, prefix_length, server_address, max_frame_bytes = decode_welcome(self.session, payload)
+        try:
+            address, prefix_length, server_address, max_frame_bytes = decode_welcome(self.session, payload)
+        except ProtocolError as error:
+            if "MAC" not in str(error):
+                raise
+            self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
+            self.client.fatal("authentication failed: %s: the server at %s does not know this network's "
+                              "secret, or something on the path changed it" % (error, self.server_label))
+            self.close("authentication failed")
+            return
         self.reader.max_payload = MAX_PAYLOAD_BYTES
         self.stage = "established"
         self.established_at = time.monotonic()

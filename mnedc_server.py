@@ -64,6 +64,7 @@ TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
+AUTH_REFUSED = "wrong secret, or this device may not join this network (the relay's log says which)"
 TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte a TLS client sends (RFC 8446 5.1)
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
 MAX_SERVICES_PER_SESSION = 16
@@ -96,10 +97,14 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 #
 # Handshake (client C, server S, network secret K, fresh 16-byte nonces Nc and Ns):
 #     C -> S  HELLO      "MNEDC", version, Nc, device_id
-#     S -> C  CHALLENGE  version, Ns, HMAC-SHA256(K, "mnedc server" | Nc | Ns | device_id)
+#     S -> C  CHALLENGE  version, Ns
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
-#     S -> C  WELCOME    virtual address, prefix length, the server's virtual address
+#     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
+#                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
+# The client proves first: the server proves itself (WELCOME's MAC) only to a client that did,
+# so a stranger who sends HELLO gets nothing to test guesses of the secret against, and every
+# refusal before that proof reads the same, whatever the keys file lists or revokes.
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
 # After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
@@ -140,7 +145,7 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 4             # 4: WELCOME carries a MAC under the session's key
+PROTOCOL_VERSION = 4             # 4: the client proves first; WELCOME's MAC proves the server
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -225,7 +230,7 @@ MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
-CHALLENGE = struct.Struct("!H16s32s")    # version, server nonce, server proof
+CHALLENGE = struct.Struct("!H16s")       # version, server nonce
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
@@ -429,28 +434,22 @@ def pbkdf2_sha256(secret, salt, rounds):
     return result.to_bytes(32, "big")
 
 
-def server_proof(secret, client_nonce, server_nonce, device_id):
-    message = b"mnedc server" + client_nonce + server_nonce + device_id.encode("ascii")
-    return hmac_sha256(secret, message)
-
-
 def client_proof(secret, client_nonce, server_nonce, device_id):
     message = b"mnedc client" + server_nonce + client_nonce + device_id.encode("ascii")
     return hmac_sha256(secret, message)
 
 
-def encode_challenge(server_nonce, proof):
-    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce, proof)
+def encode_challenge(server_nonce):
+    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce)
 
 
 def decode_challenge(payload):
-    """(server nonce, server proof)."""
+    """The server nonce."""
     if len(payload) >= 2 and struct.unpack_from("!H", payload)[0] != PROTOCOL_VERSION:
         raise VersionMismatch(struct.unpack_from("!H", payload)[0])
     if len(payload) != CHALLENGE.size:
         raise ProtocolError("CHALLENGE of %d bytes, expected %d" % (len(payload), CHALLENGE.size))
-    _, server_nonce, proof = CHALLENGE.unpack(payload)
-    return server_nonce, proof
+    return CHALLENGE.unpack(payload)[1]
 
 
 def decode_auth(payload):
@@ -1428,24 +1427,27 @@ class ClientConnection:
             self.refuse(ERROR_AUTH, "the client certificate is for %s, not for device %s"
                         % (" or ".join(self.certificate_names) or "no name", self.device_id))
             return
-        self.key, refusal = self.server.key_for(self.device_id)
-        if refusal:
-            self.refuse(ERROR_AUTH, refusal)
-            return
+        self.key = self.server.key_for(self.device_id)[0]     # None: it may not join; said after AUTH
         self.server_nonce = os.urandom(NONCE_BYTES)
-        proof = server_proof(self.key, self.client_nonce, self.server_nonce, self.device_id)
-        self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, proof))
+        self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce))
         self.stage = "auth"
 
     def on_auth(self, frame_type, payload):
+        """The client's proof. Whatever is wrong, the client is told the same (AUTH_REFUSED):
+        a stranger must not learn which device_ids the keys file lists or revokes; the log says
+        what it was."""
+        proof = decode_auth(payload)
         key, refusal = self.server.key_for(self.device_id)     # revoked while it answered?
-        if refusal or key != self.key:
-            self.refuse(ERROR_AUTH, refusal or "the key of device %s changed" % self.device_id)
-            return
-        expected = client_proof(self.key, self.client_nonce, self.server_nonce, self.device_id)
-        if not equal_digests(decode_auth(payload), expected):
-            self.refuse(ERROR_AUTH, "wrong secret for %s (device %s)" % (
-                "this device" if self.key is not self.server.key else "this network", self.device_id))
+        if refusal is None and key != self.key:
+            refusal = "the key of device %s changed during its handshake" % self.device_id
+        if refusal is None and not equal_digests(proof, client_proof(key, self.client_nonce, self.server_nonce,
+                                                                      self.device_id)):
+            refusal = "wrong secret for %s (device %s)" % (
+                "this device" if key is not self.server.key else "this network", self.device_id)
+        if refusal:
+            self.server.log.limited(("refuse", self.remote_ip()), "warning", "refusing %s: %s: %s"
+                                    % (self.name(), ERROR_NAMES[ERROR_AUTH], refusal))
+            self.refuse(ERROR_AUTH, AUTH_REFUSED, logged=True)
             return
         try:
             self.address = self.server.admit(self)
@@ -1618,17 +1620,18 @@ class ClientConnection:
 
     # -- ending --
 
-    def refuse(self, code, text):
-        """Tell the peer why in an ERROR frame, then close once it had a chance to read it."""
+    def refuse(self, code, text, logged=False):
+        """Tell the peer why in an ERROR frame, then close once it had a chance to read it.
+        logged: the caller logged the reason already (in words the peer is not told)."""
         if self.stage in ("closing", "closed"):
             return
         reason = "%s: %s" % (ERROR_NAMES[code], text)
         if self.stage == "tls":             # no channel to say it in yet
             self.close(reason)
             return
-        if self.address is None:            # unauthenticated: anyone can cause these, so limit them
+        if not logged and self.address is None:    # unauthenticated: anyone can cause these: limited
             self.server.log.limited(("refuse", self.remote_ip()), "warning", "refusing %s: %s" % (self.name(), reason))
-        else:
+        elif not logged:
             self.server.log.warning("refusing %s: %s" % (self.name(), reason))
         self.send_frame(FRAME_ERROR, encode_error(code, text))
         if self.stage == "closed":

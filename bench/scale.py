@@ -56,7 +56,7 @@ class Session:
         self.reader.feed(data)
         for frame_type, payload in self.reader.take_frames():
             if frame_type == wire.FRAME_CHALLENGE:
-                server_nonce, _ = wire.decode_challenge(payload)
+                server_nonce = wire.decode_challenge(payload)
                 self.send(wire.FRAME_AUTH, wire.client_proof(self.key, self.nonce, server_nonce, self.device_id))
             elif frame_type == wire.FRAME_WELCOME:
                 self.stage, self.welcomed_at = "established", time.monotonic()

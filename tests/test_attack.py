@@ -193,7 +193,7 @@ def handshake(sock, reader, key, device_id, flags=0):
     frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)
     server_nonce = None
     if frames and frames[0][0] == wire.FRAME_CHALLENGE:
-        server_nonce = wire.decode_challenge(frames[0][1])[0]
+        server_nonce = wire.decode_challenge(frames[0][1])
         proof = wire.client_proof(key, nonce, server_nonce, device_id)
         sock.sendall(wire.encode_frame(wire.FRAME_AUTH, proof))
         frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)

@@ -121,7 +121,7 @@ def test_a_client_with_the_wrong_secret_is_told_so_and_exits(net, tmp_path):
     mark = len(net.server.lines())
     intruder = net.start_client("b", device_id="intruder", secret_path=str(wrong), interface="mnedc9",
                                 wait=False, label="intruder")
-    intruder.wait_for(r"authentication failed: the server at .* does not know this network's secret")
+    intruder.wait_for(r"the server refused this device: authentication failed: wrong secret, or this device may not join")
     assert intruder.wait(10) == 1
     net.server.wait_for(r"device intruder from .*(proof is wrong|wrong secret)", start=mark)
 

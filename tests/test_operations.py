@@ -19,7 +19,7 @@ import mnedc_server
 from tests.nettopo import Proc, Topology, have_netns_support
 from tests.relaynet import RelayNetwork
 from tests.streamnet import StreamNet, free_port
-from tests.wire_peer import CLIENT, SERVER, WirePeer, ipv4_packet, start_server
+from tests.wire_peer import CLIENT, SERVER, Refused, WirePeer, ipv4_packet, start_server
 
 SUPPORTED, WHY_NOT = have_netns_support()
 needs_netns = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
@@ -98,7 +98,7 @@ def test_sighup_takes_a_new_secret_and_log_level_without_dropping_anyone(tmp_pat
         config.write_text("[server]\nsecret = %s\nlog_level = debug\n" % new)
         proc.send_signal(signal.SIGHUP)
         proc.wait_for(r"reloaded the configuration .*log level debug")
-        with pytest.raises(AssertionError, match="server proof wrong"):
+        with pytest.raises(Refused, match="wrong secret, or this device may not join"):
             WirePeer(port).handshake(old.encode(), "late")
         newcomer = WirePeer(port)
         newcomer.handshake(new.encode(), "late")

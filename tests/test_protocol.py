@@ -109,13 +109,15 @@ def test_hello_with_lying_id_length_is_a_protocol_error():
 
 def test_proofs_bind_secret_nonces_device_and_direction():
     secret, nc, ns = b"s" * 16, os.urandom(16), os.urandom(16)
-    server = wire.server_proof(secret, nc, ns, "dev")
     client = wire.client_proof(secret, nc, ns, "dev")
+    body = wire.WELCOME.pack(bytes(4), 24, bytes(4), 1500)
+    server = wire.welcome_mac((secret, nc, ns), body)     # the server's proof: WELCOME's MAC
     assert server != client                         # a proof from one side never fits the other
-    assert wire.server_proof(b"t" * 16, nc, ns, "dev") != server
-    assert wire.server_proof(secret, nc, os.urandom(16), "dev") != server
+    assert wire.client_proof(b"t" * 16, nc, ns, "dev") != client
+    assert wire.client_proof(secret, nc, os.urandom(16), "dev") != client
+    assert wire.client_proof(secret, ns, nc, "dev") != client       # the nonces' order counts
     assert wire.client_proof(secret, nc, ns, "other") != client
-    assert len(server) == wire.MAC_BYTES
+    assert len(client) == len(server) == wire.MAC_BYTES
 
 
 def test_the_network_key_is_pbkdf2_and_the_fallback_agrees():
@@ -143,7 +145,8 @@ def test_stream_frames_round_trip():
 
 def test_challenge_welcome_error_round_trips():
     ns, proof = os.urandom(16), os.urandom(32)
-    assert wire.decode_challenge(wire.encode_challenge(ns, proof)) == (ns, proof)
+    assert wire.decode_challenge(wire.encode_challenge(ns)) == ns
+    assert len(wire.encode_challenge(ns)) == 2 + 16         # a nonce, and no proof to guess against
     session = (os.urandom(32), os.urandom(16), os.urandom(16))
     welcome = wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
     assert wire.decode_welcome(session, welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
@@ -179,7 +182,7 @@ DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth,
 
 def test_fuzzed_decoders_only_ever_raise_protocol_error():
     rng = random.Random(20261123)
-    valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16), bytes(32)),
+    valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16)),
              bytes(32), wire.encode_welcome(FUZZ_SESSION, bytes(4), 24, bytes(4)), wire.encode_error(1, "x"),
              wire.encode_listen(22, "ssh"), wire.encode_open(1, 22, 100, "peer"), wire.encode_accept(1, 5),
              wire.encode_window(1, 5), wire.encode_reset(1, 2, "why")]

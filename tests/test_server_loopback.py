@@ -117,12 +117,12 @@ def test_spoofed_source_and_unknown_destination_are_dropped_counted_and_logged(s
 
 def test_wrong_secret_is_refused_with_a_clear_reason(server):
     proc, port, secret = server
-    with pytest.raises(AssertionError, match="server proof wrong"):
+    with pytest.raises(Refused, match="wrong secret, or this device may not join"):
         WirePeer(port).handshake(b"not-the-network-secret", "intruder")
     peer = WirePeer(port)
     nonce = os.urandom(16)
     peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "intruder"))
-    server_nonce, _ = wire.decode_challenge(peer.recv_frame()[1])
+    server_nonce = wire.decode_challenge(peer.recv_frame()[1])
     peer.send_frame(wire.FRAME_AUTH, wire.client_proof(b"wrong-secret!!", nonce, server_nonce, "intruder"))
     code, text = peer.expect_error()
     assert code == wire.ERROR_AUTH and "wrong secret" in text
@@ -325,7 +325,7 @@ def test_takeover_while_the_old_connection_is_closing_keeps_the_new_one(server):
         new = WirePeer(port)
         nonce = os.urandom(16)
         new.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "racer"))
-        server_nonce, _ = wire.decode_challenge(new.recv_frame()[1])
+        server_nonce = wire.decode_challenge(new.recv_frame()[1])
         old.close()                                           # the old one vanishes just now
         key = wire.network_key(secret)
         new.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, "racer"))
@@ -383,3 +383,19 @@ def test_a_lease_file_of_another_subnet_is_set_aside_never_overwritten(tmp_path)
         assert join(port, secret, "sticky").address == first
     finally:
         proc.stop()
+
+
+def test_a_stranger_gets_no_proof_to_test_guesses_against(server):
+    """The server proves itself only to a client that proved first (WELCOME's MAC): a HELLO
+    gets a bare nonce, and a wrong AUTH gets the same refusal any other failure gets."""
+    proc, port, secret = server
+    peer = WirePeer(port)
+    nonce = os.urandom(16)
+    peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "stranger"))
+    frame_type, payload = peer.recv_frame()
+    assert frame_type == wire.FRAME_CHALLENGE and len(payload) == 2 + wire.NONCE_BYTES   # version, nonce
+    with pytest.raises(socket.timeout):
+        peer.recv_frame(timeout=0.5)                    # and nothing more until it proves itself
+    peer.send_frame(wire.FRAME_AUTH, bytes(32))
+    assert peer.expect_error() == (wire.ERROR_AUTH, "wrong secret, or this device may not join this network "
+                                                   "(the relay's log says which)")

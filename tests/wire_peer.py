@@ -94,8 +94,7 @@ class WirePeer:
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
-        server_nonce, proof = wire.decode_challenge(payload)
-        assert proof == wire.server_proof(key, nonce, server_nonce, device_id), "server proof wrong"
+        server_nonce = wire.decode_challenge(payload)
         self.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
