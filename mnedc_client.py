@@ -94,7 +94,7 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 #
 # Handshake (client C, server S, network secret K, fresh 16-byte nonces Nc and Ns):
 #     C -> S  HELLO      "MNEDC", version, Nc, device_id
-#     S -> C  CHALLENGE  version, Ns
+#     S -> C  CHALLENGE  version, Ns, the network's salt (K = PBKDF2(secret, label | salt))
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
 #                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
@@ -227,7 +227,7 @@ MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
-CHALLENGE = struct.Struct("!H16s")       # version, server nonce
+CHALLENGE = struct.Struct("!H16s16s")    # version, server nonce, the network's salt
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
@@ -395,13 +395,14 @@ def decode_hello(payload):
         raise ProtocolError("bad device_id in HELLO: %s" % error)
 
 
-def network_key(secret):
-    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret.
+def network_key(secret, network_salt):
+    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret, salted by the network.
 
-    Anyone can collect a server proof, so each guess at a weak secret must cost an attacker
-    KEY_ROUNDS HMACs. Computed once per secret (some 0.1 s).
+    A fake relay can collect a client proof, so each guess at a weak secret must cost an
+    attacker KEY_ROUNDS HMACs, and the salt each network draws at its first start keeps a table
+    made for one network useless for another. Computed once per secret and salt (some 0.1 s).
     """
-    return pbkdf2_sha256(secret, KEY_SALT, KEY_ROUNDS)
+    return pbkdf2_sha256(secret, KEY_SALT + network_salt, KEY_ROUNDS)
 
 
 def hmac_pads(key):
@@ -436,17 +437,17 @@ def client_proof(secret, client_nonce, server_nonce, device_id):
     return hmac_sha256(secret, message)
 
 
-def encode_challenge(server_nonce):
-    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce)
+def encode_challenge(server_nonce, network_salt):
+    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce, network_salt)
 
 
 def decode_challenge(payload):
-    """The server nonce."""
+    """(server nonce, network salt)."""
     if len(payload) >= 2 and struct.unpack_from("!H", payload)[0] != PROTOCOL_VERSION:
         raise VersionMismatch(struct.unpack_from("!H", payload)[0])
     if len(payload) != CHALLENGE.size:
         raise ProtocolError("CHALLENGE of %d bytes, expected %d" % (len(payload), CHALLENGE.size))
-    return CHALLENGE.unpack(payload)[1]
+    return CHALLENGE.unpack(payload)[1:]
 
 
 def decode_auth(payload):
@@ -764,8 +765,8 @@ class RelayLink:
         raise ProtocolError("%s while in stage %s" % (name, self.stage))
 
     def on_challenge(self, frame_type, payload):
-        server_nonce = decode_challenge(payload)
-        config, key = self.config, self.client.key
+        server_nonce, network_salt = decode_challenge(payload)
+        config, key = self.config, self.client.network_key(network_salt)
         self.send_frame(FRAME_AUTH, client_proof(key, self.client_nonce, server_nonce, config.device_id))
         self.session = (key, self.client_nonce, server_nonce)      # what WELCOME's MAC is under
         self.stage = "welcome"
@@ -1430,7 +1431,7 @@ class RelayClient:
     def __init__(self, config, log):
         self.config = config
         self.log = log
-        self.key = network_key(config.secret)
+        self.keys = {}                  # network salt -> PBKDF2 key of config.secret (some 0.1 s each)
         self.loop = EventLoop(log)
         self.link = None
         self.lookup = None              # a NameLookup under way for the relay's host name
@@ -1461,6 +1462,12 @@ class RelayClient:
 
     def server_label(self):
         return "%s:%d" % self.config.servers[self.server_index]
+
+    def network_key(self, network_salt):
+        """The key of our secret under the salt the relay names: derived once, at the first join."""
+        if network_salt not in self.keys:
+            self.keys = {network_salt: network_key(self.config.secret, network_salt)}
+        return self.keys[network_salt]
 
     def connect(self):
         """One attempt at the current relay address: an address is dialled at once, a name is
@@ -1638,7 +1645,7 @@ class RelayClient:
         for key in kept:
             setattr(config, key, getattr(self.config, key))
         if config.secret != self.config.secret:
-            self.key = network_key(config.secret)
+            self.keys = {}
         if config.servers != self.config.servers:
             self.server_index = self.round_tries = 0
         self.config = config

@@ -97,7 +97,7 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 #
 # Handshake (client C, server S, network secret K, fresh 16-byte nonces Nc and Ns):
 #     C -> S  HELLO      "MNEDC", version, Nc, device_id
-#     S -> C  CHALLENGE  version, Ns
+#     S -> C  CHALLENGE  version, Ns, the network's salt (K = PBKDF2(secret, label | salt))
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
 #                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
@@ -230,7 +230,7 @@ MAX_NAME_BYTES = 64
 MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
-CHALLENGE = struct.Struct("!H16s")       # version, server nonce
+CHALLENGE = struct.Struct("!H16s16s")    # version, server nonce, the network's salt
 AUTH = struct.Struct("!32s")             # client proof
 WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
@@ -398,13 +398,14 @@ def decode_hello(payload):
         raise ProtocolError("bad device_id in HELLO: %s" % error)
 
 
-def network_key(secret):
-    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret.
+def network_key(secret, network_salt):
+    """The key the proofs use: PBKDF2-HMAC-SHA256 of the secret, salted by the network.
 
-    Anyone can collect a server proof, so each guess at a weak secret must cost an attacker
-    KEY_ROUNDS HMACs. Computed once per secret (some 0.1 s).
+    A fake relay can collect a client proof, so each guess at a weak secret must cost an
+    attacker KEY_ROUNDS HMACs, and the salt each network draws at its first start keeps a table
+    made for one network useless for another. Computed once per secret and salt (some 0.1 s).
     """
-    return pbkdf2_sha256(secret, KEY_SALT, KEY_ROUNDS)
+    return pbkdf2_sha256(secret, KEY_SALT + network_salt, KEY_ROUNDS)
 
 
 def hmac_pads(key):
@@ -439,17 +440,17 @@ def client_proof(secret, client_nonce, server_nonce, device_id):
     return hmac_sha256(secret, message)
 
 
-def encode_challenge(server_nonce):
-    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce)
+def encode_challenge(server_nonce, network_salt):
+    return CHALLENGE.pack(PROTOCOL_VERSION, server_nonce, network_salt)
 
 
 def decode_challenge(payload):
-    """The server nonce."""
+    """(server nonce, network salt)."""
     if len(payload) >= 2 and struct.unpack_from("!H", payload)[0] != PROTOCOL_VERSION:
         raise VersionMismatch(struct.unpack_from("!H", payload)[0])
     if len(payload) != CHALLENGE.size:
         raise ProtocolError("CHALLENGE of %d bytes, expected %d" % (len(payload), CHALLENGE.size))
-    return CHALLENGE.unpack(payload)[1]
+    return CHALLENGE.unpack(payload)[1:]
 
 
 def decode_auth(payload):
@@ -1078,11 +1079,12 @@ class DeviceKeys:
     """
 
     def __init__(self, path, cache=None):
-        """Raises ValueError naming the line. cache: the key derivations of a previous load."""
+        """Raises ValueError naming the line. cache: the key derivations of a previous load.
+        derive(network_salt) then makes the keys."""
         self.path = path
         self.secrets = {}
         self.keys = {}
-        cache = cache or {}
+        self.cache = {} if cache is None else cache
         with open(path, encoding="utf-8") as source:
             for number, line in enumerate(source, 1):
                 words = line.split("#", 1)[0].split()
@@ -1098,10 +1100,14 @@ class DeviceKeys:
                 if device_id in self.secrets:
                     raise ValueError("%s line %d: %s is listed twice" % (path, number, device_id))
                 self.secrets[device_id] = secret
-                if secret != REVOKED:       # PBKDF2 now, not while a client waits in the loop
-                    self.keys[device_id] = cache.get(secret) or network_key(secret)
-                    cache[secret] = self.keys[device_id]
-        self.cache = cache
+
+    def derive(self, network_salt):
+        """Every device's key, now (PBKDF2), not while a client waits in the loop."""
+        for device_id, secret in self.secrets.items():
+            if secret != REVOKED:
+                known = self.cache.get((secret, network_salt))
+                self.keys[device_id] = known or network_key(secret, network_salt)
+                self.cache[(secret, network_salt)] = self.keys[device_id]
 
     def __len__(self):
         return len(self.secrets)
@@ -1429,7 +1435,7 @@ class ClientConnection:
             return
         self.key = self.server.key_for(self.device_id)[0]     # None: it may not join; said after AUTH
         self.server_nonce = os.urandom(NONCE_BYTES)
-        self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce))
+        self.send_frame(FRAME_CHALLENGE, encode_challenge(self.server_nonce, self.server.config.network_salt))
         self.stage = "auth"
 
     def on_auth(self, frame_type, payload):
@@ -1785,7 +1791,7 @@ class RelayServer:
         self.hooks = Hooks(config, log)
         self.started = time.time()
         self.control = None
-        self.key = network_key(config.secret)
+        self.key = network_key(config.secret, config.network_salt)
         self.keepalive_s = config.keepalive
         self.max_queue_bytes = config.max_queue_bytes
         self.per_source = {}            # remote IP -> its connections
@@ -2082,6 +2088,10 @@ class RelayServer:
         except (ConfigError, OSError, ValueError) as error:
             self.log.error("reload failed, keeping the running configuration: %s" % error)
             return
+        if fresh.network_salt != self.config.network_salt:     # another state_dir: keep ours
+            fresh.network_salt, fresh.salt_generate = self.config.network_salt, False
+            if fresh.keys:
+                fresh.keys.derive(fresh.network_salt)
         if fresh.tls != self.config.tls or fresh.tls_generate or fresh.state_dir != self.config.state_dir:
             if fresh.tls != self.config.tls:    # TLS turned on or off: a restart makes the identity
                 self.log.warning("tls changed: takes effect at the next restart")
@@ -2093,7 +2103,7 @@ class RelayServer:
                 setattr(fresh, name, getattr(self.config, name))
         if fresh.secret is None:
             fresh.secret, fresh.secret_source = self.config.secret, self.config.secret_source
-        self.key = network_key(fresh.secret) if fresh.secret != self.config.secret else self.key
+        self.key = network_key(fresh.secret, fresh.network_salt) if fresh.secret != self.config.secret else self.key
         self.keepalive_s = fresh.keepalive
         self.log.set_level(fresh.log_level)
         self.config = fresh
@@ -3099,6 +3109,7 @@ DER_SEQUENCE, DER_SET, DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING = 0x30, 0x3
 DER_UTF8, DER_UTC_TIME, DER_GENERALIZED_TIME, DER_EXPLICIT_0 = 0x0C, 0x17, 0x18, 0xA0
 NO_EXPIRY = b"99991231235959Z"              # RFC 5280 4.1.2.5: a certificate without an end
 TLS_CERT_NAME, TLS_KEY_NAME = "tls.pem", "tls.key"
+NETWORK_SALT_NAME, NETWORK_SALT_BYTES = "salt", 16
 
 
 def sha512(data):
@@ -3271,6 +3282,8 @@ class ServerConfig:
         self.tls_context = None                 # built from those when tls = yes
         self.tls_generate = False               # tls = yes, no tls_cert: make our own at start
         self.tls_pin = None                     # "sha256:..." of the certificate in use
+        self.network_salt = None                # state_dir/salt: the PBKDF2 salt of this network
+        self.salt_generate = False              # no salt yet: cmd_run writes this new one
 
 
 SERVER_KEYS = {
@@ -3352,9 +3365,6 @@ def load_server_config(args, key_cache=None, reloading=False):
                 config.policy = Policy(text)
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
-    if not config.network_secret and not (config.keys and config.keys.keys) and not reloading:
-        raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
-                          "revoked, or nobody could join")
     flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
              ("tun", "no" if args.no_tun else None), ("control_socket", args.control),
              ("log_level", "debug" if args.verbose else None))
@@ -3364,8 +3374,43 @@ def load_server_config(args, key_cache=None, reloading=False):
                 SERVER_KEYS[key](config, text)
             except ValueError as error:
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
+    try:
+        config.network_salt, config.salt_generate = read_network_salt(config.state_dir)
+    except (OSError, ValueError) as error:
+        raise ConfigError("state_dir %s: %s" % (config.state_dir, describe_error(error)))
+    if config.keys:
+        config.keys.derive(config.network_salt)
+    if not config.network_secret and not (config.keys and config.keys.keys) and not reloading:
+        raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
+                          "revoked, or nobody could join")
     check_tls_settings(config, where)
     return config
+
+
+def read_network_salt(state_dir):
+    """(salt, True when it is new): the network's, from state_dir/salt, or a fresh one that
+    cmd_run writes there at the first start. Clients learn it from CHALLENGE."""
+    path = os.path.join(state_dir, NETWORK_SALT_NAME)
+    try:
+        with open(path) as source:
+            text = source.read().strip()
+    except FileNotFoundError:
+        return os.urandom(NETWORK_SALT_BYTES), True
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = b""
+    if len(salt) != NETWORK_SALT_BYTES:
+        raise ValueError("%s holds no salt of %d bytes: restore it, or remove it to draw a new one "
+                         "(clients take it at their next join)" % (path, NETWORK_SALT_BYTES))
+    return salt, False
+
+
+def write_network_salt(config):
+    path = os.path.join(config.state_dir, NETWORK_SALT_NAME)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as sink:
+        sink.write(config.network_salt.hex() + "\n")
 
 
 def check_tls_settings(config, where):
@@ -3522,6 +3567,8 @@ def cmd_run(args):
     try:
         os.makedirs(config.state_dir, exist_ok=True)
         secret_made = ensure_secret(config)
+        if config.salt_generate:
+            write_network_salt(config)
         certificate_made = config.tls_generate and ensure_tls_identity(config.state_dir, "mnedc-relay")[2]
         if config.tls_generate:
             build_tls_context(config, "%s: [server] " % args.config)

@@ -56,7 +56,7 @@ class Session:
         self.reader.feed(data)
         for frame_type, payload in self.reader.take_frames():
             if frame_type == wire.FRAME_CHALLENGE:
-                server_nonce = wire.decode_challenge(payload)
+                server_nonce, salt = wire.decode_challenge(payload)
                 self.send(wire.FRAME_AUTH, wire.client_proof(self.key, self.nonce, server_nonce, self.device_id))
             elif frame_type == wire.FRAME_WELCOME:
                 self.stage, self.welcomed_at = "established", time.monotonic()
@@ -114,7 +114,8 @@ def scale_run(workdir, clients=500, idle_s=60, python=sys.executable):
     sessions = []
     try:
         server.wait_for(r"MNEDC server ready", timeout=20)
-        key = wire.network_key(open(os.path.join(state, "secret")).read().strip().encode())
+        salt = bytes.fromhex(open(os.path.join(state, "salt")).read().strip())
+        key = wire.network_key(open(os.path.join(state, "secret")).read().strip().encode(), salt)
         started = time.monotonic()
         waiting = [Session(port, "scale-%04d" % n, key) for n in range(clients)]
         if not drive(sessions, selector, started + 60, want_all_welcomed=True, waiting=waiting):

@@ -32,12 +32,12 @@ def next_frame(sock, reader, pending):
     return pending.pop(0)
 
 
-def serve(sock, key, welcome, server_address, packets, deadline):
+def serve(sock, key, salt, welcome, server_address, packets, deadline):
     reader, pending = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES), []
     frame_type, payload = next_frame(sock, reader, pending)
     client_nonce, device_id, _ = wire.decode_hello(payload)
     server_nonce = os.urandom(wire.NONCE_BYTES)
-    sock.sendall(wire.encode_frame(wire.FRAME_CHALLENGE, wire.encode_challenge(server_nonce)))
+    sock.sendall(wire.encode_frame(wire.FRAME_CHALLENGE, wire.encode_challenge(server_nonce, salt)))
     next_frame(sock, reader, pending)                   # AUTH: a liar need not check it
     address, prefix = welcome.split("/")
     sock.sendall(wire.encode_frame(wire.FRAME_WELCOME, wire.encode_welcome(
@@ -59,7 +59,8 @@ def serve(sock, key, welcome, server_address, packets, deadline):
 
 def main():
     port, secret_file, welcome, server_address, packets_file = sys.argv[1:6]
-    key = wire.network_key(open(secret_file).read().strip().encode())
+    salt = os.urandom(16)                               # a liar picks its own
+    key = wire.network_key(open(secret_file).read().strip().encode(), salt)
     packets = [b"vnet:" + bytes.fromhex(line[5:]) if line.startswith("vnet:") else bytes.fromhex(line)
                for line in open(packets_file).read().split()]
     deadline = time.monotonic() + 60
@@ -72,7 +73,7 @@ def main():
     for _ in range(5):
         sock, _ = listener.accept()
         try:
-            serve(sock, key, welcome, server_address, packets, deadline)
+            serve(sock, key, salt, welcome, server_address, packets, deadline)
         except (OSError, EOFError, wire.ProtocolError) as error:
             print("client ended: %s" % error, flush=True)
         finally:

@@ -45,8 +45,8 @@ def forged_auth(port, device_id, secret):
         peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id))
         frame_type, payload = peer.recv_frame()
         assert frame_type == wire.FRAME_CHALLENGE
-        server_nonce = wire.decode_challenge(payload)
-        key = wire.network_key(secret.encode())
+        server_nonce, salt = wire.decode_challenge(payload)
+        key = wire.network_key(secret.encode(), salt)
         peer.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
         code, text = peer.expect_error()
         assert code == wire.ERROR_AUTH
@@ -266,10 +266,11 @@ def test_a_revocation_reaches_a_handshake_in_progress(tmp_path):
     proc, port, _ = keyed_server(tmp_path, "dev-a %s\n" % SECRETS["dev-a"])
     try:
         peer = WirePeer(port)
-        nonce, key = os.urandom(wire.NONCE_BYTES), wire.network_key(SECRETS["dev-a"].encode())
+        nonce = os.urandom(wire.NONCE_BYTES)
         peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "dev-a"))
         frame_type, payload = peer.recv_frame()
-        server_nonce = wire.decode_challenge(payload)
+        server_nonce, salt = wire.decode_challenge(payload)
+        key = wire.network_key(SECRETS["dev-a"].encode(), salt)
         write(tmp_path / "keys", "dev-a revoked\n")
         proc.send_signal(signal.SIGHUP)
         proc.wait_for(r"reloaded the configuration")

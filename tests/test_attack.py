@@ -23,7 +23,7 @@ import pytest
 
 from tests import conftest
 from tests.nettopo import Proc
-from tests.wire_peer import CLIENT, WirePeer, ipv4_packet, start_server
+from tests.wire_peer import CLIENT, WirePeer, ipv4_packet, start_server, state_key
 import mnedc_client as wire
 
 SEED = 6                # issue #6: job n throws what random.Random(SEED * 10**6 + n) draws
@@ -193,7 +193,7 @@ def handshake(sock, reader, key, device_id, flags=0):
     frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)
     server_nonce = None
     if frames and frames[0][0] == wire.FRAME_CHALLENGE:
-        server_nonce = wire.decode_challenge(frames[0][1])
+        server_nonce, salt = wire.decode_challenge(frames[0][1])
         proof = wire.client_proof(key, nonce, server_nonce, device_id)
         sock.sendall(wire.encode_frame(wire.FRAME_AUTH, proof))
         frames, _ = read_frames(sock, reader, bool, REPLY_WAIT_S)
@@ -312,7 +312,7 @@ def assert_alive_without_traceback(proc):
 def test_a_storm_of_malformed_input_leaves_the_server_alive_routing_and_clean(tmp_path):
     proc, port, secret = start_server(tmp_path / "state")
     try:
-        key, sock = wire.network_key(secret), connect(port, "127.0.0.1")
+        key, sock = state_key(tmp_path / "state", secret), connect(port, "127.0.0.1")
         address, nonce, proof = handshake(sock, None, key, "victim")   # recorded, to replay
         sock.close()
         assert address

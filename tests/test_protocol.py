@@ -123,7 +123,9 @@ def test_proofs_bind_secret_nonces_device_and_direction():
 def test_the_network_key_is_pbkdf2_and_the_fallback_agrees():
     import hashlib
     secret = b"correct horse battery"
-    assert wire.network_key(secret) == hashlib.pbkdf2_hmac("sha256", secret, wire.KEY_SALT, wire.KEY_ROUNDS)
+    salt = os.urandom(16)
+    assert wire.network_key(secret, salt) == hashlib.pbkdf2_hmac("sha256", secret, wire.KEY_SALT + salt, wire.KEY_ROUNDS)
+    assert wire.network_key(secret, os.urandom(16)) != wire.network_key(secret, salt)   # one network's, not all
     assert wire.pbkdf2_sha256(secret, wire.KEY_SALT, 1000) == hashlib.pbkdf2_hmac("sha256", secret, wire.KEY_SALT, 1000)
 
 
@@ -145,8 +147,9 @@ def test_stream_frames_round_trip():
 
 def test_challenge_welcome_error_round_trips():
     ns, proof = os.urandom(16), os.urandom(32)
-    assert wire.decode_challenge(wire.encode_challenge(ns)) == ns
-    assert len(wire.encode_challenge(ns)) == 2 + 16         # a nonce, and no proof to guess against
+    salt = os.urandom(16)
+    assert wire.decode_challenge(wire.encode_challenge(ns, salt)) == (ns, salt)
+    assert len(wire.encode_challenge(ns, salt)) == 2 + 16 + 16     # no proof to guess against
     session = (os.urandom(32), os.urandom(16), os.urandom(16))
     welcome = wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
     assert wire.decode_welcome(session, welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
@@ -182,7 +185,7 @@ DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth,
 
 def test_fuzzed_decoders_only_ever_raise_protocol_error():
     rng = random.Random(20261123)
-    valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16)),
+    valid = [wire.encode_hello(bytes(16), "dev"), wire.encode_challenge(bytes(16), bytes(16)),
              bytes(32), wire.encode_welcome(FUZZ_SESSION, bytes(4), 24, bytes(4)), wire.encode_error(1, "x"),
              wire.encode_listen(22, "ssh"), wire.encode_open(1, 22, 100, "peer"), wire.encode_accept(1, 5),
              wire.encode_window(1, 5), wire.encode_reset(1, 2, "why")]

@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.wire_peer import Refused, WirePeer, first_start_on_a_terminal, ipv4_packet, start_server
+from tests.wire_peer import SERVER, Refused, WirePeer, first_start_on_a_terminal, ipv4_packet, start_server
 import mnedc_client as wire
 
 
@@ -80,7 +82,7 @@ def test_each_new_lease_replaces_the_lease_file_atomically(server, tmp_path):
     after = os.stat(leases)
     assert after.st_ino != before
     assert {"atomic-1", "atomic-2"} <= set(json.load(open(leases))["leases"])
-    assert [name for name in os.listdir(state) if name not in ("leases.json", "secret")] == []
+    assert [name for name in os.listdir(state) if name not in ("leases.json", "secret", "salt")] == []
     for peer in peers:
         peer.close()
 
@@ -122,7 +124,7 @@ def test_wrong_secret_is_refused_with_a_clear_reason(server):
     peer = WirePeer(port)
     nonce = os.urandom(16)
     peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "intruder"))
-    server_nonce = wire.decode_challenge(peer.recv_frame()[1])
+    server_nonce, salt = wire.decode_challenge(peer.recv_frame()[1])
     peer.send_frame(wire.FRAME_AUTH, wire.client_proof(b"wrong-secret!!", nonce, server_nonce, "intruder"))
     code, text = peer.expect_error()
     assert code == wire.ERROR_AUTH and "wrong secret" in text
@@ -325,9 +327,9 @@ def test_takeover_while_the_old_connection_is_closing_keeps_the_new_one(server):
         new = WirePeer(port)
         nonce = os.urandom(16)
         new.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "racer"))
-        server_nonce = wire.decode_challenge(new.recv_frame()[1])
+        server_nonce, salt = wire.decode_challenge(new.recv_frame()[1])
         old.close()                                           # the old one vanishes just now
-        key = wire.network_key(secret)
+        key = wire.network_key(secret, salt)
         new.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, "racer"))
         assert new.recv_frame()[0] == wire.FRAME_WELCOME, attempt
         assert not new.closed_within(0.2), attempt
@@ -393,9 +395,30 @@ def test_a_stranger_gets_no_proof_to_test_guesses_against(server):
     nonce = os.urandom(16)
     peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, "stranger"))
     frame_type, payload = peer.recv_frame()
-    assert frame_type == wire.FRAME_CHALLENGE and len(payload) == 2 + wire.NONCE_BYTES   # version, nonce
+    assert frame_type == wire.FRAME_CHALLENGE and len(payload) == 2 + wire.NONCE_BYTES + 16   # version, nonce, salt
     with pytest.raises(socket.timeout):
         peer.recv_frame(timeout=0.5)                    # and nothing more until it proves itself
     peer.send_frame(wire.FRAME_AUTH, bytes(32))
     assert peer.expect_error() == (wire.ERROR_AUTH, "wrong secret, or this device may not join this network "
                                                    "(the relay's log says which)")
+
+
+def test_each_network_draws_its_own_salt_and_keeps_it(tmp_path):
+    """The PBKDF2 salt is the network's, drawn at its first start (root only) and kept, so a
+    table of guesses made for one MNEDC network is useless for another (issue #13)."""
+    salts = []
+    for name in ("one", "two", "one"):
+        proc, port, secret = start_server(tmp_path / name)
+        try:
+            peer = WirePeer(port)
+            peer.send_frame(wire.FRAME_HELLO, wire.encode_hello(os.urandom(16), "salty"))
+            salts.append(wire.decode_challenge(peer.recv_frame()[1])[1])
+            join(port, secret, "salty").close()         # and a real client joins under it
+        finally:
+            proc.stop()
+    assert salts[0] == salts[2] != salts[1]
+    assert os.stat(str(tmp_path / "one" / "salt")).st_mode & 0o777 == 0o600
+    (tmp_path / "one" / "salt").write_text("not hex\n")
+    result = subprocess.run([sys.executable, SERVER, "--no-tun", "--listen", "127.0.0.1:0", "--state-dir",
+                             str(tmp_path / "one"), "--check"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "salt" in result.stderr, result.stderr

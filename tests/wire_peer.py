@@ -89,12 +89,13 @@ class WirePeer:
 
     def handshake(self, secret, device_id, flags=0):
         """Join; the packed virtual address. Refused if the server sends ERROR instead."""
-        nonce, key = os.urandom(wire.NONCE_BYTES), wire.network_key(secret)
+        nonce = os.urandom(wire.NONCE_BYTES)
         self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id, flags))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
-        server_nonce = wire.decode_challenge(payload)
+        server_nonce, salt = wire.decode_challenge(payload)
+        key = wire.network_key(secret, salt)
         self.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
@@ -121,6 +122,12 @@ def ipv4_packet(source, destination, payload=b"", protocol=17):
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0,
                          source, destination)
     return header + payload
+
+
+def state_key(state_dir, secret):
+    """The network key of a relay's secret under the salt in its state_dir."""
+    with open(os.path.join(str(state_dir), "salt")) as source:
+        return wire.network_key(secret, bytes.fromhex(source.read().strip()))
 
 
 def start_server(state_dir, *extra, **kw):
