@@ -1205,7 +1205,7 @@ EOF
 	done >"$ROOT$kept/install.manifest" <<EOF
 $manifest
 EOF
-	note "uninstalled MNEDC; kept the state (secret, leases) in $ROOT$kept: install.sh uninstall --purge removes it"
+	note "uninstalled MNEDC; kept the state (secret, salt, leases, TLS identity) in $ROOT$kept: install.sh uninstall --purge removes it"
 }
 
 # ---- certs: a CA, a server and client certificates for TLS, with the openssl command ----------

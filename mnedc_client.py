@@ -248,6 +248,10 @@ class ProtocolError(Exception):
     """The peer sent something the protocol does not allow: close that connection."""
 
 
+class WelcomeForged(ProtocolError):
+    """A WELCOME whose MAC is wrong: the server does not know the key, or someone changed it."""
+
+
 class VersionMismatch(ProtocolError):
     """The peer speaks another protocol version; peer_version says which."""
 
@@ -477,7 +481,7 @@ def decode_welcome(session, payload):
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size + WELCOME_MAC_BYTES))
     body = payload[:WELCOME.size]
     if not equal_digests(bytes(payload[WELCOME.size:]), welcome_mac(session, body)):
-        raise ProtocolError("WELCOME's MAC is wrong: it was changed on the way to this client")
+        raise WelcomeForged("WELCOME's MAC is wrong: it was changed on the way to this client")
     address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(body)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
@@ -774,9 +778,7 @@ class RelayLink:
     def on_welcome(self, frame_type, payload):
         try:
             address, prefix_length, server_address, max_frame_bytes = decode_welcome(self.session, payload)
-        except ProtocolError as error:
-            if "MAC" not in str(error):
-                raise
+        except WelcomeForged as error:
             self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
             self.client.fatal("authentication failed: %s: the server at %s does not know this network's "
                               "secret, or something on the path changed it" % (error, self.server_label))

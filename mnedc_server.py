@@ -251,6 +251,10 @@ class ProtocolError(Exception):
     """The peer sent something the protocol does not allow: close that connection."""
 
 
+class WelcomeForged(ProtocolError):
+    """A WELCOME whose MAC is wrong: the server does not know the key, or someone changed it."""
+
+
 class VersionMismatch(ProtocolError):
     """The peer speaks another protocol version; peer_version says which."""
 
@@ -480,7 +484,7 @@ def decode_welcome(session, payload):
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size + WELCOME_MAC_BYTES))
     body = payload[:WELCOME.size]
     if not equal_digests(bytes(payload[WELCOME.size:]), welcome_mac(session, body)):
-        raise ProtocolError("WELCOME's MAC is wrong: it was changed on the way to this client")
+        raise WelcomeForged("WELCOME's MAC is wrong: it was changed on the way to this client")
     address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(body)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
@@ -1102,12 +1106,15 @@ class DeviceKeys:
                 self.secrets[device_id] = secret
 
     def derive(self, network_salt):
-        """Every device's key, now (PBKDF2), not while a client waits in the loop."""
+        """Every device's key, now (PBKDF2), not while a client waits in the loop. The cache
+        keeps only what this load uses, so reloads do not grow it."""
+        used = {}
         for device_id, secret in self.secrets.items():
             if secret != REVOKED:
                 known = self.cache.get((secret, network_salt))
-                self.keys[device_id] = known or network_key(secret, network_salt)
-                self.cache[(secret, network_salt)] = self.keys[device_id]
+                self.keys[device_id] = used[(secret, network_salt)] = known or network_key(secret, network_salt)
+        self.cache.clear()
+        self.cache.update(used)
 
     def __len__(self):
         return len(self.secrets)
@@ -2088,10 +2095,6 @@ class RelayServer:
         except (ConfigError, OSError, ValueError) as error:
             self.log.error("reload failed, keeping the running configuration: %s" % error)
             return
-        if fresh.network_salt != self.config.network_salt:     # another state_dir: keep ours
-            fresh.network_salt, fresh.salt_generate = self.config.network_salt, False
-            if fresh.keys:
-                fresh.keys.derive(fresh.network_salt)
         if fresh.tls != self.config.tls or fresh.tls_generate or fresh.state_dir != self.config.state_dir:
             if fresh.tls != self.config.tls:    # TLS turned on or off: a restart makes the identity
                 self.log.warning("tls changed: takes effect at the next restart")
@@ -3341,11 +3344,13 @@ def parse_listen(text):
         raise ValueError("cannot use %r: %s" % (host, describe_error(error)))
 
 
-def load_server_config(args, key_cache=None, reloading=False):
+def load_server_config(args, key_cache=None, reloading=False, network_salt=None, derive_keys=True):
     """ServerConfig from -c FILE and the flags; ConfigError names what is wrong.
 
     key_cache keeps the keys_file's PBKDF2 derivations from one load to the next (SIGHUP).
-    reloading: a keys file that admits nobody is then taken (it may revoke the last device)."""
+    reloading: a keys file that admits nobody is then taken (it may revoke the last device).
+    network_salt: the running one (a reload keeps it, whatever state_dir now says). derive_keys:
+    False for status, kick and --check, which need no keys (PBKDF2 costs a board a second each)."""
     config = ServerConfig()
     values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
     where = "%s: [server] " % args.config
@@ -3374,13 +3379,17 @@ def load_server_config(args, key_cache=None, reloading=False):
                 SERVER_KEYS[key](config, text)
             except ValueError as error:
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
-    try:
-        config.network_salt, config.salt_generate = read_network_salt(config.state_dir)
-    except (OSError, ValueError) as error:
-        raise ConfigError("state_dir %s: %s" % (config.state_dir, describe_error(error)))
-    if config.keys:
+    if network_salt is not None:
+        config.network_salt = network_salt
+    elif derive_keys or getattr(args, "command", "run") == "check":
+        try:
+            config.network_salt, config.salt_generate = read_network_salt(config.state_dir)
+        except (OSError, ValueError) as error:
+            raise ConfigError("state_dir %s: %s" % (config.state_dir, describe_error(error)))
+    if config.keys and derive_keys:
         config.keys.derive(config.network_salt)
-    if not config.network_secret and not (config.keys and config.keys.keys) and not reloading:
+    admitted = config.keys and [d for d, secret in config.keys.secrets.items() if secret != REVOKED]
+    if not config.network_secret and not admitted and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
     check_tls_settings(config, where)
@@ -3407,10 +3416,19 @@ def read_network_salt(state_dir):
 
 
 def write_network_salt(config):
+    """Atomically (a power cut at the first boot leaves no half file), readable by root only."""
     path = os.path.join(config.state_dir, NETWORK_SALT_NAME)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    temporary = path + ".tmp"
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w") as sink:
         sink.write(config.network_salt.hex() + "\n")
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(temporary, path)
 
 
 def check_tls_settings(config, where):
@@ -3537,7 +3555,7 @@ def cmd_check(args):
         log.error("this Python (%s) lacks %s: %s" % (sys.executable, ", ".join(missing), install_hint(missing)))
         return 1
     try:
-        config = load_server_config(args)
+        config = load_server_config(args, derive_keys=False)
     except ConfigError as error:
         log.error(str(error))
         return 2
@@ -3576,7 +3594,8 @@ def cmd_run(args):
         log.error("state_dir %s: %s" % (config.state_dir, describe_error(error)))
         return 2
     key_cache = config.keys.cache if config.keys else {}
-    server = RelayServer(config, log, reload_config=lambda: load_server_config(args, key_cache, reloading=True))
+    server = RelayServer(config, log, reload_config=lambda: load_server_config(
+        args, key_cache, reloading=True, network_salt=config.network_salt))
     try:
         server.start()
     except OSError as error:
@@ -3607,7 +3626,7 @@ def cmd_run(args):
 def ask_server(args, request):
     """The running server's reply to request, or an exit status after saying why not."""
     try:
-        config = load_server_config(args)
+        config = load_server_config(args, derive_keys=False)
     except ConfigError as error:
         sys.stderr.write("mnedc_server.py: %s\n" % error)
         return 2

@@ -422,3 +422,32 @@ def test_each_network_draws_its_own_salt_and_keeps_it(tmp_path):
     result = subprocess.run([sys.executable, SERVER, "--no-tun", "--listen", "127.0.0.1:0", "--state-dir",
                              str(tmp_path / "one"), "--check"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "salt" in result.stderr, result.stderr
+
+
+def test_a_reload_keeps_the_salt_and_check_and_status_make_none(tmp_path):
+    """A SIGHUP after state_dir was edited (a restart key) keeps the running salt: it neither
+    draws a new one per reload nor derives every key again; --check and status write nothing."""
+    import signal
+    keys = tmp_path / "keys"
+    keys.write_text("dev-k %s\n" % ("k3y-of-dev-k-" * 2))
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nkeys_file = %s\n" % keys)
+    proc, port, _ = start_server(tmp_path / "state", "-c", str(config))
+    try:
+        salt = (tmp_path / "state" / "salt").read_text()
+        config.write_text("[server]\nkeys_file = %s\nstate_dir = %s\n" % (keys, tmp_path / "elsewhere"))
+        for _ in range(3):
+            mark = len(proc.lines())
+            proc.send_signal(signal.SIGHUP)
+            proc.wait_for(r"reloaded the configuration", start=mark)
+        assert (tmp_path / "state" / "salt").read_text() == salt and not (tmp_path / "elsewhere").exists()
+        WirePeer(port).handshake(("k3y-of-dev-k-" * 2).encode(), "dev-k")      # the key still fits
+        status = subprocess.run([sys.executable, SERVER, "-c", str(config), "--control",
+                                 str(tmp_path / "server.sock"), "status"], capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        check = subprocess.run([sys.executable, SERVER, "-c", str(config), "--check"], capture_output=True,
+                               text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        proc.stop()
