@@ -3,11 +3,9 @@ the secret (compromised, or someone who stole the secret) cannot inject packets 
 through the client, nor spoof sources from outside the virtual network, nor make the client
 route a LAN into the tunnel with a WELCOME it chose. Real client, real TUN, a lying relay."""
 
-import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 
 import pytest

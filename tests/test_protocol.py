@@ -146,7 +146,7 @@ def test_stream_frames_round_trip():
 
 
 def test_challenge_welcome_error_round_trips():
-    ns, proof = os.urandom(16), os.urandom(32)
+    ns = os.urandom(16)
     salt = os.urandom(16)
     assert wire.decode_challenge(wire.encode_challenge(ns, salt)) == (ns, salt)
     assert len(wire.encode_challenge(ns, salt)) == 2 + 16 + 16     # no proof to guess against
