@@ -274,8 +274,9 @@ put_generated() {
 server_ini() {
 	cat <<EOF
 # MNEDC relay server, written by install.sh. Every key: python3 mnedc_server.py --help
-# At its first start the server generates the network secret in state_dir/secret and logs the
-# lines each client needs (server = ..., secret = ...).
+# At its first start the server generates the network secret in state_dir/secret and its TLS
+# certificate (every link is TLS by default), and prints the lines each client needs
+# (server = ..., secret = ..., server_pin = ...).
 [server]
 listen = 0.0.0.0:3334
 subnet = 10.0.0.0/24
@@ -730,12 +731,17 @@ except configparser.Error:
 EOF
 }
 
-# What the client config still lacks ("server", "secret"), or nothing when it can run.
+# What the client config still lacks ("server", "secret", "server_pin"), or nothing when it can
+# run. The link is TLS unless the config says tls = no, and TLS needs a pin or a CA.
 client_config_missing() {
 	missing=''
 	[ -n "$(ini_get "$CONFIG" client server)" ] || missing='server'
 	if [ -z "$(ini_get "$CONFIG" client secret)$(ini_get "$CONFIG" client secret_file)" ]; then
-		missing="${missing:+$missing and }secret"
+		missing="${missing:+$missing, }secret"
+	fi
+	if [ "$(ini_get "$CONFIG" client tls)" != no ] &&
+		[ -z "$(ini_get "$CONFIG" client server_pin)$(ini_get "$CONFIG" client tls_ca)" ]; then
+		missing="${missing:+$missing, }server_pin"
 	fi
 	echo "$missing"
 }
@@ -1020,13 +1026,13 @@ cmd_install() {
 	note "installed $NAME ($INIT): $SBIN_DIR/$SCRIPT, config $CONFIG, state $STATE_DIR"
 	note "bytecode: $BYTECODE (the service runs python3 -u -m $MODULE, which loads it instead of compiling the script: 5 to 7 MB less memory)"
 	if [ -n "$missing" ]; then
-		note "$NAME is not enabled: set $missing in $CONFIG (the server logs both at its first start), then run install.sh client again"
+		note "$NAME is not enabled: set $missing in $CONFIG (the server prints them at its first start), then run install.sh client again"
 		return 0
 	fi
 	note "watchdog: $WATCHDOG $NAME, every minute from $CRON_FILE"
 	activate
 	if [ "$NAME" = mnedc-server ]; then
-		note "clients need: server = THIS-HOST:3334 and the secret from $STATE_DIR/secret (generated at the first start)"
+		note "clients need: server = THIS-HOST:3334, the secret from $STATE_DIR/secret and server_pin (both made at the first start; the server prints them, and $SCRIPT status shows the pin)"
 	fi
 }
 

@@ -19,8 +19,9 @@ else ./client-config.ini), then command-line flags.
   keepalive   seconds without a frame before the server is presumed dead (default 30)
   server_pin  sha256:HEX of the relay's certificate (it prints it), or several: TLS, and only
               that certificate is accepted (no CA or host name needed)
-  tls         yes: TLS to the server, verified by server_pin or against tls_ca; tls_cert and
-              tls_key for a client certificate (mutual TLS); tls_server_name if it differs
+  tls         yes (default): TLS to the server, verified by server_pin or against tls_ca (one of
+              them is required); tls_cert and tls_key for a client certificate (mutual TLS);
+              tls_server_name if it differs. no (or --no-tls): plaintext, to a tls = no relay
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
@@ -2602,7 +2603,7 @@ def install_hint(modules):
     return "OpenWrt: opkg install %s; Debian: apt-get install python3" % " ".join(packages)
 
 
-# TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
+# TLS (the default; tls = no goes without): the stdlib ssl module, imported only then, since OpenWrt ships it
 # apart (python3-openssl) and it costs a board some 4 MB.
 
 def load_ssl():
@@ -2610,8 +2611,9 @@ def load_ssl():
     try:
         import ssl
     except ImportError:
-        raise ValueError("tls = yes needs Python's ssl module, which this Python lacks "
-                         "(OpenWrt: opkg install python3-openssl)")
+        raise ValueError("TLS (tls = yes, the default) needs Python's ssl module, which this Python "
+                         "lacks: on OpenWrt run opkg install python3-openssl; or set tls = no on both "
+                         "ends, for plaintext")
     return ssl
 
 
@@ -3030,7 +3032,7 @@ class ClientConfig:
         self.keepalive = DEFAULT_KEEPALIVE_S
         self.control_socket = DEFAULT_CONTROL_SOCKET
         self.log_level = "info"
-        self.tls = None                         # None: not set; server_pin then means yes
+        self.tls = None                         # None: not set, and TLS is the default
         self.tls_ca = self.tls_cert = self.tls_key = self.tls_server_name = None
         self.server_pins = []                   # ["sha256:HEX", ...]: certificates we accept
         self.tls_context = None                 # built from those when tls = yes
@@ -3194,9 +3196,17 @@ def load_client_config(args):
                           % (config.source or "client-config.ini"))
     if config.device_id is None:
         config.device_id = default_device_id()
+    if getattr(args, "no_tls", False):
+        config.tls = False
     tls_files = [(key, getattr(config, key)) for key in ("tls_ca", "tls_cert", "tls_key") if getattr(config, key)]
-    if config.server_pins and config.tls is None:
-        config.tls = True                       # a pin says TLS
+    if config.tls is None and not config.server_pins and not config.tls_ca:
+        raise ConfigError((where if config.source else "") + "server_pin: the link to the relay is TLS by "
+                          "default, and nothing says which certificate to trust: set server_pin = sha256:... (the "
+                          "relay prints it at its first start, and `mnedc_server.py status` shows it), "
+                          "or tls_ca for a relay with a CA-signed certificate, or tls = no if the relay "
+                          "runs with tls = no (plaintext)")
+    if config.tls is None:
+        config.tls = True                       # TLS, the default
     if (tls_files or config.server_pins) and not config.tls:
         raise ConfigError(where + "tls: %s set but tls is not yes: set tls = yes, or remove them"
                           % ", ".join([key for key, _ in tls_files] + (["server_pin"] if config.server_pins else [])))
@@ -3231,6 +3241,8 @@ def build_parser():
                         help="file holding the network secret")
     common.add_argument("--device-id", metavar="ID", default=argparse.SUPPRESS,
                         help="this device's name on the network")
+    common.add_argument("--no-tls", action="store_true", default=argparse.SUPPRESS,
+                        help="plaintext, as tls = no, to a relay that runs with tls = no")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log debug lines too")
     common.add_argument("--syslog", action="store_true", default=argparse.SUPPRESS,
@@ -3411,7 +3423,7 @@ def main(argv=None):
     args.command = "check" if getattr(args, "check", False) else args.command or "tun"
     for name, default in (("config", None), ("server", None), ("secret_file", None), ("device_id", None),
                           ("verbose", False), ("syslog", False), ("pidfile", None), ("heartbeat", None),
-                          ("control", None)):
+                          ("control", None), ("no_tls", False)):
         if not hasattr(args, name):     # options may stand before or after the command
             setattr(args, name, default)
     log = Log("debug" if args.verbose else "info", syslog_ident="mnedc-client" if args.syslog else None)

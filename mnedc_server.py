@@ -21,9 +21,11 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all)
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
   max_streams_per_client   limits (default 1024, 256, 256, 65535, 1048576, 64; README)
-  tls         yes: TLS with tls_cert and tls_key, or without them with the relay's own key and
-              certificate, made in state_dir at the first start (clients pin it: server_pin);
-              tls_client_ca requires client certificates whose commonName is the device_id
+  tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
+              key and certificate, made in state_dir at the first start (clients pin it:
+              server_pin); tls_client_ca requires client certificates whose commonName is the
+              device_id. no (or --no-tls): plaintext, which clients must set too
+  allow_plaintext  yes: a TLS relay also takes clients without TLS (a migration; default no)
   control_socket  the Unix socket for status and kick (default /var/run/mnedc/server.sock)
   on_join, on_leave  scripts (absolute paths) run when a device joins or leaves
   restart_window  seconds over which clients spread their return after a restart (default 10)
@@ -1300,7 +1302,7 @@ class ClientConnection:
         self.tls = server.config.tls_context is not None
         self.first_bytes_seen = False       # a TLS relay looks at them once: TLS or a plain HELLO?
         if self.tls:
-            self.sock, self.stage = TlsTransport(server.config.tls_context, sock), "tls"
+            self.stage = "tls"              # wrapped once the first bytes say it is TLS
         self.device_id = None
         self.address = None
         self.streams_session = False        # a listen/connect session rather than a TUN member
@@ -1382,34 +1384,46 @@ class ClientConnection:
         self.first_bytes_seen = True        # once: a HELLO split in two must not be judged twice
         return first == TLS_HANDSHAKE_RECORD
 
-    def plaintext_hello(self):
-        """Before the first TLS handshake step: whether a plaintext MNEDC client is talking to
-        this TLS relay. It gets its answer in plaintext, the one language it understands."""
-        if self.first_bytes_seen:
-            return False                    # mid-handshake records start otherwise (20, 23)
-        raw = self.sock.sock                # socket.socket's own methods skip the TLS layer
+    def first_bytes_of_tls(self):
+        """Before the handshake: whether the client's first bytes are a TLS record. True wraps
+        the socket; False leaves it plaintext: answered in plaintext, the one language such a
+        client understands, or served as it is with allow_plaintext. None: nothing came yet."""
         try:
-            first = socket.socket.recv(raw, FRAME_HEADER.size, socket.MSG_PEEK)
+            first = self.sock.recv(FRAME_HEADER.size, socket.MSG_PEEK)
         except BlockingIOError:
-            return False
+            return None
         self.first_bytes_seen = True
         if not first or first[:1] == TLS_HANDSHAKE_RECORD:
-            return False
+            self.sock = TlsTransport(self.server.config.tls_context, self.sock)
+            return True
+        return False
+
+    def refuse_plaintext(self):
         try:
-            socket.socket.recv(raw, RECV_BYTES)         # read it all, so close sends no RST
-            socket.socket.send(raw, encode_frame(FRAME_ERROR, encode_error(
+            self.sock.recv(RECV_BYTES)      # read it all, so close sends no RST
+            self.sock.send(encode_frame(FRAME_ERROR, encode_error(
                 ERROR_PROTOCOL, "the relay requires TLS: set server_pin = %s (or tls_ca) in [client]"
                 % self.server.config.tls_pin)))
         except OSError:
             pass
         self.server.log.limited(("plain", self.remote_ip()), "warning", "refusing %s: a client without "
-                                "TLS, and this relay requires it (told it so)" % self.name())
-        return True
+                                "TLS, and this relay requires it (told it so; allow_plaintext = yes "
+                                "would take it)" % self.name())
+        self.close("a client without TLS")
 
     def continue_tls(self):
-        if self.plaintext_hello():
-            self.close("a client without TLS")
-            return
+        if not self.first_bytes_seen:
+            speaks_tls = self.first_bytes_of_tls()
+            if speaks_tls is None:
+                return
+            if not speaks_tls and not self.server.config.allow_plaintext:
+                self.refuse_plaintext()
+                return
+            if not speaks_tls:              # allow_plaintext: this one goes without TLS
+                self.tls, self.stage = False, "hello"
+                self.server.log.debug("%s speaks plaintext (allow_plaintext = yes)" % self.name())
+                self.on_readable()
+                return
         try:
             events = self.sock.handshake()
         except OSError as error:
@@ -2683,7 +2697,7 @@ def install_hint(modules):
     return "OpenWrt: opkg install %s; Debian: apt-get install python3" % " ".join(packages)
 
 
-# TLS (optional, tls = yes): the stdlib ssl module, imported only then, since OpenWrt ships it
+# TLS (the default; tls = no goes without): the stdlib ssl module, imported only then, since OpenWrt ships it
 # apart (python3-openssl) and it costs a board some 4 MB.
 
 def load_ssl():
@@ -2691,8 +2705,9 @@ def load_ssl():
     try:
         import ssl
     except ImportError:
-        raise ValueError("tls = yes needs Python's ssl module, which this Python lacks "
-                         "(OpenWrt: opkg install python3-openssl)")
+        raise ValueError("TLS (tls = yes, the default) needs Python's ssl module, which this Python "
+                         "lacks: on OpenWrt run opkg install python3-openssl; or set tls = no on both "
+                         "ends, for plaintext")
     return ssl
 
 
@@ -3280,7 +3295,8 @@ class ServerConfig:
         self.max_frame_bytes = MAX_PAYLOAD_BYTES
         self.max_queue_bytes = MAX_QUEUE_BYTES
         self.max_streams_per_client = MAX_STREAMS_PER_SESSION
-        self.tls = False
+        self.tls = True                         # the default: tls = no is the operator's explicit choice
+        self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
         self.tls_cert = self.tls_key = self.tls_client_ca = None
         self.tls_context = None                 # built from those when tls = yes
         self.tls_generate = False               # tls = yes, no tls_cert: make our own at start
@@ -3316,6 +3332,7 @@ SERVER_KEYS = {
     "max_queue_bytes": lambda config, text: setattr(config, "max_queue_bytes", parse_int(text, 65536, 1 << 30)),
     "max_streams_per_client": lambda config, text: setattr(config, "max_streams_per_client", parse_int(text, 1, 4096)),
     "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
+    "allow_plaintext": lambda config, text: setattr(config, "allow_plaintext", parse_choice(text, ("yes", "no")) == "yes"),
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_client_ca": lambda config, path: setattr(config, "tls_client_ca", path),
@@ -3353,7 +3370,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     False for status, kick and --check, which need no keys (PBKDF2 costs a board a second each)."""
     config = ServerConfig()
     values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
-    where = "%s: [server] " % args.config
+    where = "%s: [server] " % args.config if args.config else "[server] "
     if "secret" in values and "secret_file" in values:
         raise ConfigError(where + "secret_file: set secret or secret_file, not both")
     for key, text in values.items():
@@ -3371,7 +3388,8 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
         except (ValueError, OSError) as error:
             raise ConfigError(where + "%s: %s" % (key, describe_error(error)))
     flags = (("listen", args.listen), ("subnet", args.subnet), ("state_dir", args.state_dir),
-             ("tun", "no" if args.no_tun else None), ("control_socket", args.control),
+             ("tun", "no" if args.no_tun else None), ("tls", "no" if args.no_tls else None),
+             ("control_socket", args.control),
              ("log_level", "debug" if args.verbose else None))
     for key, text in flags:
         if text is not None:
@@ -3392,7 +3410,8 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     if not config.network_secret and not admitted and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
-    check_tls_settings(config, where)
+    if getattr(args, "command", "run") not in ("status", "kick"):     # these only use the control socket
+        check_tls_settings(config, where)
     return config
 
 
@@ -3529,6 +3548,7 @@ def build_parser():
     parser.add_argument("--listen", metavar="HOST:PORT", help="accept clients here (default %s)" % DEFAULT_LISTEN)
     parser.add_argument("--subnet", metavar="CIDR", help="virtual network (default %s)" % DEFAULT_SUBNET)
     parser.add_argument("--no-tun", action="store_true", help="do not join the network as .1 through TUN")
+    parser.add_argument("--no-tls", action="store_true", help="plaintext links, as tls = no (clients set tls = no too)")
     parser.add_argument("--state-dir", metavar="DIR", help="leases and generated secret (default %s)" % DEFAULT_STATE_DIR)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
     parser.add_argument("--syslog", action="store_true", help="log to syslog (daemon facility) instead of stderr")
@@ -3613,6 +3633,13 @@ def cmd_run(args):
     tls = "no TLS" if not config.tls else "TLS, client certificates required" if config.tls_client_ca else "TLS"
     if config.tls:
         tls += ", certificate pin %s" % config.tls_pin
+    if not config.tls:
+        log.warning("tls = no: links to this relay are plaintext; anyone on their path can read and change "
+                    "what crosses them")
+    elif config.allow_plaintext:
+        tls += ", plaintext clients allowed"
+        log.warning("allow_plaintext = yes: clients without TLS are taken too, and their links are "
+                    "plaintext; remove it once every client has server_pin or tls_ca")
     log.info("MNEDC server ready (protocol %d, secret from %s, %s)"
              % (PROTOCOL_VERSION, config.secret_source or "config", tls))
     try:
@@ -3713,7 +3740,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.command = "check" if getattr(args, "check", False) else args.command or "run"
     for name, default in (("config", None), ("control", None), ("listen", None), ("subnet", None),
-                          ("no_tun", False), ("state_dir", None), ("verbose", False)):
+                          ("no_tun", False), ("no_tls", False), ("state_dir", None), ("verbose", False)):
         if not hasattr(args, name):     # options may stand before or after the command
             setattr(args, name, default)
     return COMMANDS[args.command](args)

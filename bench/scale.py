@@ -109,7 +109,8 @@ def scale_run(workdir, clients=500, idle_s=60, python=sys.executable):
         sink.write("[server]\nmax_connections_per_source = %d\nmax_clients = %d\n" % (clients + 16, clients + 16))
     server = Proc.start([python, "-u", os.path.join(ROOT, "mnedc_server.py"), "-c", config, "--no-tun", "--listen",
                          "127.0.0.1:%d" % port, "--subnet", "198.18.0.0/24", "--state-dir", state,
-                         "--control", os.path.join(workdir, "scale.sock")])
+                         "--control", os.path.join(workdir, "scale.sock"),
+                         "--no-tls"])      # plaintext sessions: this measures the relay's bookkeeping
     selector = selectors.DefaultSelector()
     sessions = []
     try:

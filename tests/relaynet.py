@@ -24,12 +24,16 @@ class RelayNetwork:
     """
 
     def __init__(self, topo, workdir, python=sys.executable, subnet="198.18.0.0/24",
-                 keepalive=None, secret=None, as_module=False, env=None, relay_host=None):
+                 keepalive=None, secret=None, as_module=False, env=None, relay_host=None, tls=True):
         """as_module runs the scripts as install.sh's services do: python3 -m, from bytecode.
-        env: the processes' environment (tests/light.py's python3-light simulation)."""
+        env: the processes' environment (tests/light.py's python3-light simulation).
+        tls: the default setup (the relay's own certificate, clients pin it); False: tls = no
+        on both sides. Options that set TLS keys replace these."""
         self.topo = topo
         self.as_module = as_module
         self.base_env = env
+        self.tls = tls
+        self.pin = None                 # the relay's certificate pin, from its ready line
         self.relay_host = relay_host or topo.server_ip     # how clients name the relay
         if as_module:
             for script in (SERVER, CLIENT):
@@ -73,10 +77,13 @@ class RelayNetwork:
         values = {"listen": "0.0.0.0:3334", "subnet": self.subnet, "secret_file": self.secret_path,
                   "state_dir": os.path.join(self.workdir, "server-state"), "keepalive": self.keepalive,
                   "tun": "yes", "control_socket": self.control_socket}
+        values.update({"tls": None if self.tls else "no"})
         values.update(options or {})
         config = self.write_config("server", "server", values)
         self.server = self.topo.spawn("srv", self.command(SERVER) + ["-c", config] + list(extra), env=self.env())
-        self.server.wait_for(r"MNEDC server ready", timeout=20)
+        ready = self.server.wait_for(r"MNEDC server ready", timeout=20)
+        pin = re.search(r"certificate pin (sha256:[0-9a-f]{64})", ready.string)
+        self.pin = pin.group(1) if pin else None
         return self.server
 
     def start_client(self, name, device_id=None, secret_path=None, interface=None, wait=True, extra=(),
@@ -88,6 +95,9 @@ class RelayNetwork:
             "server": self.relay_host, "secret_file": secret_path or self.secret_path,
             "device_id": device_id or "device-" + name, "keepalive": self.keepalive,
             "interface": interface, "control_socket": self.control_path(label)}
+        if not set(options or {}) & {"tls", "server_pin", "tls_ca"}:
+            assert self.pin or not self.tls, "start the relay first: clients pin its certificate"
+            values.update({"server_pin": self.pin} if self.pin else {"tls": "no"})
         values.update(options or {})
         config = self.write_config("client-" + label, "client", values)
         proc = self.topo.spawn(name, self.command(CLIENT) + ["-c", config] + list(extra), env=self.env())

@@ -10,7 +10,7 @@ import threading
 import time
 
 from tests.nettopo import Proc
-from tests.wire_peer import CLIENT, start_server
+from tests.wire_peer import CLIENT, WirePeer, start_server
 
 
 def free_port():
@@ -23,10 +23,12 @@ class StreamNet:
     """A --no-tun relay on loopback and `mnedc_client.py` stream commands against it."""
 
     def __init__(self, workdir, keepalive=None, python=sys.executable, server_lines=(), client_lines=(),
-                 env=None, relay_host="127.0.0.1"):
+                 env=None, relay_host="127.0.0.1", tls=True):
         """server_lines, client_lines: more lines for the [server] and every [client] section;
         %(device_id)s in a client line becomes the client's device_id. env: every process's
-        environment (tests/light.py's simulation); relay_host: how clients name the relay."""
+        environment (tests/light.py's simulation); relay_host: how clients name the relay.
+        tls: the default setup, the relay's own certificate and clients that pin it; False:
+        tls = no on both sides. Lines that set TLS keys themselves replace these."""
         self.workdir = str(workdir)
         self.keepalive = keepalive
         self.python = python
@@ -34,6 +36,8 @@ class StreamNet:
         self.relay_host = relay_host
         self.server_lines = list(server_lines)
         self.client_lines = list(client_lines)
+        self.tls = tls
+        self.pin = None
         self.procs = []
         self.port = free_port()
         self.start_server()
@@ -47,7 +51,9 @@ class StreamNet:
                 sink.write("[server]\n" + "".join(line + "\n" for line in lines))
             extra += ["-c", config]
         self.server, _, self.secret = start_server(os.path.join(self.workdir, "state"), *extra,
-                                                   python=self.python, env=self.env)
+                                                   python=self.python, env=self.env,
+                                                   tls=self.tls or sets_tls(self.server_lines))
+        self.pin = self.server.pin
         self.procs.append(self.server)
         return self.server
 
@@ -58,8 +64,14 @@ class StreamNet:
                        % (self.relay_host, self.port, self.secret.decode(), device_id))
             if self.keepalive:
                 sink.write("keepalive = %d\n" % self.keepalive)
+            if not sets_tls(self.client_lines):
+                sink.write("server_pin = %s\n" % self.pin if self.pin else "tls = no\n")
             sink.write("".join(line % {"device_id": device_id} + "\n" for line in self.client_lines))
         return path
+
+    def peer(self, **kw):
+        """A WirePeer at this relay, speaking what its clients speak (TLS with the pin, or not)."""
+        return WirePeer(self.port, host=self.relay_host, pin=self.pin, **kw)
 
     def argv(self, device_id, *command):
         return [self.python, "-u", CLIENT, "-c", self.config(device_id)] + list(command)
@@ -110,6 +122,11 @@ class StreamNet:
     def stop(self):
         for proc in reversed(self.procs):
             proc.stop()
+
+
+def sets_tls(lines):
+    """Whether these config lines choose TLS or plaintext themselves."""
+    return any(line.split("=")[0].strip() in ("tls", "server_pin", "tls_ca") for line in lines)
 
 
 class TcpServer:

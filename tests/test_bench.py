@@ -19,15 +19,16 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_floor_and_scale(tmp_path):
                              "--output", str(tmp_path)], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     table = (tmp_path / "latest.md").read_text()
-    for label in ("raw underlay", "MNEDC TUN a -> relay -> b, default settings", "MNEDC stream mode",
-                  "MNEDC TUN a -> relay -> b, MTU 1500"):
+    for label in ("raw underlay", "MNEDC TUN a -> relay -> b, default settings (TLS)",
+                  "MNEDC stream mode, forwarded port a -> b, default settings (TLS)",
+                  "MNEDC TUN a -> relay -> b, tls = no"):
         assert label in table
     figures = {m["name"]: m["median"] for m in json.loads((tmp_path / "latest.json").read_text())["measurements"]}
-    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-1500", "floor", "scale"}
+    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-plaintext", "floor", "scale"}
     assert figures["scale"]["clients"] == 50 and 0 < figures["scale"]["join_s"] < 10
     assert 0 < figures["scale"]["server_rss_mb"] < 200
     assert "seconds for 50 clients to join" in table
-    for name in ("raw", "mnedc", "stream", "mnedc-1500"):
+    for name in ("raw", "mnedc", "stream", "mnedc-plaintext"):
         assert figures[name]["gbps"] > 0.01, (name, figures[name])
     assert figures["mnedc"]["rtt_ms"] > 0 and figures["mnedc"]["cpu_s_per_gb"] > 0
     assert figures["mnedc"]["peak_rss_client_kb"] > 1000

@@ -55,7 +55,7 @@ def stops_within(proc, seconds):
 def test_a_resolver_that_never_answers_freezes_nothing(tmp_path):
     with Topology(layout="flat", clients=1) as topo:
         dns = silent_resolver(topo, "c1")
-        net = RelayNetwork(topo, tmp_path, relay_host="relay.test")
+        net = RelayNetwork(topo, tmp_path, relay_host="relay.test", tls=False)    # no relay: nothing to pin
         tun = net.start_client("c1", wait=False)
         dns.wait_for("query from", timeout=10)          # the lookup is under way and stuck
         code, took = stops_within(tun, 2)
@@ -63,7 +63,7 @@ def test_a_resolver_that_never_answers_freezes_nothing(tmp_path):
         assert "mnedc0" not in topo.run("c1", ["ip", "-o", "link"]).stdout
 
         config = net.write_config("stream", "client", {"server": "relay.test", "secret_file": net.secret_path,
-                                                       "device_id": "streamer"})
+                                                       "device_id": "streamer", "tls": "no"})
         mark = len(dns.lines())
         listen = topo.spawn("c1", [sys.executable, "-u", CLIENT, "-c", config, "listen", "--forward=9", "9"])
         dns.wait_for("query from", timeout=10, start=mark)
@@ -123,15 +123,15 @@ def test_a_list_of_relay_addresses_is_tried_in_order(tmp_path):
         config = os.path.join(str(tmp_path), "two.ini")
         with open(config, "w") as sink:
             sink.write("[client]\nserver = 127.0.0.1:%d, localhost:%d\nsecret = %s\ndevice_id = dev-two\n"
-                       % (dead, net.port, net.secret.decode()))
+                       "server_pin = %s\n" % (dead, net.port, net.secret.decode(), net.pin))
         result = subprocess.run([sys.executable, CLIENT, "-c", config, "services"], capture_output=True,
                                 text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         assert "cannot reach the relay at 127.0.0.1:%d: connection refused; trying localhost:%d" \
             % (dead, net.port) in result.stderr
         with open(config, "w") as sink:
-            sink.write("[client]\nserver = 127.0.0.1:%d, 127.0.0.2:%d\nsecret = %s\n"
-                       % (dead, dead, net.secret.decode()))
+            sink.write("[client]\nserver = 127.0.0.1:%d, 127.0.0.2:%d\nsecret = %s\nserver_pin = %s\n"
+                       % (dead, dead, net.secret.decode(), net.pin))
         result = subprocess.run([sys.executable, CLIENT, "-c", config, "services"], capture_output=True,
                                 text=True, timeout=30)
         assert result.returncode == 1

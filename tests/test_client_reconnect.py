@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns and 
 
 def test_backoff_grows_from_1_s_with_jitter_and_the_client_joins_when_the_server_comes(tmp_path):
     with Topology(layout="flat", clients=1) as topo:
-        net = RelayNetwork(topo, tmp_path)
+        net = RelayNetwork(topo, tmp_path, tls=False)   # a client before any relay: no pin yet
         client = net.start_client("c1", wait=False, extra=["-v"])
         client.wait_for(r"attempt 4 failed", timeout=40)
         delays = [float(m.group(2)) for m in

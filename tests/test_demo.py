@@ -20,5 +20,6 @@ def test_demo_sh_shows_the_devices_reaching_each_other_and_cleans_up():
     assert out.count("unreachable") == 3
     assert len(re.findall(r"-> \S+ +198\.18\.0\.\d+ +avg [\d.]+ ms", out)) == 12
     assert "sha256 identical" in out and "Demo complete" in out
+    assert re.search(r"every link is TLS \(the default\).*\n.*by its pin sha256:[0-9a-f]{64}", out), out
     prefix = re.search(r"Built namespaces (\S+)\*", out).group(1)
     assert leftover_namespaces(prefix) == []

@@ -6,6 +6,7 @@
 """
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from tests.nettopo import Topology, have_netns_support
-from tests.relaynet import CLIENT, JOINED, RelayNetwork
+from tests.relaynet import CLIENT, JOINED, SERVER, RelayNetwork
 
 SUPPORTED, WHY_NOT = have_netns_support()
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
@@ -66,6 +67,33 @@ def test_a_20_mb_tcp_transfer_from_c_to_a_arrives_byte_identical(net, tmp_path):
     assert received.stat().st_size == original.stat().st_size
     assert hashlib.sha256(received.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
     print("20 MB c -> a through two NATs and the relay in %.2f s" % seconds)
+
+
+def test_with_the_default_configuration_the_relays_wire_never_shows_what_crosses_it(net, tmp_path):
+    """The fixture's relay and clients run with no TLS settings but the pin the relay printed:
+    the default. A capture on the relay's underlay, where every link arrives, sees the tunnel's
+    bytes go by and never the pattern sent through it."""
+    assert net.pin and "certificate pin %s" % net.pin in net.server.output()
+    assert "tls = no" not in open(os.path.join(net.workdir, "server.ini")).read()
+    pattern = b"MNEDC-PLAINTEXT-MARKER-" + os.urandom(6).hex().encode()
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(pattern * (2 * 1000 * 1000 // len(pattern)))
+    capture, received = tmp_path / "relay.pcap", tmp_path / "received.bin"
+    tcpdump = net.topo.spawn("srv", ["tcpdump", "-Z", "root", "-i", "any", "-U", "-s", "0", "-w", str(capture), "tcp", "port", "3334"])
+    try:
+        tcpdump.wait_for(r"listening on", timeout=10)
+        sink = net.topo.spawn("a", ["sh", "-c", "exec nc -l 5003 > %s" % received])
+        wait_listening(net.topo, "a", 5003)
+        net.topo.run("c", ["sh", "-c", "nc -N %s 5003 < %s" % (net.vip["a"], payload)], timeout=60)
+        sink.wait(30)
+    finally:
+        tcpdump.stop()
+    assert received.read_bytes() == payload.read_bytes()           # it crossed, and arrived whole
+    wire = capture.read_bytes()
+    assert len(wire) > 2 * payload.stat().st_size                   # in from c, out to a: all captured
+    assert pattern not in wire and pattern[:16] not in wire
+    links = net.topo.run("srv", [net.python, SERVER, "--control", net.control_socket, "status", "--json"]).stdout
+    assert all(device["tls"] for device in json.loads(links)["devices"]), links
 
 
 def test_after_a_server_sigkill_every_device_keeps_its_address_and_tcp_survives(net):

@@ -55,7 +55,7 @@ def hostile_relay(topo, net, welcome, packets):
 
 def test_the_client_writes_to_its_tun_only_packets_for_it_from_the_virtual_network(tmp_path):
     with Topology(layout="flat", clients=1) as topo:
-        net = RelayNetwork(topo, tmp_path)
+        net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
         sink = topo.spawn("c1", [sys.executable, "-u", "-c", UDP_SINK])
         sink.wait_for("sink ready", timeout=10)
         lan = topo.addr("c1")
@@ -84,7 +84,7 @@ def test_the_client_writes_to_its_tun_only_packets_for_it_from_the_virtual_netwo
 ])
 def test_a_welcome_that_would_take_over_a_network_is_refused(tmp_path, welcome, complaint):
     with Topology(layout="flat", clients=1) as topo:
-        net = RelayNetwork(topo, tmp_path)
+        net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
         hostile_relay(topo, net, welcome, [])
         client = net.start_client("c1", wait=False)
         client.wait_for(complaint, timeout=15)
@@ -96,7 +96,7 @@ def test_a_welcome_that_would_take_over_a_network_is_refused(tmp_path, welcome, 
 
 def test_a_relay_that_changes_the_network_under_a_running_client_is_refused(tmp_path):
     with Topology(layout="flat", clients=1) as topo:
-        net = RelayNetwork(topo, tmp_path)
+        net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
         first = hostile_relay(topo, net, CLIENT_ADDRESS + "/24", [])
         client = net.start_client("c1")
         first.stop()

@@ -177,7 +177,8 @@ def test_syslog_gets_one_line_per_event_and_stderr_stays_quiet(tmp_path):
         assert any(re.match(r"<30>.*mnedc-server\[%d\]: listening on 127\.0\.0\.1:%d" % (proc.pid, port), m)
                    for m in messages), messages
         secret = (tmp_path / "state" / "secret").read_text().strip().encode()
-        WirePeer(port).handshake(secret, "logged")
+        pin = re.search(r"certificate pin (sha256:[0-9a-f]{64})", messages[-1]).group(1)   # the default: TLS
+        WirePeer(port, pin=pin).handshake(secret, "logged")
         joined = collector.recv(4096).decode()
         assert re.match(r"<30>.*mnedc-server\[%d\]: device logged joined as 198\.18\.0\.2 from 127\.0\.0\.1:\d+$"
                         % proc.pid, joined), joined

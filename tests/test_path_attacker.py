@@ -68,7 +68,9 @@ class RewritingProxy:
 
 
 def test_a_proxy_without_the_secret_cannot_change_welcome(tmp_path):
-    net = StreamNet(tmp_path)
+    """With tls = no on both ends, where the proxy can parse every frame: WELCOME's own MAC is
+    all that stops it (under the default, TLS, it sees only records: tests/test_e2e_nat.py)."""
+    net = StreamNet(tmp_path, tls=False)
     proxy = RewritingProxy(net.port)
     try:
         honest = net.run("dev-a", "services", timeout=30)

@@ -60,7 +60,7 @@ def test_the_simulation_fails_the_way_a_board_does(version):
 
 @pytest.mark.parametrize("version", sorted(PYTHONS))
 def test_stream_mode_status_and_services_on_python3_light(version, tmp_path):
-    net = StreamNet(tmp_path, python=PYTHONS[version], env=light_env(), relay_host="localhost")
+    net = StreamNet(tmp_path, python=PYTHONS[version], env=light_env(), relay_host="localhost", tls=False)
     try:
         data = os.urandom(300000)
         net.send_through("dev-b", "dev-a", 7, data)
@@ -80,10 +80,14 @@ def test_stream_mode_status_and_services_on_python3_light(version, tmp_path):
 @pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
 @pytest.mark.parametrize("version", sorted(PYTHONS))
 def test_tun_mode_on_python3_light_across_nat(version, tmp_path):
+    """The floor without python3-openssl, so with tls = no on both ends; the newest with it, so
+    with the default: the relay's own certificate, pinned."""
+    with_ssl = version != "3.7"
     with Topology(layout="nested") as topo:     # c sits behind two NATs
         for name in topo.clients:               # the devices name the relay, as users do
             topo.etc_file(name, "hosts", "127.0.0.1 localhost\n%s relay.test\n" % topo.server_ip)
-        net = RelayNetwork(topo, tmp_path, python=PYTHONS[version], env=light_env(), relay_host="relay.test")
+        net = RelayNetwork(topo, tmp_path, python=PYTHONS[version], relay_host="relay.test", tls=with_ssl,
+                           env=light_env(packages=["python3-openssl"] if with_ssl else []))
         net.start()
         assert topo.ping("a", net.vip["c"], count=2)
         assert topo.ping("c", net.server_vip, count=2)
@@ -91,7 +95,9 @@ def test_tun_mode_on_python3_light_across_nat(version, tmp_path):
         assert client["state"] == "connected" and client["address"].startswith(net.vip["a"] + "/")
         server = run(PYTHONS[version], SERVER, "--control", net.control_socket, "status", "--json")
         assert server.returncode == 0, server.stderr
-        assert {d["address"] for d in json.loads(server.stdout)["devices"]} == set(net.vip.values())
+        devices = json.loads(server.stdout)["devices"]
+        assert {d["address"] for d in devices} == set(net.vip.values())
+        assert all(bool(d["tls"]) == with_ssl for d in devices), devices
 
 
 def write(path, text):
@@ -103,10 +109,13 @@ def write(path, text):
 @pytest.mark.parametrize("version", sorted(PYTHONS))
 def test_check_passes_on_python3_light_and_names_what_is_missing(version, tmp_path):
     python = PYTHONS[version]
-    server_ini = write(tmp_path / "server.ini", "[server]\nlisten = localhost:3334\nsubnet = 198.18.0.0/24\n"
-                       "state_dir = %s\n" % (tmp_path / "state"))
+    settings = "[server]\nlisten = localhost:3334\nsubnet = 198.18.0.0/24\nstate_dir = %s\n" % (tmp_path / "state")
+    default = run(python, SERVER, "-c", write(tmp_path / "default.ini", settings), "--check")
+    assert default.returncode == 2 and "opkg install python3-openssl" in default.stderr, default.stderr
+    assert "or set tls = no on both ends" in default.stderr
+    server_ini = write(tmp_path / "server.ini", settings + "tls = no\n")
     client_ini = write(tmp_path / "client.ini", "[client]\nserver = localhost:3334, 127.0.0.1\n"
-                       "secret = %s\ndevice_id = light-1\n" % ("s" * 24))
+                       "secret = %s\ndevice_id = light-1\ntls = no\n" % ("s" * 24))
     server = run(python, SERVER, "-c", server_ini, "--check")
     assert server.returncode == 0 and "check passed" in server.stdout, server.stderr
     assert not os.path.exists(str(tmp_path / "state")), "a check must not create state"
@@ -121,8 +130,11 @@ def test_check_passes_on_python3_light_and_names_what_is_missing(version, tmp_pa
                     % ("s" * 24, ca))
     tls = run(python, CLIENT, "-c", tls_ini, "--check")
     assert tls.returncode == 2 and "opkg install python3-openssl" in tls.stderr, tls.stderr
+    pinned = run(python, CLIENT, "-c", write(tmp_path / "pin.ini", "[client]\nserver = 127.0.0.1\nsecret = %s\n"
+                                            "server_pin = sha256:%s\n" % ("s" * 24, "0" * 64)), "--check")
+    assert pinned.returncode == 2 and "opkg install python3-openssl" in pinned.stderr, pinned.stderr
 
-    wide = write(tmp_path / "wide.ini", "[client]\nserver = rel\u00e4.example\nsecret = %s\n" % ("s" * 24))
+    wide = write(tmp_path / "wide.ini", "[client]\nserver = rel\u00e4.example\nsecret = %s\ntls = no\n" % ("s" * 24))
     named = run(python, CLIENT, "-c", wide, "--check")
     assert named.returncode == 2 and "opkg install python3-codecs" in named.stderr, named.stderr
     assert "Traceback" not in named.stderr + tls.stderr + gone.stderr

@@ -283,7 +283,8 @@ class Soak:
         self.sink.wait_for(r"sink ready", timeout=15)
         self.configs = {name: self.net.write_config("stream-" + name, "client", {
             "server": self.topo.server_ip, "secret_file": self.net.secret_path,
-            "device_id": "device-" + name, "keepalive": KEEPALIVE_S}) for name in ("a", "c")}
+            "device_id": "device-" + name, "keepalive": KEEPALIVE_S, "server_pin": self.net.pin})
+            for name in ("a", "c")}
         self.listener = self.topo.spawn("a", [self.net.python, "-u", CLIENT, "-c", self.configs["a"], "listen",
                                               "--forward=%d" % SINK_PORT, str(STREAM_PORT)])
         self.listener.wait_for(r"listening on virtual port %d" % STREAM_PORT, timeout=30)

@@ -142,7 +142,7 @@ def test_an_unknown_peer_fails_fast(net, peer, complaint):
 
 
 def test_a_known_but_offline_peer_fails_fast(net):
-    member = WirePeer(net.port)
+    member = net.peer()
     member.handshake(net.secret, "dev-gone")                       # a TUN member once: it has a lease
     member.close()
     net.server.wait_for(r"device dev-gone .* left")
@@ -161,7 +161,7 @@ def test_an_unreachable_relay_fails_within_20_s(net):
 
 def test_peer_by_virtual_ip_and_by_service_name(net, tcp):
     target = tcp(echo)
-    member = WirePeer(net.port)
+    member = net.peer()
     member.handshake(net.secret, "dev-a")                          # dev-a's TUN side: its address
     net.listen("dev-a", "--forward=%d" % target.port, "--service=web", "8080")
     address = [d["address"] for d in net.services()["devices"] if d["device_id"] == "dev-a"][0]
@@ -256,11 +256,11 @@ def test_a_stalled_reader_slows_only_its_own_stream_and_the_relay_buffers_little
 
 
 def test_a_peer_that_ignores_its_window_is_disconnected(net):
-    listener = WirePeer(net.port)
+    listener = net.peer()
     listener.handshake(net.secret, "honest", wire.HELLO_STREAMS)
     listener.send_frame(wire.FRAME_LISTEN, wire.encode_listen(99))
     assert listener.recv_frame()[0] == wire.FRAME_LISTENING
-    greedy = WirePeer(net.port)
+    greedy = net.peer()
     greedy.handshake(net.secret, "greedy", wire.HELLO_STREAMS)
     greedy.send_frame(wire.FRAME_OPEN, wire.encode_open(1, 99, 65536, "honest"))
     frame_type, payload = listener.recv_frame()
@@ -458,7 +458,7 @@ def test_one_shot_transfers_never_lose_their_tail(net):
 
 
 def test_service_names_per_session_are_capped_and_services_still_answers(net):
-    session = WirePeer(net.port)
+    session = net.peer()
     session.handshake(net.secret, "hoarder", wire.HELLO_STREAMS)
     for n in range(16):
         session.send_frame(wire.FRAME_LISTEN, wire.encode_listen(1000 + n, "name-%02d-%s" % (n, "x" * 50)))
@@ -474,11 +474,11 @@ def test_service_names_per_session_are_capped_and_services_still_answers(net):
 def test_relayed_bytes_have_a_global_bound_whoever_stops_reading(net):
     pairs = []
     for n in range(3):                      # each pair parks up to 64 x 512 KiB in the server
-        receiver = WirePeer(net.port, rcvbuf=4096)
+        receiver = net.peer(rcvbuf=4096)
         receiver.handshake(net.secret, "sink-%d" % n, wire.HELLO_STREAMS)
         receiver.send_frame(wire.FRAME_LISTEN, wire.encode_listen(9))
         assert receiver.recv_frame()[0] == wire.FRAME_LISTENING
-        sender = WirePeer(net.port)
+        sender = net.peer()
         sender.handshake(net.secret, "source-%d" % n, wire.HELLO_STREAMS)
         pairs.append((receiver, sender))
     window = 512 * 1024

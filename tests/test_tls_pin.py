@@ -4,6 +4,7 @@ its pin (`server_pin = sha256:...`), with no CA, no host name and no openssl com
 """
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 import mnedc_server
 from tests.light import light_env, light_pythons
-from tests.streamnet import StreamNet, free_port
+from tests.streamnet import StreamNet, TcpServer, free_port, sink_digest
 from tests.wire_peer import CLIENT, SERVER
 
 # RFC 8032 7.1: secret key, public key, message, signature
@@ -77,16 +78,19 @@ def test_the_generated_identity_serves_tls_1_2_and_1_3_on_this_python(version, t
 
 
 def pinned_net(tmp_path, **kw):
-    net = StreamNet(tmp_path, server_lines=["tls = yes"], **kw)
+    """A relay with no configuration at all, and the pin its first start prints."""
+    net = StreamNet(tmp_path, **kw)
     pin = net.server.wait_for(r"^server_pin = (sha256:[0-9a-f]{64})$").group(1)
     net.client_lines = ["server_pin = %s" % pin]
     return net, pin
 
 
-def test_a_fresh_relay_with_tls_yes_and_no_files_serves_its_own_pinned_certificate(tmp_path):
+def test_a_fresh_relay_with_no_configuration_serves_its_own_pinned_certificate(tmp_path):
     net, pin = pinned_net(tmp_path)
     try:
+        assert "-c" not in net.server.argv                          # defaults only
         assert "TLS, certificate pin %s" % pin in net.server.output()
+        assert "plaintext" not in net.server.output()
         net.send_through("dev-a", "dev-b", 9000, os.urandom(2 * 1000 * 1000))
         status = subprocess.run([sys.executable, SERVER, "--control", os.path.join(str(tmp_path), "server.sock"),
                                  "status"], capture_output=True, text=True, timeout=30).stdout
@@ -123,6 +127,7 @@ def test_a_wrong_pin_is_one_clear_line_and_no_handshake(tmp_path):
     ("server_pin = md5:" + "0" * 64, "is not a pin like sha256"),
     ("tls = no\nserver_pin = sha256:" + "0" * 64, "server_pin set but tls is not yes"),
     ("tls = yes", "tls = yes needs server_pin, the relay's certificate pin"),
+    ("", "server_pin: the link to the relay is TLS by default, and nothing says which certificate to trust"),
 ])
 def test_pin_mistakes_are_refused_at_start(tmp_path, line, complaint):
     config = tmp_path / "client.ini"
@@ -147,7 +152,7 @@ def test_a_pinned_stream_client_on_python3_light_with_openssl(tmp_path):
 def test_a_plaintext_client_at_a_tls_relay_is_told_what_to_set(tmp_path):
     net, pin = pinned_net(tmp_path)
     try:
-        net.client_lines = []
+        net.client_lines = ["tls = no"]
         result = net.run("dev-a", "services", timeout=30)
         assert result.returncode == 1
         assert "the relay requires TLS: set server_pin = %s (or tls_ca) in [client]" % pin in result.stderr, result.stderr
@@ -159,12 +164,37 @@ def test_a_plaintext_client_at_a_tls_relay_is_told_what_to_set(tmp_path):
 
 
 def test_a_tls_client_at_a_plaintext_relay_gets_one_clear_line_on_each_side(tmp_path):
-    net = StreamNet(tmp_path, client_lines=["server_pin = sha256:" + "0" * 64])
+    net = StreamNet(tmp_path, tls=False, client_lines=["server_pin = sha256:" + "0" * 64])
     try:
         result = net.run("dev-a", "services", timeout=30)
         assert result.returncode == 1
         assert "the relay answered without TLS: it has tls = no" in result.stderr, result.stderr
         net.server.wait_for(r"this relay does not speak TLS \(tls = no here\)")
+        assert "Traceback" not in net.server.output()
+    finally:
+        net.stop()
+
+
+def test_allow_plaintext_takes_both_kinds_of_client_and_says_which_is_which(tmp_path):
+    net = StreamNet(tmp_path, server_lines=["allow_plaintext = yes"])
+    try:
+        net.server.wait_for(r"allow_plaintext = yes: clients without TLS are taken too")
+        assert "TLS, certificate pin %s, plaintext clients allowed" % net.pin in net.server.output()
+        target, data = TcpServer(sink_digest), os.urandom(200000)
+        try:
+            net.client_lines = ["tls = no"]
+            net.listen("plain-dev", "--forward=%d" % target.port, "7")
+            net.client_lines = ["server_pin = %s" % net.pin]
+            net.listen("pinned-dev", "--forward=%d" % free_port(), "8")
+            sent = net.run("pinned-dev", "connect", "plain-dev", "7", input=data, timeout=30)
+            assert sent.returncode == 0, sent.stderr
+            assert target.wait_results(1)[0] == (len(data), hashlib.sha256(data).hexdigest())
+        finally:
+            target.close()
+        status = subprocess.run([sys.executable, SERVER, "--control", os.path.join(str(tmp_path), "server.sock"),
+                                 "status", "--json"], capture_output=True, text=True, timeout=30)
+        links = {d["device_id"]: d["tls"] for d in json.loads(status.stdout)["devices"]}
+        assert links["plain-dev"] is None and links["pinned-dev"]["version"].startswith("TLSv1."), links
         assert "Traceback" not in net.server.output()
     finally:
         net.stop()

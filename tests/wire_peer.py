@@ -5,6 +5,7 @@ it wrong on purpose (bad secret, garbage, oversized frames, silence).
 """
 
 import os
+import re
 import socket
 import struct
 import sys
@@ -27,12 +28,21 @@ class Refused(Exception):
 
 
 class WirePeer:
-    def __init__(self, port, host="127.0.0.1", timeout=5.0, rcvbuf=None):
+    def __init__(self, port, host="127.0.0.1", timeout=5.0, rcvbuf=None, pin=None):
+        """pin: speak TLS, as the relay's default wants, to the certificate with this pin."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         self.sock.connect((host, port))
+        if pin:
+            import hashlib
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE     # the pin decides
+            self.sock = context.wrap_socket(self.sock)
+            served = "sha256:" + hashlib.sha256(self.sock.getpeercert(True)).hexdigest()
+            assert served == pin, "the relay served %s, not the pinned %s" % (served, pin)
         self.reader = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES)
         self.pending = []
         self.address = None
@@ -60,7 +70,14 @@ class WirePeer:
             if remaining <= 0:
                 raise socket.timeout("no frame within %.1f s" % timeout)
             self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionError:
+                raise
+            except OSError as error:    # TLS: a close without close_notify
+                if isinstance(error, socket.timeout):
+                    raise
+                data = b""
             if not data:
                 raise EOFError("server closed the connection")
             self.reader.feed(data)
@@ -83,7 +100,7 @@ class WirePeer:
                     return True
             except socket.timeout:
                 return False
-            except ConnectionError:
+            except OSError:                 # a reset, or TLS ended without close_notify
                 return True
         return False
 
@@ -130,20 +147,32 @@ def state_key(state_dir, secret):
         return wire.network_key(secret, bytes.fromhex(source.read().strip()))
 
 
+def state_pin(state_dir):
+    """The pin of the certificate a relay made itself in state_dir (what it prints)."""
+    import hashlib
+    import ssl
+    with open(os.path.join(str(state_dir), "tls.pem")) as source:
+        return "sha256:" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(source.read())).hexdigest()
+
+
 def start_server(state_dir, *extra, **kw):
     """(Proc, port, secret) of a --no-tun server on loopback with an ephemeral port.
 
-    secret is the one the server generated, or None when extra configures one.
+    secret is the one the server generated, or None when extra configures one. Plaintext
+    (--no-tls), which a WirePeer speaks, unless tls=True: then the relay's default, TLS, and
+    proc.pin is the pin its ready line gives.
     """
     python = kw.get("python", sys.executable)
     control = os.path.join(os.path.dirname(str(state_dir)), "server.sock")
     argv = list(kw.get("prefix", [])) + [python, "-u", SERVER, "--no-tun", "--listen", "127.0.0.1:0",
             "--subnet", kw.get("subnet", "198.18.0.0/24"), "--state-dir", str(state_dir),
-            "--control", control] + list(extra)
+            "--control", control] + ([] if kw.get("tls") else ["--no-tls"]) + list(extra)
     proc = Proc.start(argv, env=kw.get("env"))
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout=15).group(1))
-        proc.wait_for(r"MNEDC server ready", timeout=10)
+        ready = proc.wait_for(r"MNEDC server ready", timeout=10)
+        pin = re.search(r"certificate pin (sha256:[0-9a-f]{64})", ready.string)
+        proc.pin = pin.group(1) if pin else None
         generated = os.path.join(str(state_dir), "secret")
         secret = open(generated).read().strip().encode() if os.path.exists(generated) else None
     except BaseException:

@@ -95,6 +95,8 @@ def main():
         for name in topo.clients:
             say("  %s joined as %s" % (name, net.vip[name]))
         say("  srv itself is %s" % net.server_vip)
+        say("  every link is TLS (the default): the relay made its own certificate, and each")
+        say("  client accepts only it, by its pin %s" % net.pin)
         say()
         failures = show_pings(topo, net)
         transferred = show_transfer(topo, net, workdir)
