@@ -2904,7 +2904,9 @@ def ipv4_text(packed):
 
 
 # Configuration helpers: each raises ValueError with a phrase fit for 'FILE: [section] key: ...'.
-MIN_SECRET_CHARS = 12
+MIN_SECRET_CHARS = 16
+MIN_SECRET_DISTINCT = 8
+MIN_SECRET_BITS = 72             # estimated: a guess per PBKDF2 costs little on a GPU
 
 
 class ConfigError(Exception):
@@ -2982,9 +2984,34 @@ def read_secret_file(path):
 
 
 def check_secret(secret):
-    if len(secret) < MIN_SECRET_CHARS:
-        raise ValueError("the secret must have at least %d characters" % MIN_SECRET_CHARS)
+    """The secret as bytes, or ValueError when it is weak: from one recorded handshake (or a
+    member's config) a guess can be tested offline, so it must not be guessable."""
+    weakness = secret_weakness(secret)
+    if weakness:
+        raise ValueError("the secret is too weak (%s): use at least %d unpredictable characters, e.g. "
+                         "the output of openssl rand -hex 24, or let the relay generate one (no secret "
+                         "line: it writes state_dir/secret)" % (weakness, MIN_SECRET_CHARS))
     return secret.encode("utf-8")
+
+
+def secret_weakness(secret):
+    """Why the secret is weak, or None. An estimate of its entropy: the characters that do not
+    continue a run (aaaa, 1234, dcba) times log2 of the alphabet its character classes span."""
+    if len(secret) < MIN_SECRET_CHARS:
+        return "%d characters" % len(secret)
+    if "paste-the-secret-here" in secret.lower():
+        return "the template's placeholder"
+    if len(set(secret)) < MIN_SECRET_DISTINCT:
+        return "only %d different characters" % len(set(secret))
+    alphabet = sum(size for size, present in (
+        (26, any(c.islower() for c in secret)), (26, any(c.isupper() for c in secret)),
+        (10, any(c.isdigit() for c in secret)), (33, any(not c.isalnum() for c in secret))) if present)
+    steps = [ord(b) - ord(a) for a, b in zip(secret, secret[1:])]
+    fresh = 2 + sum(1 for before, step in zip(steps, steps[1:]) if not (step == before and abs(step) <= 1))
+    guesses = alphabet ** fresh             # integers: no math module needed (python3-light)
+    if guesses < 1 << MIN_SECRET_BITS:
+        return "about %d bits, in runs and few kinds of character" % (guesses.bit_length() - 1)
+    return None
 
 
 def check_interface_name(text):

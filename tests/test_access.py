@@ -108,7 +108,8 @@ def test_network_secret_no_admits_only_listed_devices(tmp_path):
 
 
 @pytest.mark.parametrize("keys, complaint", [
-    ("dev-a short\n", "keys line 1: the secret must have at least"),
+    ("dev-a short\n", "keys line 1: the secret is too weak (5 characters)"),
+    ("dev-b %s\ndev-a 1234567890123456789\n" % SECRETS["dev-a"], "keys line 2: the secret is too weak (about"),
     ("dev-a %s\ndev-a %s\n" % (SECRETS["dev-a"], SECRETS["dev-c"]), "keys line 2: dev-a is listed twice"),
     ("just-one-word\n", "keys line 1: want DEVICE_ID SECRET"),
 ])

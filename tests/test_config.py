@@ -23,10 +23,13 @@ def run(script, *args, **kw):
     ("[server]\nlisten = 0.0.0.0:99999\n", r"\[server\] listen: .*port must be"),
     ("[server]\nkeepalive = soon\n", r"\[server\] keepalive: 'soon' is not a whole number"),
     ("[server]\ntun = maybe\n", r"\[server\] tun: 'maybe' is not one of yes, no, auto"),
-    ("[server]\nsecret = short\n", r"\[server\] secret: the secret must have at least 12"),
+    ("[server]\nsecret = short\n", r"\[server\] secret: the secret is too weak \(5 characters\): use at least 16"),
+    ("[server]\nsecret = sunshine12345678\n", r"secret: the secret is too weak \(about 51 bits, in runs"),
+    ("[server]\nsecret = xxxxxxxxxxxxxxxxxxxxxxxx\n", r"secret: the secret is too weak \(only 1 different characters\)"),
+    ("[server]\nsecret = paste-the-secret-here\n", r"secret: the secret is too weak \(the template's placeholder\)"),
     ("[server]\nsecret_file = missing.txt\n", r"\[server\] secret_file: no such file"),
     ("[server]\ncolour = blue\n", r"\[server\] colour: unknown key"),
-    ("[server]\nsecret = aaaaaaaaaaaaaaaa\nsecret_file = s\n", r"set secret or secret_file, not both"),
+    ("[server]\nsecret = 9f2c4e81b7d03a65c1e8\nsecret_file = s\n", r"set secret or secret_file, not both"),
     ("[client]\nserver = x\n", r"no \[server\] section"),
     ("not an ini file\n", r"not a valid INI file"),
 ])
@@ -57,12 +60,13 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("body, complaint", [
-    ("[client]\nsecret = aaaaaaaaaaaaaaaa\n", "no server configured"),
+    ("[client]\nsecret = 9f2c4e81b7d03a65c1e8\n", "no server configured"),
     ("[client]\nserver = 192.0.2.1\n", "no secret configured"),
-    ("[client]\nserver = 192.0.2.1:0\nsecret = aaaaaaaaaaaaaaaa\n", "[client] server: '192.0.2.1:0': give the server's address"),
-    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\nmtu = 70000\n", "[client] mtu: 70000 is outside 576..65525"),
-    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ndevice_id = my pi\n", "[client] device_id: device_id 'my pi' may only hold"),
-    ("[client]\nserver = 192.0.2.1\nsecret = aaaaaaaaaaaaaaaa\ninterface = much-too-long-name\n", "[client] interface: 'much-too-long-name' is not an interface name"),
+    ("[client]\nserver = 192.0.2.1\nsecret = abcdefghijklmnopqrstuvwx\n", "[client] secret: the secret is too weak (about"),
+    ("[client]\nserver = 192.0.2.1:0\nsecret = 9f2c4e81b7d03a65c1e8\n", "[client] server: '192.0.2.1:0': give the server's address"),
+    ("[client]\nserver = 192.0.2.1\nsecret = 9f2c4e81b7d03a65c1e8\nmtu = 70000\n", "[client] mtu: 70000 is outside 576..65525"),
+    ("[client]\nserver = 192.0.2.1\nsecret = 9f2c4e81b7d03a65c1e8\ndevice_id = my pi\n", "[client] device_id: device_id 'my pi' may only hold"),
+    ("[client]\nserver = 192.0.2.1\nsecret = 9f2c4e81b7d03a65c1e8\ninterface = much-too-long-name\n", "[client] interface: 'much-too-long-name' is not an interface name"),
 ])
 def test_client_refuses_bad_configuration(tmp_path, body, complaint):
     config = tmp_path / "client.ini"
@@ -77,7 +81,7 @@ def test_client_secret_file_is_relative_to_its_config(tmp_path):
     config = tmp_path / "client.ini"
     config.write_text("[client]\nserver = 192.0.2.1\nsecret_file = net.secret\n")
     result = run(CLIENT, "-c", str(config), cwd="/")
-    assert result.returncode == 2 and "secret_file: the secret must have at least 12" in result.stderr
+    assert result.returncode == 2 and "secret_file: the secret is too weak (5 characters)" in result.stderr
 
 
 def test_the_shipped_client_config_is_valid_but_asks_for_a_server(tmp_path):

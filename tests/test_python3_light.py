@@ -115,7 +115,7 @@ def test_check_passes_on_python3_light_and_names_what_is_missing(version, tmp_pa
     assert "or set tls = no on both ends" in default.stderr
     server_ini = write(tmp_path / "server.ini", settings + "tls = no\n")
     client_ini = write(tmp_path / "client.ini", "[client]\nserver = localhost:3334, 127.0.0.1\n"
-                       "secret = %s\ndevice_id = light-1\ntls = no\n" % ("s" * 24))
+                       "secret = %s\ndevice_id = light-1\ntls = no\n" % "9f2c4e81b7d03a65c1e8a4d7")
     server = run(python, SERVER, "-c", server_ini, "--check")
     assert server.returncode == 0 and "check passed" in server.stdout, server.stderr
     assert not os.path.exists(str(tmp_path / "state")), "a check must not create state"
@@ -127,14 +127,14 @@ def test_check_passes_on_python3_light_and_names_what_is_missing(version, tmp_pa
 
     ca = write(tmp_path / "ca.pem", "not used: the check stops before\n")
     tls_ini = write(tmp_path / "tls.ini", "[client]\nserver = 127.0.0.1\nsecret = %s\ntls = yes\ntls_ca = %s\n"
-                    % ("s" * 24, ca))
+                    % ("9f2c4e81b7d03a65c1e8a4d7", ca))
     tls = run(python, CLIENT, "-c", tls_ini, "--check")
     assert tls.returncode == 2 and "opkg install python3-openssl" in tls.stderr, tls.stderr
     pinned = run(python, CLIENT, "-c", write(tmp_path / "pin.ini", "[client]\nserver = 127.0.0.1\nsecret = %s\n"
-                                            "server_pin = sha256:%s\n" % ("s" * 24, "0" * 64)), "--check")
+                                            "server_pin = sha256:%s\n" % ("9f2c4e81b7d03a65c1e8a4d7", "0" * 64)), "--check")
     assert pinned.returncode == 2 and "opkg install python3-openssl" in pinned.stderr, pinned.stderr
 
-    wide = write(tmp_path / "wide.ini", "[client]\nserver = rel\u00e4.example\nsecret = %s\ntls = no\n" % ("s" * 24))
+    wide = write(tmp_path / "wide.ini", "[client]\nserver = rel\u00e4.example\nsecret = %s\ntls = no\n" % "9f2c4e81b7d03a65c1e8a4d7")
     named = run(python, CLIENT, "-c", wide, "--check")
     assert named.returncode == 2 and "opkg install python3-codecs" in named.stderr, named.stderr
     assert "Traceback" not in named.stderr + tls.stderr + gone.stderr

@@ -95,7 +95,7 @@ def test_a_server_from_another_ca_or_a_plain_client_fail_with_a_reason(tmp_path,
 def test_without_the_ssl_module_tls_yes_says_why(tmp_path, pki):
     config = tmp_path / "client.ini"
     config.write_text("[client]\nserver = 127.0.0.1:%d\nsecret = %s\ndevice_id = dev-a\n%s\n"
-                      % (free_port(), "x" * 20, "\n".join(client_lines(pki["ours"]))))
+                      % (free_port(), "9f2c4e81b7d03a65c1e8", "\n".join(client_lines(pki["ours"]))))
     no_ssl = ("import runpy, sys; sys.modules['ssl'] = None; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", no_ssl, CLIENT, "-c", str(config), "services"],
@@ -312,7 +312,7 @@ def test_a_stream_client_of_another_user_says_it_cannot_read_a_key(pki):
         config = os.path.join(board, "client.ini")
         with open(config, "w") as sink:
             sink.write("[client]\nserver = 127.0.0.1:%d\nsecret = %s\ndevice_id = dev-a\ntls = yes\n"
-                       "tls_ca = %s/ca.pem\n" % (free_port(), "x" * 20, private))
+                       "tls_ca = %s/ca.pem\n" % (free_port(), "9f2c4e81b7d03a65c1e8", private))
         for path in (client, config):
             os.chmod(path, 0o644)
         result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,

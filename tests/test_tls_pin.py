@@ -131,7 +131,7 @@ def test_a_wrong_pin_is_one_clear_line_and_no_handshake(tmp_path):
 ])
 def test_pin_mistakes_are_refused_at_start(tmp_path, line, complaint):
     config = tmp_path / "client.ini"
-    config.write_text("[client]\nserver = 127.0.0.1:%d\nsecret = %s\n%s\n" % (free_port(), "x" * 20, line))
+    config.write_text("[client]\nserver = 127.0.0.1:%d\nsecret = %s\n%s\n" % (free_port(), "9f2c4e81b7d03a65c1e8", line))
     result = subprocess.run([sys.executable, CLIENT, "-c", str(config), "services"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and complaint in result.stderr, result.stderr
