@@ -71,8 +71,6 @@ RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
 LOW_WATER_BYTES = 128 * 1024    # ... and read it again once the queue drained below this
-MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
-MAX_BATCH_BYTES = 256 * 1024    # ... and bytes: a wakeup of 64 KB packets must not hold 4 MB
 STREAM_WINDOW_BYTES = 256 * 1024   # credit we grant each stream: the most we buffer for it
 PENDING_LOCAL_S = 20            # how long a local connection may wait for the relay
 OPEN_TIMEOUT_S = 15             # a stream the peer neither accepts nor refuses by then fails
@@ -683,6 +681,157 @@ def finished_packet(payload):
 # ==== END MNEDC WIRE PROTOCOL ====
 
 
+# ==== BEGIN MNEDC TRANSPORT ====
+# Identical in mnedc_server.py and mnedc_client.py (tests/test_shared_blocks.py checks it), and
+# tested alone over socketpairs (tests/test_transport.py). It needs the wire block above and
+# the stdlib; TlsTransport and describe_error (runtime block) only when it runs.
+
+import selectors
+import socket
+import time
+
+MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
+MAX_BATCH_BYTES = 256 * 1024    # ... and bytes: a wakeup of 64 KB packets must not hold 4 MB
+
+
+class Batcher:
+    """While the loop handles one wakeup, the data frames sent to each connection wait and
+    leave together at its end, in one sendmsg per connection: one syscall for a whole recv()
+    worth of small packets instead of one each."""
+
+    def __init__(self):
+        self.active = False
+        self.waiting = []               # transports holding a batch
+
+    def begin(self):
+        self.active = True
+
+    def flush(self):
+        self.active = False
+        waiting, self.waiting = self.waiting, []
+        for transport in waiting:
+            transport.send_batch()
+
+
+class FrameTransport:
+    """Carries frames on one connection's socket (plain or TlsTransport).
+
+    A frame goes to the socket at once; only what the kernel does not take is queued (out)
+    until the socket is writable, so order is kept. Frame types in BATCHED wait in a batch
+    while the Batcher is active. finish() lingers: it sends what is queued, half-closes, and
+    leaves the close to the peer or to the subclass's timer at self.deadline.
+
+    A subclass calls start_transport() and sets self.stage, of which "finishing" and
+    "closed" are this class's; it defines close(reason), and on_queued/on_unqueued if it
+    accounts for queued bytes. A send that fails closes the connection; nothing raises.
+    """
+
+    BATCHED = ()
+
+    def start_transport(self, sock, loop, batcher):
+        self.sock, self.loop, self.batcher = sock, loop, batcher
+        self.out = bytearray()
+        self.batch, self.batch_bytes = [], 0
+        self.finish_reason = None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def tls_pending(self):
+        """Whether OpenSSL holds decrypted bytes, which select() cannot see: read them now."""
+        return isinstance(self.sock, TlsTransport) and self.stage not in ("finishing", "closed") \
+            and self.sock.pending() > 0
+
+    def send_frame(self, frame_type, payload):
+        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
+
+    def send_parts(self, frame_type, header, payload):
+        """send_frame with the header given: the frame header and any fields before payload."""
+        if not self.out and self.batcher.active and frame_type in self.BATCHED:
+            if not self.batch:
+                self.batcher.waiting.append(self)
+            self.batch += (header, payload)
+            self.batch_bytes += len(header) + len(payload)
+            if len(self.batch) >= MAX_BATCH_BUFFERS or self.batch_bytes >= MAX_BATCH_BYTES:
+                self.send_batch()
+            return
+        if self.batch:
+            self.send_batch()
+        if self.stage != "closed":
+            self.send_buffers([header, payload])
+
+    def send_batch(self):
+        buffers, self.batch, self.batch_bytes = self.batch, [], 0
+        if self.stage != "closed" and buffers:
+            self.send_buffers(buffers)
+
+    def send_buffers(self, buffers):
+        """Write buffers in order: straight to the socket if nothing waits, else to out."""
+        if not self.out:
+            try:
+                sent = self.sock.sendmsg(buffers)              # no copy to join them
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self.close(describe_error(error))
+                return
+            if sent == sum(len(buffer) for buffer in buffers):
+                return
+            rest = b"".join(buffers)[sent:]
+        else:
+            rest = b"".join(buffers)
+        self.out += rest
+        self.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        self.on_queued(len(rest))
+
+    def flush_queue(self):
+        """The socket is writable: send what is queued. Once all is out, wait to read only,
+        and a finishing connection half-closes."""
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):         # TLS: not yet
+                return
+            except OSError as error:
+                self.close(describe_error(error))
+                return
+            del self.out[:sent]
+            self.on_unqueued(sent)
+        if not self.out:
+            self.loop.set_interest(self, selectors.EVENT_READ)
+            if self.stage == "finishing":
+                self.half_close()
+
+    def finish(self, linger_s, reason):
+        """Say no more: send what is queued, then half-close; reason is the close's if the
+        peer is gone before that. The subclass closes at self.deadline at the latest."""
+        self.stage, self.finish_reason = "finishing", reason
+        self.deadline = time.monotonic() + linger_s
+        self.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        if not self.out:
+            self.half_close()
+
+    def half_close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:                 # the peer is gone already: nothing left to say
+            self.close(self.finish_reason)
+
+    def drop_queue(self):
+        """At close: forget what is queued."""
+        self.on_unqueued(len(self.out))
+        self.out = bytearray()
+        self.batch, self.batch_bytes = [], 0
+
+    def on_queued(self, count):
+        pass
+
+    def on_unqueued(self, count):
+        pass
+
+# ==== END MNEDC TRANSPORT ====
+
+
 # ==== CONNECTIONS ====
 #
 # One RelayLink is one attempt to reach the server; TunClient makes a new one after a loss.
@@ -699,22 +848,22 @@ def finished_packet(payload):
 FATAL_SERVER_ERRORS = (ERROR_AUTH, ERROR_VERSION)
 
 
-class RelayLink:
+class RelayLink(FrameTransport):
     """The TCP connection to the relay server, from connect() to close.
 
     It runs the handshake and the keepalive itself and hands every other frame to its owner
     (a TunClient or a StreamClient) through owner.on_frame().
     """
 
+    BATCHED = (FRAME_PACKET, FRAME_VNET_PACKET)
+
     def __init__(self, client, sock, server_label):
         self.client = client
         self.config = client.config     # this attempt's settings, whatever a SIGHUP does meanwhile
-        self.sock = sock
+        self.start_transport(sock, client.loop, client.batcher)
         self.server_label = server_label
         self.stage = "connecting"
         self.reader = FrameReader(receive_bytes=RECV_BYTES)
-        self.out = bytearray()
-        self.batch, self.batch_bytes = [], 0     # packets held back while the client batches
         self.client_nonce = os.urandom(NONCE_BYTES)
         now = time.monotonic()
         self.deadline = now + CONNECT_TIMEOUT_S
@@ -722,9 +871,6 @@ class RelayLink:
         self.rtt_ms = None
         self.established_at = None
         self.refused = False            # the server ended it with an ERROR (kick, takeover, ...)
-
-    def fileno(self):
-        return self.sock.fileno()
 
     def __repr__(self):
         return "RelayLink(%s, %s)" % (self.server_label, self.stage)
@@ -736,9 +882,8 @@ class RelayLink:
             self.continue_tls()
             return
         self.read_frames()
-        while isinstance(self.sock, TlsTransport) and self.stage not in ("finishing", "closed") \
-                and self.sock.pending():
-            self.read_frames()          # bytes OpenSSL holds, which select() cannot see
+        while self.tls_pending():
+            self.read_frames()
 
     def read_frames(self):
         try:
@@ -865,50 +1010,6 @@ class RelayLink:
         self.send_frame(frame_type, packet)
         return len(self.out) < HIGH_WATER_BYTES
 
-    def send_frame(self, frame_type, payload):
-        """Send at once; queue only what the kernel did not take. Failures close the link.
-
-        While the client handles one wakeup's packets (client.batching), PACKET frames wait in
-        self.batch and leave together in one sendmsg; any other frame sends the batch first.
-        """
-        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
-
-    def send_parts(self, frame_type, header, payload):
-        """send_frame with the header given: the frame header and any fields before payload."""
-        if not self.out and self.client.batching and frame_type in BATCHED_FRAMES:
-            self.batch += (header, payload)
-            self.batch_bytes += len(header) + len(payload)
-            if len(self.batch) >= MAX_BATCH_BUFFERS or self.batch_bytes >= MAX_BATCH_BYTES:
-                self.send_batch()
-            return
-        if self.batch:
-            self.send_batch()
-        if self.stage != "closed":
-            self.send_buffers([header, payload])
-
-    def send_batch(self):
-        buffers, self.batch, self.batch_bytes = self.batch, [], 0
-        if self.stage != "closed" and buffers:
-            self.send_buffers(buffers)
-
-    def send_buffers(self, buffers):
-        """Write buffers in order: straight to the socket if nothing waits, else to self.out."""
-        if not self.out:
-            try:
-                sent = self.sock.sendmsg(buffers)              # no copy to join them
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as error:
-                self.close(describe_error(error))
-                return
-            if sent == sum(len(buffer) for buffer in buffers):
-                return
-            frame = b"".join(buffers)[sent:]
-        else:
-            frame = b"".join(buffers)
-        self.out += frame
-        self.client.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
-
     def on_writable(self):
         if self.stage == "connecting":
             self.on_connected()
@@ -916,18 +1017,8 @@ class RelayLink:
         if self.stage == "tls":
             self.continue_tls()
             return
-        if self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except BlockingIOError:     # TLS: not yet
-                return
-            del self.out[:sent]
-        if not self.out:
-            self.client.loop.set_interest(self, selectors.EVENT_READ)
-            if self.stage == "finishing":
-                self.half_close()
-                return
-        if len(self.out) < LOW_WATER_BYTES:
+        self.flush_queue()
+        if self.stage not in ("finishing", "closed") and len(self.out) < LOW_WATER_BYTES:
             self.client.on_link_drained()
 
     # -- ending --
@@ -950,20 +1041,11 @@ class RelayLink:
             self.last_ping = now
             self.send_frame(FRAME_PING, struct.pack("!d", now))
 
-    def finish(self, then):
+    def finish_then(self, then):
         """Send what is queued, half-close, and wait (at most LINK_LINGER_S) for the server to
         close too; then close and call then()."""
-        self.stage, self.on_finished = "finishing", then
-        self.deadline = time.monotonic() + LINK_LINGER_S
-        self.client.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
-        if not self.out:
-            self.half_close()
-
-    def half_close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close("the server is gone")
+        self.on_finished = then
+        self.finish(LINK_LINGER_S, "the server is gone")
 
     def close(self, reason):
         """Never raises; safe to call twice."""
@@ -985,7 +1067,6 @@ class RelayLink:
         self.client.on_link_closed(self, reason, was_established)
 
 
-BATCHED_FRAMES = (FRAME_PACKET, FRAME_VNET_PACKET)
 LINK_HANDLERS = {
     "connecting": {},
     "tls": {},
@@ -1017,7 +1098,7 @@ class ClientTun:
         return "ClientTun(%s)" % self.interface
 
     def on_readable(self):
-        self.client.batching = True     # this wakeup's packets leave in one sendmsg
+        self.client.batcher.begin()     # this wakeup's packets leave in one sendmsg
         try:
             for _ in range(TUN_PACKETS_PER_WAKEUP):
                 try:
@@ -1028,7 +1109,7 @@ class ClientTun:
                     self.pause()
                     return
         finally:
-            self.client.send_batch()
+            self.client.batcher.flush()
 
     def send_packet(self, frame_type, packet):
         try:
@@ -1446,7 +1527,7 @@ class RelayClient:
         self.reload_config = None       # SIGHUP: a callable that loads the configuration again
         self.restart_window_s = None    # set by RESTARTING: come back within it, not by backoff
         self.retry_timer = None
-        self.batching = False
+        self.batcher = Batcher()        # a TUN wakeup's packets leave in one sendmsg
         self.exit_code = 0
         self.stopping = False
         self.state, self.state_since = "connecting", time.time()
@@ -1520,12 +1601,6 @@ class RelayClient:
             return
         self.round_tries = self.server_index = 0
         self.retry_later(reason)
-
-    def send_batch(self):
-        """End of a wakeup: send the packets held back, in one sendmsg."""
-        self.batching = False
-        if self.link is not None:
-            self.link.send_batch()
 
     def established_link(self):
         link = self.link
@@ -1668,7 +1743,7 @@ class RelayClient:
         self.release(reason)
         link = self.established_link()
         if linger and link is not None:
-            link.finish(lambda: self.loop.stop())
+            link.finish_then(lambda: self.loop.stop())
             return
         if self.link is not None:
             self.link.close(reason)

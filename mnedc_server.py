@@ -76,7 +76,6 @@ MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is d
 MAX_CLIENTS = 1024              # connections in all; past it a new one is refused
 MAX_CONNECTIONS_PER_SOURCE = 256   # from one address (a NAT fronts many devices)
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
-MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
 LEASE_SAVE_INTERVAL_S = 60
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
 DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
@@ -687,6 +686,157 @@ def finished_packet(payload):
 # ==== END MNEDC WIRE PROTOCOL ====
 
 
+# ==== BEGIN MNEDC TRANSPORT ====
+# Identical in mnedc_server.py and mnedc_client.py (tests/test_shared_blocks.py checks it), and
+# tested alone over socketpairs (tests/test_transport.py). It needs the wire block above and
+# the stdlib; TlsTransport and describe_error (runtime block) only when it runs.
+
+import selectors
+import socket
+import time
+
+MAX_BATCH_BUFFERS = 512         # header + payload buffers in one sendmsg (IOV_MAX is 1024)
+MAX_BATCH_BYTES = 256 * 1024    # ... and bytes: a wakeup of 64 KB packets must not hold 4 MB
+
+
+class Batcher:
+    """While the loop handles one wakeup, the data frames sent to each connection wait and
+    leave together at its end, in one sendmsg per connection: one syscall for a whole recv()
+    worth of small packets instead of one each."""
+
+    def __init__(self):
+        self.active = False
+        self.waiting = []               # transports holding a batch
+
+    def begin(self):
+        self.active = True
+
+    def flush(self):
+        self.active = False
+        waiting, self.waiting = self.waiting, []
+        for transport in waiting:
+            transport.send_batch()
+
+
+class FrameTransport:
+    """Carries frames on one connection's socket (plain or TlsTransport).
+
+    A frame goes to the socket at once; only what the kernel does not take is queued (out)
+    until the socket is writable, so order is kept. Frame types in BATCHED wait in a batch
+    while the Batcher is active. finish() lingers: it sends what is queued, half-closes, and
+    leaves the close to the peer or to the subclass's timer at self.deadline.
+
+    A subclass calls start_transport() and sets self.stage, of which "finishing" and
+    "closed" are this class's; it defines close(reason), and on_queued/on_unqueued if it
+    accounts for queued bytes. A send that fails closes the connection; nothing raises.
+    """
+
+    BATCHED = ()
+
+    def start_transport(self, sock, loop, batcher):
+        self.sock, self.loop, self.batcher = sock, loop, batcher
+        self.out = bytearray()
+        self.batch, self.batch_bytes = [], 0
+        self.finish_reason = None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def tls_pending(self):
+        """Whether OpenSSL holds decrypted bytes, which select() cannot see: read them now."""
+        return isinstance(self.sock, TlsTransport) and self.stage not in ("finishing", "closed") \
+            and self.sock.pending() > 0
+
+    def send_frame(self, frame_type, payload):
+        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
+
+    def send_parts(self, frame_type, header, payload):
+        """send_frame with the header given: the frame header and any fields before payload."""
+        if not self.out and self.batcher.active and frame_type in self.BATCHED:
+            if not self.batch:
+                self.batcher.waiting.append(self)
+            self.batch += (header, payload)
+            self.batch_bytes += len(header) + len(payload)
+            if len(self.batch) >= MAX_BATCH_BUFFERS or self.batch_bytes >= MAX_BATCH_BYTES:
+                self.send_batch()
+            return
+        if self.batch:
+            self.send_batch()
+        if self.stage != "closed":
+            self.send_buffers([header, payload])
+
+    def send_batch(self):
+        buffers, self.batch, self.batch_bytes = self.batch, [], 0
+        if self.stage != "closed" and buffers:
+            self.send_buffers(buffers)
+
+    def send_buffers(self, buffers):
+        """Write buffers in order: straight to the socket if nothing waits, else to out."""
+        if not self.out:
+            try:
+                sent = self.sock.sendmsg(buffers)              # no copy to join them
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self.close(describe_error(error))
+                return
+            if sent == sum(len(buffer) for buffer in buffers):
+                return
+            rest = b"".join(buffers)[sent:]
+        else:
+            rest = b"".join(buffers)
+        self.out += rest
+        self.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        self.on_queued(len(rest))
+
+    def flush_queue(self):
+        """The socket is writable: send what is queued. Once all is out, wait to read only,
+        and a finishing connection half-closes."""
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):         # TLS: not yet
+                return
+            except OSError as error:
+                self.close(describe_error(error))
+                return
+            del self.out[:sent]
+            self.on_unqueued(sent)
+        if not self.out:
+            self.loop.set_interest(self, selectors.EVENT_READ)
+            if self.stage == "finishing":
+                self.half_close()
+
+    def finish(self, linger_s, reason):
+        """Say no more: send what is queued, then half-close; reason is the close's if the
+        peer is gone before that. The subclass closes at self.deadline at the latest."""
+        self.stage, self.finish_reason = "finishing", reason
+        self.deadline = time.monotonic() + linger_s
+        self.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        if not self.out:
+            self.half_close()
+
+    def half_close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:                 # the peer is gone already: nothing left to say
+            self.close(self.finish_reason)
+
+    def drop_queue(self):
+        """At close: forget what is queued."""
+        self.on_unqueued(len(self.out))
+        self.out = bytearray()
+        self.batch, self.batch_bytes = [], 0
+
+    def on_queued(self, count):
+        pass
+
+    def on_unqueued(self, count):
+        pass
+
+# ==== END MNEDC TRANSPORT ====
+
+
 # ==== STATE ====
 
 def parse_subnet(text):
@@ -1290,12 +1440,14 @@ class RelayListener:
         return "RelayListener(%s:%d)" % self.sock.getsockname()[:2]
 
 
-class ClientConnection:
+class ClientConnection(FrameTransport):
     """One client's TCP connection, from HELLO to close; routes what it receives."""
+
+    BATCHED = (FRAME_PACKET, FRAME_VNET_PACKET, FRAME_DATA)
 
     def __init__(self, server, sock, remote):
         self.server = server
-        self.sock = sock
+        self.start_transport(sock, server.loop, server.batcher)
         self.remote = "%s:%d" % remote[:2]
         self.stage = "hello"
         self.certificate_names = None       # with client certificates: the names the client proved
@@ -1307,19 +1459,13 @@ class ClientConnection:
         self.address = None
         self.streams_session = False        # a listen/connect session rather than a TUN member
         self.reader = FrameReader(receive_bytes=RECV_BYTES)
-        self.out = bytearray()
         self.client_nonce = self.server_nonce = self.key = None
         now = time.monotonic()
         self.deadline = now + HANDSHAKE_TIMEOUT_S
         self.last_received = self.last_ping = now
-        self.closing_reason = None
         self.connected_since = None
-        self.batch, self.batch_bytes = [], 0     # frames held back while the server batches
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
-
-    def fileno(self):
-        return self.sock.fileno()
 
     def __repr__(self):
         return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
@@ -1344,8 +1490,8 @@ class ClientConnection:
                         "remove server_pin and tls_ca, or set tls = yes on the relay")
             return
         self.read_frames()
-        while self.tls and self.stage not in ("closing", "closed") and self.sock.pending():
-            self.read_frames()              # bytes OpenSSL holds, which select() cannot see
+        while self.tls_pending():
+            self.read_frames()
 
     def read_frames(self):
         try:
@@ -1353,26 +1499,26 @@ class ClientConnection:
         except BlockingIOError:             # a TLS record is not complete yet
             return
         if not received:
-            self.close("closed by peer" if self.stage != "closing" else self.closing_reason)
+            self.close("closed by peer" if self.stage != "finishing" else self.finish_reason)
             return
-        if self.stage == "closing":
+        if self.stage == "finishing":
             self.reader.discard()           # the peer's last words after our ERROR: ignored
             return
         self.last_received = time.monotonic()
-        self.server.batching = True
+        self.server.batcher.begin()
         try:
             for frame_type, payload in self.reader.take_frames():
                 handlers = STREAM_HANDLERS if self.streams_session and self.stage == "established" \
                     else HANDLERS[self.stage]
                 handlers.get(frame_type, ClientConnection.on_unexpected)(self, frame_type, payload)
-                if self.stage in ("closing", "closed"):
+                if self.stage in ("finishing", "closed"):
                     return
         except VersionMismatch as error:
             self.refuse(ERROR_VERSION, str(error))
         except ProtocolError as error:
             self.refuse(ERROR_PROTOCOL, str(error))
         finally:
-            self.server.send_batches()
+            self.server.batcher.flush()
 
     def speaks_tls(self):
         """Whether the first byte waiting is a TLS record's (22): a HELLO frame's is its length's
@@ -1465,10 +1611,12 @@ class ClientConnection:
         what it was."""
         proof = decode_auth(payload)
         key, refusal = self.server.key_for(self.device_id)     # revoked while it answered?
+        # the proof is checked whatever else is wrong, so a refusal takes as long either way
+        matches = equal_digests(proof, client_proof(key or self.server.key, self.client_nonce, self.server_nonce,
+                                                    self.device_id))
         if refusal is None and key != self.key:
             refusal = "the key of device %s changed during its handshake" % self.device_id
-        if refusal is None and not equal_digests(proof, client_proof(key, self.client_nonce, self.server_nonce,
-                                                                      self.device_id)):
+        if refusal is None and not matches:
             refusal = "wrong secret for %s (device %s)" % (
                 "this device" if key is not self.server.key else "this network", self.device_id)
         if refusal:
@@ -1570,87 +1718,31 @@ class ClientConnection:
             self.bytes_out += len(packet)
             self.send_frame(frame_type, packet)
 
-    def send_frame(self, frame_type, payload):
-        """Send at once; queue only what the kernel did not take. Failures close self only.
-
-        While the server handles one wakeup's frames (server.batching), PACKET and DATA frames
-        wait in self.batch and leave together in one sendmsg: one syscall for a whole recv()
-        worth of small packets. Any other frame first sends the batch, so order is kept.
-        """
-        self.send_parts(frame_type, frame_header(frame_type, payload), payload)
-
-    def send_parts(self, frame_type, header, payload):
-        """send_frame with the header given: the frame header and any fields before payload."""
-        if not self.out and self.server.batching and frame_type in BATCHED_FRAMES:
-            if not self.batch:
-                self.server.batched.append(self)
-            self.batch += (header, payload)
-            self.batch_bytes += len(header) + len(payload)
-            if len(self.batch) >= MAX_BATCH_BUFFERS:
-                self.send_batch()
-            return
-        if self.batch:
-            self.send_batch()
-        if self.stage == "closed":
-            return
-        self.send_buffers([header, payload])
-
-    def send_batch(self):
-        buffers, self.batch, self.batch_bytes = self.batch, [], 0
-        if self.stage != "closed" and buffers:
-            self.send_buffers(buffers)
-
-    def send_buffers(self, buffers):
-        """Write buffers in order: straight to the socket if nothing waits, else to self.out."""
-        if not self.out:
-            try:
-                sent = self.sock.sendmsg(buffers)              # no copy to join them
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as error:
-                self.close(describe_error(error))
-                return
-            total = sum(len(buffer) for buffer in buffers)
-            if sent == total:
-                return
-            frame = b"".join(buffers)[sent:]
-        else:
-            frame = b"".join(buffers)
-        self.out += frame
-        self.server.queued_bytes += len(frame)
+    def on_queued(self, count):
+        """FrameTransport queued count bytes: past the hard limit this peer is not reading; past
+        the relay's total, the slowest reader goes."""
+        self.server.queued_bytes += count
         hard_limit = self.server.hard_queue_bytes()
         if len(self.out) > hard_limit:
             self.close("more than %d bytes queued: the peer is not reading" % hard_limit)
-            return
-        self.server.loop.set_interest(self, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        if self.server.queued_bytes > TOTAL_QUEUE_BYTES:
+        elif self.server.queued_bytes > TOTAL_QUEUE_BYTES:
             self.server.cut_off_slowest_reader()
+
+    def on_unqueued(self, count):
+        self.server.queued_bytes -= count
 
     def on_writable(self):
         if self.stage == "tls":
             self.continue_tls()
             return
-        if self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except BlockingIOError:         # TLS: not yet
-                return
-            del self.out[:sent]
-            self.server.queued_bytes -= sent
-        if not self.out:
-            self.server.loop.set_interest(self, selectors.EVENT_READ)
-            if self.stage == "closing":
-                try:
-                    self.sock.shutdown(socket.SHUT_WR)
-                except OSError:             # the peer is gone already: nothing left to say
-                    self.close(self.closing_reason)
+        self.flush_queue()
 
     # -- ending --
 
     def refuse(self, code, text, logged=False):
         """Tell the peer why in an ERROR frame, then close once it had a chance to read it.
         logged: the caller logged the reason already (in words the peer is not told)."""
-        if self.stage in ("closing", "closed"):
+        if self.stage in ("finishing", "closed"):
             return
         reason = "%s: %s" % (ERROR_NAMES[code], text)
         if self.stage == "tls":             # no channel to say it in yet
@@ -1665,10 +1757,7 @@ class ClientConnection:
             return
         self.server.withdraw(self)
         self.server.handshaking.pop(self, None)
-        self.stage, self.closing_reason = "closing", reason
-        self.deadline = time.monotonic() + CLOSING_LINGER_S
-        if not self.out:
-            self.on_writable()
+        self.finish(CLOSING_LINGER_S, reason)
 
     def remote_ip(self):
         return self.remote.rpartition(":")[0]
@@ -1676,8 +1765,8 @@ class ClientConnection:
     def check_timers(self, now):
         if self.stage in ("tls", "hello", "auth") and now > self.deadline:
             self.refuse(ERROR_TIMEOUT, "handshake not completed within %d s" % HANDSHAKE_TIMEOUT_S)
-        elif self.stage == "closing" and now > self.deadline:
-            self.close(self.closing_reason)
+        elif self.stage == "finishing" and now > self.deadline:
+            self.close(self.finish_reason)
         elif self.stage == "established":
             keepalive = self.server.keepalive_s
             if now - self.last_received > keepalive:
@@ -1690,12 +1779,11 @@ class ClientConnection:
         """Never raises; safe to call twice."""
         if self.stage == "closed":
             return
-        was_established, was_refused = self.stage == "established", self.stage == "closing"
+        was_established, was_refused = self.stage == "established", self.stage == "finishing"
         self.stage = "closed"
         self.server.withdraw(self)
         self.server.forget_connection(self)
-        self.server.queued_bytes -= len(self.out)
-        self.out = bytearray()
+        self.drop_queue()
         try:
             self.server.loop.forget(self)
         except (KeyError, ValueError, OSError):
@@ -1721,7 +1809,6 @@ HANDLERS = {
         FRAME_PONG: ClientConnection.on_pong, FRAME_ERROR: ClientConnection.on_error,
     },
 }
-BATCHED_FRAMES = (FRAME_PACKET, FRAME_VNET_PACKET, FRAME_DATA)
 STREAM_HANDLERS = {
     FRAME_LISTEN: ClientConnection.on_listen, FRAME_OPEN: ClientConnection.on_open,
     FRAME_ACCEPT: ClientConnection.on_accept, FRAME_DATA: ClientConnection.on_data,
@@ -1755,7 +1842,7 @@ class ServerTun:
         return "server interface %s" % self.interface
 
     def on_readable(self):
-        self.server.batching = True
+        self.server.batcher.begin()
         try:
             for _ in range(TUN_PACKETS_PER_WAKEUP):
                 try:
@@ -1770,7 +1857,7 @@ class ServerTun:
                 else:
                     self.server.route_packet(frame_type, packet, self)
         finally:
-            self.server.send_batches()
+            self.server.batcher.flush()
 
     def send_packet(self, frame_type, packet):
         try:
@@ -1824,8 +1911,7 @@ class RelayServer:
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.queued_bytes = 0           # in every connection's send queue together
-        self.batching = False           # handling one wakeup's frames: hold PACKET/DATA back
-        self.batched = []               # connections with frames held back
+        self.batcher = Batcher()        # one wakeup's PACKET/DATA frames leave together
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -1980,13 +2066,6 @@ class RelayServer:
     def permits(self, source, target, port=None):
         policy = self.config.policy
         return policy is None or policy.permits(source, target, port)
-
-    def send_batches(self):
-        """End of a wakeup: send every connection's held-back frames, one sendmsg each."""
-        self.batching = False
-        batched, self.batched = self.batched, []
-        for connection in batched:
-            connection.send_batch()
 
     def cut_off_slowest_reader(self):
         """All queues together passed TOTAL_QUEUE_BYTES: close the connection with the most

@@ -1,4 +1,5 @@
-"""The wire protocol and runtime blocks are byte-identical in both scripts, and self-contained."""
+"""The wire protocol, transport and runtime blocks are byte-identical in both scripts, and
+self-contained."""
 
 import difflib
 import os
@@ -7,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-BLOCKS = ("MNEDC WIRE PROTOCOL", "MNEDC RUNTIME")
+BLOCKS = ("MNEDC WIRE PROTOCOL", "MNEDC TRANSPORT", "MNEDC RUNTIME")
 
 
 def block(script, name):
@@ -43,3 +44,13 @@ def test_runtime_block_needs_only_the_wire_block_and_stdlib():
               "syslog, time, traceback\n")
     exec(compile(header + block("mnedc_server.py", "MNEDC RUNTIME"), "runtime-block", "exec"), namespace)
     assert namespace["parse_host_port"]("example:99", 1) == ("example", 99)
+
+
+def test_transport_block_needs_only_the_wire_block_and_stdlib():
+    namespace = {"__name__": "transport_block_alone"}
+    exec(compile(block("mnedc_server.py", "MNEDC WIRE PROTOCOL"), "wire-block", "exec"), namespace)
+    exec(compile(block("mnedc_server.py", "MNEDC TRANSPORT"), "transport-block", "exec"), namespace)
+    batcher = namespace["Batcher"]()
+    batcher.begin()
+    batcher.flush()
+    assert not batcher.active and namespace["FrameTransport"].BATCHED == ()
