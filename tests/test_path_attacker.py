@@ -1,11 +1,13 @@
 """Someone on the path who knows no secret (a proxy in a lower NAT) cannot change what the relay
-tells a client (issue #13): WELCOME carries a MAC under the session's key."""
+tells a client, nor inject (issue #13): WELCOME carries a MAC under the session's key, and by
+default every link is TLS to the pinned certificate."""
 
 import socket
 import threading
+import time
 
 import mnedc_client as wire
-from tests.streamnet import StreamNet
+from tests.streamnet import StreamNet, TcpServer, free_port, sink_digest
 
 HEADER = wire.FRAME_HEADER
 
@@ -83,4 +85,81 @@ def test_a_proxy_without_the_secret_cannot_change_welcome(tmp_path):
         net.port = relay_port
     finally:
         proxy.close()
+        net.stop()
+
+
+class InjectingProxy:
+    """A TCP proxy on 127.0.0.1 that passes bytes through untouched until told to inject its
+    own frame into the stream towards the relay, as the proxy of issue #13 injected packets."""
+
+    def __init__(self, relay_port):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.relay_port = relay_port
+        self.to_relay = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        for _ in range(4):                      # bounded: a few connections at most
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            relay = socket.create_connection(("127.0.0.1", self.relay_port), timeout=30)
+            client.settimeout(30)
+            self.to_relay.append(relay)
+            for source, sink in ((client, relay), (relay, client)):
+                threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def pump(source, sink):
+        try:
+            for _ in range(100000):
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def inject(self, data):
+        self.to_relay[0].sendall(data)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_under_the_default_tls_what_a_proxy_injects_ends_the_link_and_reaches_nobody(tmp_path):
+    """The default: TLS, pinned. The proxy injects a frame that opens a stream to another
+    device's service; the relay reads it as a broken TLS record, drops the link and delivers
+    nothing; the client comes back on its own."""
+    net = StreamNet(tmp_path)
+    target = TcpServer(sink_digest)
+    proxy = InjectingProxy(net.port)
+    try:
+        assert net.pin
+        net.listen("dev-b", "--forward=%d" % target.port, "7")
+        net.port, relay_port = proxy.port, net.port           # dev-a's session goes through the proxy
+        victim = net.listen("dev-a", "--forward=%d" % free_port(), "8")
+        net.port = relay_port
+        mark = len(net.server.lines())
+        proxy.inject(wire.encode_frame(wire.FRAME_OPEN, wire.encode_open(1, 7, 65536, "dev-b")))
+        net.server.wait_for(r"stream session of device dev-a .* closed: .*(record|SSL|version|decrypt)", start=mark)
+        victim.wait_for(r"relay connection lost", timeout=15)
+        time.sleep(0.5)
+        assert target.count == 0, "the injected OPEN reached dev-b's service"
+        assert "Traceback" not in net.server.output() + victim.output()
+    finally:
+        proxy.close()
+        target.close()
         net.stop()
