@@ -39,6 +39,7 @@ import errno
 import fcntl
 import heapq
 import os
+import select
 import selectors
 import signal
 import socket
@@ -2247,13 +2248,19 @@ def format_services(listing):
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITIES = {"debug": "LOG_DEBUG", "info": "LOG_INFO", "warning": "LOG_WARNING", "error": "LOG_ERR"}
 LOG_REPEAT_WINDOW_S = 60.0
+LOG_BACKLOG_BYTES = 32 * 1024   # lines held while the log's reader is slow; past it, dropped and counted
+PIPE_BUF = 4096                 # a write this small to a pipe that polls writable never blocks
 HEARTBEAT_S = 5                 # the watchdog takes an older heartbeat file for a hung loop
 CONTROL_TIMEOUT_S = 5
 
 
 class Log:
     """Timestamped lines on stderr, or syslog; limited() keeps a flapping peer from flooding a
-    board's flash or its small log ring buffer."""
+    board's flash or its small log ring buffer.
+
+    A write to stderr never blocks: a pipe whose reader is stuck would freeze the event loop.
+    Lines wait in a bounded backlog, written as the descriptor takes them (here and at each
+    flush()); past the bound they are dropped, and a line says how many."""
 
     def __init__(self, level="info", stream=None, syslog_ident=None):
         self.threshold = LOG_LEVELS[level]
@@ -2264,6 +2271,11 @@ class Log:
             syslog.openlog(syslog_ident, syslog.LOG_PID, syslog.LOG_DAEMON)
             self.to_syslog = syslog
         self._windows = {}          # key -> [window start, lines held back, last one, level]
+        self.backlog, self.dropped = bytearray(), 0
+        try:
+            self.fd = self.stream.fileno()
+        except (AttributeError, ValueError, OSError):
+            self.fd = None          # a stream with no descriptor (a test's StringIO): written as is
 
     def set_level(self, level):
         self.threshold = LOG_LEVELS[level]
@@ -2282,12 +2294,39 @@ class Log:
             for line in message.splitlines() or [""]:
                 self.to_syslog.syslog(getattr(self.to_syslog, SYSLOG_PRIORITIES[level]), line)
             return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        try:
-            self.stream.write("%s %s %s\n" % (stamp, level.upper(), message))
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass                    # a closed stderr must not take the relay down
+        line = "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), level.upper(), message)
+        if self.fd is None:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass                # a closed stderr must not take the relay down
+            return
+        if len(self.backlog) + len(line) > LOG_BACKLOG_BYTES:
+            self.dropped += 1
+        else:
+            self.backlog += line.encode("utf-8", "replace")
+        self.drain()
+
+    def drain(self):
+        """Write the backlog as far as the descriptor takes it without blocking."""
+        for _ in range(LOG_BACKLOG_BYTES // PIPE_BUF + 2):
+            if self.dropped and len(self.backlog) < LOG_BACKLOG_BYTES // 2:
+                self.backlog += ("%s WARNING %d log lines dropped: whatever reads this log did not keep "
+                                 "up\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), self.dropped)).encode()
+                self.dropped = 0
+            if not self.backlog:
+                return
+            try:
+                if not select.select([], [self.fd], [], 0)[1]:
+                    return
+                written = os.write(self.fd, self.backlog[:PIPE_BUF])
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ValueError):
+                self.backlog = bytearray()      # a closed stderr must not take the relay down
+                return
+            del self.backlog[:written]
 
     def debug(self, message):
         self.write("debug", message)
@@ -2313,7 +2352,9 @@ class Log:
         self.write(level, message)
 
     def flush(self):
-        """Call now and then: '... (532 more in the last 60 s)' for each window that ended."""
+        """Call now and then: '... (532 more in the last 60 s)' for each window that ended, and
+        what the log's reader could not take yet."""
+        self.drain()
         now = time.monotonic()
         for key, (start, held, message, level) in list(self._windows.items()):
             if now - start < LOG_REPEAT_WINDOW_S:

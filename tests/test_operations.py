@@ -249,3 +249,66 @@ def test_pidfile_and_heartbeat_follow_no_planted_symlink(tmp_path):
     assert "refusing to write %s: its directory %s is writable by others (mode 777) without the sticky bit" \
         % (open_dir / "relay.pid", open_dir) in result.stderr
     assert os.listdir(str(open_dir)) == []
+
+
+F_SETPIPE_SZ = 1031
+
+
+def test_a_log_reader_that_stalls_never_freezes_the_relay(tmp_path):
+    """Issue #14: a daemon whose stderr is a pipe nobody drains blocked in write and froze the
+    relay. Here nobody reads the relay's 4 KB pipe while 400 devices join and leave (some
+    100 KB of log): every join stays quick, and once the reader comes back it is told how many
+    lines it missed."""
+    import fcntl
+    from tests.wire_peer import state_key
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, F_SETPIPE_SZ, 4096)
+    port, state = free_port(), tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-u", SERVER, "--no-tun", "--no-tls", "-v", "--listen",
+                             "127.0.0.1:%d" % port, "--subnet", "198.18.0.0/22", "--state-dir", str(state),
+                             "--control", str(tmp_path / "s.sock")],
+                            stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, start_new_session=True)
+    os.close(writer)
+    try:
+        for _ in range(200):                        # up within 10 s (no ready line to wait for: unread)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        secret = (state / "secret").read_text().strip().encode()
+        key = state_key(state, secret)
+        slowest, flood_started = 0.0, time.monotonic()
+        for number in range(400):
+            started = time.monotonic()
+            peer = WirePeer(port, timeout=5)
+            peer.handshake(secret, "flood-%03d" % number, key=key)
+            peer.close()
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 1.0, "a join took %.2f s while the log's reader stalled" % slowest
+        print("400 joins in %.1f s, the slowest %.3f s, with nobody reading the log"
+              % (time.monotonic() - flood_started, slowest))
+        assert proc.poll() is None
+        os.set_blocking(reader, False)
+        text, deadline = b"", time.monotonic() + 10
+        for number in range(500):                    # the reader is back: joins keep the relay logging
+            if b"log lines dropped" in text or time.monotonic() > deadline:
+                break
+            try:
+                text += os.read(reader, 65536)
+            except BlockingIOError:
+                time.sleep(0.02)
+            peer = WirePeer(port, timeout=5)
+            peer.handshake(secret, "after-%03d" % number, key=key)
+            peer.close()
+        dropped = re.search(rb"WARNING (\d+) log lines dropped: whatever reads this log did not keep up", text)
+        assert dropped and int(dropped.group(1)) > 100, text[-2000:]
+        assert b"Traceback" not in text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:       # a relay stuck in write never sees SIGTERM
+            proc.kill()
+            proc.wait(5)
+        os.close(reader)

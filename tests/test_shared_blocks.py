@@ -40,7 +40,7 @@ def test_wire_block_runs_alone_in_an_empty_namespace():
 def test_runtime_block_needs_only_the_wire_block_and_stdlib():
     namespace = {"__name__": "runtime_block_alone"}
     exec(compile(block("mnedc_server.py", "MNEDC WIRE PROTOCOL"), "wire-block", "exec"), namespace)
-    header = ("import errno, fcntl, heapq, json, os, selectors, shutil, signal, socket, subprocess, sys, "
+    header = ("import errno, fcntl, heapq, json, os, select, selectors, shutil, signal, socket, subprocess, sys, "
               "syslog, time, traceback\n")
     exec(compile(header + block("mnedc_server.py", "MNEDC RUNTIME"), "runtime-block", "exec"), namespace)
     assert namespace["parse_host_port"]("example:99", 1) == ("example", 99)

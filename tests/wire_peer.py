@@ -104,15 +104,16 @@ class WirePeer:
                 return True
         return False
 
-    def handshake(self, secret, device_id, flags=0):
-        """Join; the packed virtual address. Refused if the server sends ERROR instead."""
+    def handshake(self, secret, device_id, flags=0, key=None):
+        """Join; the packed virtual address. Refused if the server sends ERROR instead.
+        key: the network key already derived (state_key), which saves a PBKDF2 per join."""
         nonce = os.urandom(wire.NONCE_BYTES)
         self.send_frame(wire.FRAME_HELLO, wire.encode_hello(nonce, device_id, flags))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
             raise Refused(*wire.decode_error(payload))
         server_nonce, salt = wire.decode_challenge(payload)
-        key = wire.network_key(secret, salt)
+        key = key or wire.network_key(secret, salt)
         self.send_frame(wire.FRAME_AUTH, wire.client_proof(key, nonce, server_nonce, device_id))
         frame_type, payload = self.recv_frame()
         if frame_type == wire.FRAME_ERROR:
