@@ -1276,6 +1276,19 @@ class DeviceKeys:
         return sorted(d for d, secret in self.secrets.items() if secret == REVOKED)
 
 
+def destination_port(packet, offset):
+    """The TCP or UDP destination port of an IPv4 packet, for port rules; None for other
+    protocols and for fragments after the first, which carry no port header."""
+    if len(packet) < offset + 20 or packet[offset + 9] not in (6, 17):
+        return None
+    if struct.unpack_from("!H", packet, offset + 6)[0] & 0x1FFF:
+        return None
+    start = offset + (packet[offset] & 0x0F) * 4
+    if len(packet) < start + 4:
+        return None
+    return struct.unpack_from("!H", packet, start + 2)[0]
+
+
 class Policy:
     """policy_file: who may reach whom. Rules are read top down and the first that matches
     decides; with no rule matching, traffic is allowed.
@@ -1283,9 +1296,10 @@ class Policy:
         group NAME = DEVICE_ID ...              name a set of devices (use it as @NAME)
         allow|deny FROM -> TO [port N[,M...]]   FROM and TO: a device_id, @NAME, or *
 
-    A rule with ports governs streams only (a virtual port); one without governs streams and
-    TUN packets alike. Packets are judged one by one in the direction they travel, so a TCP
-    conversation over TUN needs both directions allowed. The relay host's own TUN is (server).
+    A rule with ports governs streams to those virtual ports and TUN packets to those TCP or
+    UDP destination ports; one without governs all streams and packets. Packets are judged one
+    by one in the direction they travel, so a TCP conversation over TUN needs both directions
+    allowed (the replies go to the caller's own port). The relay host's own TUN is (server).
     """
 
     def __init__(self, path):
@@ -1293,6 +1307,7 @@ class Policy:
         self.groups = {}
         self.rules = []             # (allow?, from, to, ports or None)
         self.verdicts = {}          # (from, to, port) -> allowed, for the packet path
+        self.port_rules = False
         with open(path, encoding="utf-8") as source:
             for number, line in enumerate(source, 1):
                 words = line.split("#", 1)[0].split()
@@ -1321,6 +1336,18 @@ class Policy:
             if pattern != "*" and not pattern.startswith("@") and pattern != "(server)":
                 check_device_id(pattern)
         self.rules.append((words[0] == "allow", words[1], words[3], ports))
+        self.port_rules = self.port_rules or ports is not None
+
+    def named_devices(self):
+        """Every device_id a rule names, itself or through a group."""
+        names = set()
+        for _, from_pattern, to_pattern, _ in self.rules:
+            for pattern in (from_pattern, to_pattern):
+                if pattern.startswith("@"):
+                    names |= self.groups[pattern[1:]]
+                elif pattern not in ("*", "(server)"):
+                    names.add(pattern)
+        return names
 
     def matches(self, pattern, device_id):
         if pattern.startswith("@"):
@@ -1328,7 +1355,10 @@ class Policy:
         return pattern == "*" or pattern == device_id
 
     def permits(self, source, target, port=None):
-        """Whether source may reach target (a stream to port, or a packet when port is None)."""
+        """Whether source may reach target (a stream or a TCP/UDP packet to port; port None: a
+        packet without one)."""
+        if not self.port_rules:
+            port = None                 # every port decides alike: one cached verdict for all
         verdict = self.verdicts.get((source, target, port))
         if verdict is None:
             verdict = True
@@ -2207,6 +2237,7 @@ class RelayServer:
         self.hooks.config = fresh
         self.max_queue_bytes = fresh.max_queue_bytes
         self.switch.max_streams = fresh.max_streams_per_client
+        warn_of_unauthenticated_policy(fresh, self.log)
         self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
                          "%d device keys" % len(fresh.keys) if fresh.keys else "no keys file",
@@ -2275,7 +2306,8 @@ class RelayServer:
         target, reason = self.routes.decide(packet, sender, offset)
         if target is None:
             self.count_drop(reason, sender, frame_type, packet)
-        elif self.config.policy is not None and not self.config.policy.permits(sender.device_id, target.device_id):
+        elif self.config.policy is not None and not self.config.policy.permits(
+                sender.device_id, target.device_id, destination_port(packet, offset)):
             self.count_drop("denied by policy", sender, frame_type, packet)
         else:
             target.send_packet(frame_type, packet)
@@ -3633,6 +3665,24 @@ def build_tls_context(config, where):
         raise ConfigError(where + "tls: %s" % describe_error(error))
 
 
+def unauthenticated_policy_names(config):
+    """The device_ids the policy names whose name nobody proves: with the network secret a
+    device may call itself anything, so a rule on such a name holds only among honest
+    members. A name in keys_file (its own secret) or behind client certificates is proven."""
+    if config.policy is None or not config.network_secret or config.tls_client_ca:
+        return []
+    listed = set(config.keys.secrets) if config.keys else set()
+    return sorted(config.policy.named_devices() - listed)
+
+
+def warn_of_unauthenticated_policy(config, log):
+    names = unauthenticated_policy_names(config)
+    if names:
+        log.warning("policy_file names %s, which only the network secret authenticates: any member may "
+                    "join under such a name and be judged as that device; give each its own secret in "
+                    "keys_file (or use client certificates) for rules that hold" % ", ".join(names))
+
+
 def ensure_secret(config):
     """Use the configured secret, or the one in state_dir, or generate one there.
 
@@ -3780,6 +3830,7 @@ def cmd_run(args):
     tls = "no TLS" if not config.tls else "TLS, client certificates required" if config.tls_client_ca else "TLS"
     if config.tls:
         tls += ", certificate pin %s" % config.tls_pin
+    warn_of_unauthenticated_policy(config, log)
     if not config.tls:
         log.warning("tls = no: links to this relay are plaintext; anyone on their path can read and change "
                     "what crosses them")

@@ -147,14 +147,33 @@ def test_policy_drops_denied_packets_and_counts_them(tmp_path):
         allowed = ipv4_packet(peers["sensor-1"].address, peers["gateway"].address, b"allowed")
         peers["sensor-1"].send_packet(allowed)
         assert peers["gateway"].recv_packet() == allowed
-        # "deny * -> camera port 22" governs streams: a TUN packet to TCP port 22 is not judged by it
-        ssh = struct.pack("!HHIIBBHHH", 40000, 22, 1, 0, 5 << 4, 0x02, 65535, 0, 0)    # a SYN
-        to_camera = ipv4_packet(peers["sensor-1"].address, peers["camera"].address, ssh, protocol=6)
-        peers["sensor-1"].send_packet(to_camera)
-        assert peers["camera"].recv_packet() == to_camera
+        # "deny * -> camera port 22" governs TUN packets to TCP or UDP port 22 too (issue #14)
+        def tcp_syn(port):
+            return struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+        ssh = ipv4_packet(peers["sensor-1"].address, peers["camera"].address, tcp_syn(22), protocol=6)
+        web = ipv4_packet(peers["sensor-1"].address, peers["camera"].address, tcp_syn(80), protocol=6)
+        udp = ipv4_packet(peers["sensor-1"].address, peers["camera"].address,
+                          struct.pack("!HHHH", 40000, 22, 8, 0), protocol=17)
+        later = bytearray(ssh)                          # a fragment after the first: no port in it
+        struct.pack_into("!H", later, 6, 185)
+        for packet in (ssh, udp, web, bytes(later)):
+            peers["sensor-1"].send_packet(packet)
+        assert peers["camera"].recv_packet() == web     # 22 (TCP and UDP) stopped, 80 through
+        assert peers["camera"].recv_packet() == bytes(later)
+        reply = ipv4_packet(peers["camera"].address, peers["sensor-1"].address,
+                            struct.pack("!HHIIBBHHH", 22, 40000, 1, 2, 5 << 4, 0x12, 65535, 0, 0), protocol=6)
+        peers["camera"].send_packet(reply)              # from port 22, to the caller's: not the rule's
+        assert peers["sensor-1"].recv_packet() == reply
         with pytest.raises(socket.timeout):
             peers["sensor-2"].recv_packet(timeout=0.5)
+        with pytest.raises(socket.timeout):
+            peers["camera"].recv_packet(timeout=0.3)
         proc.wait_for(r"dropped packet from device sensor-1.*denied by policy")
+        proc.wait_for(r"WARNING policy_file names admin, camera, sensor-1, sensor-2, which only the network "
+                      r"secret authenticates: any member may join under such a name")
+        status = subprocess.run([sys.executable, SERVER, "--control", os.path.join(str(tmp_path), "server.sock"),
+                                 "status", "--json"], capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(status.stdout)["totals"]["drops"]["denied by policy"] == 3   # sensor-2, and 22 twice
     finally:
         proc.stop()
 
@@ -386,5 +405,26 @@ def test_revoking_the_last_device_of_a_keys_only_network_takes_effect(tmp_path):
         assert alice.expect_error() == (wire.ERROR_AUTH, "device dev-a is revoked")   # it had proved
         with pytest.raises(Refused, match="wrong secret, or this device may not join"):
             WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-a")
+    finally:
+        proc.stop()
+
+
+def test_a_policy_on_devices_with_their_own_keys_holds_and_draws_no_warning(tmp_path):
+    """With keys_file the names a policy judges are proven: dev-a, denied dev-c, cannot come
+    back as someone else, and the relay does not warn as it does for names nobody proves."""
+    policy = write(tmp_path / "policy", "deny dev-a -> dev-c\nallow * -> *\n")
+    keys = "".join("%s %s\n" % item for item in sorted(SECRETS.items()))
+    proc, port, _ = keyed_server(tmp_path, keys, "policy_file = %s\n" % policy)
+    try:
+        alice, carol = WirePeer(port), WirePeer(port)
+        alice.handshake(SECRETS["dev-a"].encode(), "dev-a")
+        carol.handshake(SECRETS["dev-c"].encode(), "dev-c")
+        alice.send_packet(ipv4_packet(alice.address, carol.address, b"denied"))
+        with pytest.raises(socket.timeout):
+            carol.recv_packet(timeout=0.5)
+        with pytest.raises(Refused):                    # dev-a's secret proves no other name
+            WirePeer(port).handshake(SECRETS["dev-a"].encode(), "dev-x")
+        proc.wait_for(r"denied by policy")
+        assert "only the network secret authenticates" not in proc.output()
     finally:
         proc.stop()

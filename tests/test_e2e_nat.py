@@ -98,6 +98,37 @@ def test_with_the_default_configuration_the_relays_wire_never_shows_what_crosses
     assert all(device["tls"] for device in json.loads(links)["devices"]), links
 
 
+def test_a_port_rule_stops_tcp_over_tun_and_lets_another_port_through(net, tmp_path):
+    """Issue #14: 'deny * -> device-a port 5004' let TCP over TUN through; only streams obeyed."""
+    policy = tmp_path / "policy"
+    policy.write_text("deny * -> device-a port 5004\nallow * -> *\n")
+    config = os.path.join(net.workdir, "server.ini")
+    original = open(config).read()
+    sinks = []
+    try:
+        with open(config, "w") as sink:
+            sink.write(original + "policy_file = %s\n" % policy)
+        mark = len(net.server.lines())
+        net.server.send_signal(signal.SIGHUP)
+        net.server.wait_for(r"reloaded the configuration", start=mark)
+        for port in (5004, 5005):
+            sinks.append(net.topo.spawn("a", ["nc", "-l", str(port)]))
+            wait_listening(net.topo, "a", port)
+        denied = net.topo.run("c", ["nc", "-z", "-w", "2", net.vip["a"], "5004"], check=False, timeout=15)
+        allowed = net.topo.run("c", ["nc", "-z", "-w", "5", net.vip["a"], "5005"], check=False, timeout=15)
+        assert denied.returncode != 0 and allowed.returncode == 0, (denied, allowed)
+        net.server.wait_for(r"dropped packet from device device-c .*denied by policy %s -> %s"
+                            % (re.escape(net.vip["c"]), re.escape(net.vip["a"])), start=mark)
+    finally:
+        with open(config, "w") as sink:
+            sink.write(original)
+        mark = len(net.server.lines())
+        net.server.send_signal(signal.SIGHUP)
+        net.server.wait_for(r"reloaded the configuration", start=mark)
+        for sink in sinks:
+            sink.stop()
+
+
 def test_after_a_server_sigkill_every_device_keeps_its_address_and_tcp_survives(net):
     listener = net.topo.spawn("a", ["nc", "-l", "5002"])
     wait_listening(net.topo, "a", 5002)
