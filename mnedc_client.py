@@ -338,14 +338,17 @@ class FrameReader:
             self._buffer[:leftover] = tail if leftover <= self._start else bytes(tail)  # no overlap
         self._start, self._end = 0, leftover
 
-    def take_frames(self):
-        """Every complete frame, in arrival order; raises ProtocolError on a bad header.
+    def take_frames(self, limit=None):
+        """Every complete frame, in arrival order, or the first limit of them; raises
+        ProtocolError on a bad header.
 
-        Taking them all matters: a frame left behind would wait for the peer's next bytes.
+        Taking them all matters: a frame left behind would wait for the peer's next bytes. A
+        caller that gives a limit takes the rest itself (before it receives again: payload views
+        live until then), when exactly limit frames came out.
         """
         buffer, view, offset, end, frames = self._buffer, self._view, self._start, self._end, []
         header_size, view_frames = FRAME_HEADER.size, self.VIEW_FRAMES
-        while end - offset >= header_size:
+        while end - offset >= header_size and (limit is None or len(frames) < limit):
             length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
             if length > self.max_payload:
                 raise ProtocolError("frame of %d bytes exceeds the limit of %d" % (length, self.max_payload))

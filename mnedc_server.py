@@ -72,6 +72,11 @@ TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte a TLS client sends (RFC 8446 5
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
 MAX_SERVICES_PER_SESSION = 16
 MAX_SERVICES = 1024
+FRAMES_PER_WAKEUP = 256        # one connection's frames handled per turn of the loop: the rest wait
+                                # for the next turn, after everyone else's (a flood holds nobody up)
+SERVICES_PER_S = 2.0            # SERVICES answered per session and second (a burst of 4): past it,
+SERVICES_BURST = 4.0            # ignored and counted, so no member makes the relay list all day
+DIRECTORY_MAX_AGE_S = 1.0       # a cached listing serves until a member or a name changes, or this
 NO_ADDRESS = b"\0\0\0\0"        # a stream session of a device that has no lease
 MAX_PENDING_HANDSHAKES = 256    # beyond it the oldest unfinished handshake is dropped
 MAX_CLIENTS = 1024              # connections in all; past it a new one is refused
@@ -343,14 +348,17 @@ class FrameReader:
             self._buffer[:leftover] = tail if leftover <= self._start else bytes(tail)  # no overlap
         self._start, self._end = 0, leftover
 
-    def take_frames(self):
-        """Every complete frame, in arrival order; raises ProtocolError on a bad header.
+    def take_frames(self, limit=None):
+        """Every complete frame, in arrival order, or the first limit of them; raises
+        ProtocolError on a bad header.
 
-        Taking them all matters: a frame left behind would wait for the peer's next bytes.
+        Taking them all matters: a frame left behind would wait for the peer's next bytes. A
+        caller that gives a limit takes the rest itself (before it receives again: payload views
+        live until then), when exactly limit frames came out.
         """
         buffer, view, offset, end, frames = self._buffer, self._view, self._start, self._end, []
         header_size, view_frames = FRAME_HEADER.size, self.VIEW_FRAMES
-        while end - offset >= header_size:
+        while end - offset >= header_size and (limit is None or len(frames) < limit):
             length, frame_type, flags = FRAME_HEADER.unpack_from(buffer, offset)
             if length > self.max_payload:
                 raise ProtocolError("frame of %d bytes exceeds the limit of %d" % (length, self.max_payload))
@@ -1068,6 +1076,7 @@ class StreamSwitch:
         self.max_streams = max_streams_per_session
         self.listeners = {}         # (device_id, port) -> session
         self.services = {}          # service name -> (session, port)
+        self.version = 0            # bumped when a name comes or goes: the directory is stale
         self.streams = {}           # (session, stream id) -> (RelayedStream, end index)
         self.open_counts = {}       # session -> streams it takes part in
         self.next_server_id = 2     # ids the server gives streams it opens towards listeners
@@ -1092,6 +1101,7 @@ class StreamSwitch:
                 raise PortTaken("too many service names (%d per session, %d in all)"
                                 % (MAX_SERVICES_PER_SESSION, MAX_SERVICES))
             self.services[service] = (session, port)
+            self.version += 1
         self.listeners[key] = session
 
     def forget_session(self, session, why):
@@ -1100,6 +1110,7 @@ class StreamSwitch:
             del self.listeners[key]
         for name in [n for n, (holder, _) in self.services.items() if holder is session]:
             del self.services[name]
+            self.version += 1
         for (holder, stream_id), (stream, index) in list(self.streams.items()):
             if holder is session:
                 self.reset_other_end(stream, index, RESET_RELAY_LOST, why)
@@ -1490,6 +1501,7 @@ class ClientConnection(FrameTransport):
         self.address = None
         self.streams_session = False        # a listen/connect session rather than a TUN member
         self.reader = FrameReader(receive_bytes=RECV_BYTES)
+        self.frames_waiting = False         # more than FRAMES_PER_WAKEUP came: the rest next turn
         self.client_nonce = self.server_nonce = self.key = None
         now = time.monotonic()
         self.deadline = now + HANDSHAKE_TIMEOUT_S
@@ -1497,6 +1509,7 @@ class ClientConnection(FrameTransport):
         self.connected_since = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
+        self.services_tokens, self.services_at = SERVICES_BURST, now      # SERVICES answered: a bucket
 
     def __repr__(self):
         return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
@@ -1520,8 +1533,10 @@ class ClientConnection(FrameTransport):
             self.refuse(ERROR_PROTOCOL, "this relay does not speak TLS (tls = no here): on the client "
                         "remove server_pin and tls_ca, or set tls = yes on the relay")
             return
+        if self.frames_waiting:
+            return                          # the buffer's frames first (a writable event re-armed us)
         self.read_frames()
-        while self.tls_pending():
+        while self.tls_pending() and not self.frames_waiting:
             self.read_frames()
 
     def read_frames(self):
@@ -1536,20 +1551,39 @@ class ClientConnection(FrameTransport):
             self.reader.discard()           # the peer's last words after our ERROR: ignored
             return
         self.last_received = time.monotonic()
+        self.handle_frames()
+
+    def handle_frames(self):
+        """Up to FRAMES_PER_WAKEUP of the frames received; more wait for the loop's next turn,
+        and so does reading, so every other connection is served in between."""
         self.server.batcher.begin()
         try:
-            for frame_type, payload in self.reader.take_frames():
+            frames = self.reader.take_frames(FRAMES_PER_WAKEUP)
+            for frame_type, payload in frames:
                 handlers = STREAM_HANDLERS if self.streams_session and self.stage == "established" \
                     else HANDLERS[self.stage]
                 handlers.get(frame_type, ClientConnection.on_unexpected)(self, frame_type, payload)
                 if self.stage in ("finishing", "closed"):
                     return
+            if len(frames) == FRAMES_PER_WAKEUP:
+                self.frames_waiting = True
+                self.server.loop.set_interest(self, selectors.EVENT_WRITE if self.out else 0)
+                self.server.loop.call_later(0, self.more_frames)
         except VersionMismatch as error:
             self.refuse(ERROR_VERSION, str(error))
         except ProtocolError as error:
             self.refuse(ERROR_PROTOCOL, str(error))
         finally:
             self.server.batcher.flush()
+
+    def more_frames(self):
+        if self.stage == "closed" or not self.frames_waiting:
+            return
+        self.frames_waiting = False
+        self.server.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        self.handle_frames()
+        if not self.frames_waiting and self.stage not in ("finishing", "closed") and self.tls_pending():
+            self.on_readable()              # records OpenSSL holds: select would not wake us for them
 
     def speaks_tls(self):
         """Whether the first byte waiting is a TLS record's (22): a HELLO frame's is its length's
@@ -1734,6 +1768,13 @@ class ClientConnection(FrameTransport):
         self.server.switch.reset(self, *decode_reset(payload))
 
     def on_services(self, frame_type, payload):
+        now = time.monotonic()
+        self.services_tokens = min(SERVICES_BURST, self.services_tokens + (now - self.services_at) * SERVICES_PER_S)
+        self.services_at = now
+        if self.services_tokens < 1:
+            self.drops["SERVICES over the rate"] = self.drops.get("SERVICES over the rate", 0) + 1
+            return
+        self.services_tokens -= 1
         self.send_frame(FRAME_SERVICE_LIST, self.server.directory_json())
 
     # -- sending --
@@ -1943,6 +1984,7 @@ class RelayServer:
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.queued_bytes = 0           # in every connection's send queue together
         self.batcher = Batcher()        # one wakeup's PACKET/DATA frames leave together
+        self.directory_version, self.directory_cache = 0, None     # SERVICES' listing, cached
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -2121,6 +2163,7 @@ class RelayServer:
         device_id = connection.device_id
         now = time.time()
         connection.connected_since = now
+        self.directory_version += 1
         if connection.streams_session:
             lease = self.leases.leases.get(device_id)
             connection.address = socket.inet_aton(lease["address"]) if lease else NO_ADDRESS
@@ -2146,6 +2189,7 @@ class RelayServer:
         """Stop routing to connection (it is closing); safe to call twice."""
         if connection.address is None:
             return
+        self.directory_version += 1
         if connection.streams_session:
             sessions = self.stream_sessions.get(connection.device_id, set())
             sessions.discard(connection)
@@ -2272,6 +2316,16 @@ class RelayServer:
         return device_id in self.routes.by_device or device_id in self.stream_sessions
 
     def directory_json(self):
+        """The listing SERVICES gets, from the cache while no member or name changed (and it
+        is under DIRECTORY_MAX_AGE_S old): built anew it costs milliseconds per 500 leases."""
+        now = time.monotonic()
+        version = (self.directory_version, self.switch.version)
+        cached = self.directory_cache
+        if cached is None or cached[0] != version or now - cached[1] > DIRECTORY_MAX_AGE_S:
+            cached = self.directory_cache = (version, now, self.build_directory())
+        return cached[2]
+
+    def build_directory(self):
         """Devices, services and relay figures as JSON, trimmed to fit one frame."""
         known = sorted(set(self.leases.leases) | set(self.stream_sessions))
         devices = []

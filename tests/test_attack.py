@@ -428,3 +428,62 @@ def test_slowloris_handshakes_do_not_keep_legitimate_clients_out(tmp_path, nofil
         for sock in attackers:
             sock.close()
         proc.stop()
+
+
+def test_a_services_flood_is_answered_a_few_times_a_second_and_holds_no_member_up(tmp_path):
+    """Issue #14: each 4-byte SERVICES made the relay rebuild its whole directory (500 leases:
+    milliseconds each), ~400x the bytes asked, and a flood stalled a member's ping for 23 s.
+    Now a session gets a few answers a second, from a cached listing; the rest are counted."""
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nmax_connections_per_source = 1000\nmax_clients = 1000\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config), subnet="198.18.0.0/22")
+    try:
+        key = state_key(tmp_path / "state", secret)
+        for number in range(500):                   # 500 leases in the directory
+            peer = WirePeer(port)
+            peer.handshake(secret, "lease-%03d" % number, key=key)
+            peer.close()
+        member = WirePeer(port)
+        member.handshake(secret, "member", key=key)
+        flooder = WirePeer(port, rcvbuf=1 << 20)
+        flooder.handshake(secret, "flooder", flags=wire.HELLO_STREAMS, key=key)
+        burst = wire.encode_frame(wire.FRAME_SERVICES) * 16384              # 64 KB of requests
+        stop, sent = threading.Event(), [0]
+
+        def flood():
+            for _ in range(2000):                   # bounded: about 2 s, or 128 MB
+                if stop.is_set():
+                    return
+                flooder.sock.sendall(burst)
+                sent[0] += 16384
+        thread = threading.Thread(target=flood, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        worst = 0.0
+        for _ in range(200):                        # a ping every 10 ms for 2 s
+            before = time.monotonic()
+            member.send_frame(wire.FRAME_PING, struct.pack("!d", before))
+            frame_type, _ = member.recv_frame(timeout=30, skip_pings=True)
+            assert frame_type == wire.FRAME_PONG
+            worst = max(worst, time.monotonic() - before)
+            time.sleep(0.01)
+        stop.set()
+        thread.join(30)
+        answers = 0
+        try:
+            for _ in range(1000):                   # until the relay has gone through them all
+                frame_type, _ = flooder.recv_frame(timeout=0.5)
+                answers += frame_type == wire.FRAME_SERVICE_LIST
+        except (socket.timeout, EOFError, OSError):
+            pass
+        seconds = time.monotonic() - started
+        line = ("SERVICES flood: %d requests in %.1f s from one session, %d answered; member ping worst "
+                "%.1f ms (500 leases)" % (sent[0], seconds, answers, worst * 1000))
+        print("\n" + line)
+        getattr(conftest, "SUMMARY", []).append(("MNEDC SERVICES flood (issue #14)", [line]))
+        assert sent[0] > 100000, "the flood never happened"
+        assert answers <= 4 + 2 * seconds + 1, line
+        assert worst < 0.1, line
+        assert_alive_without_traceback(proc)
+    finally:
+        proc.stop()
