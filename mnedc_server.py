@@ -978,6 +978,14 @@ class LeaseTable:
                 self.log.error("cannot save leases to %s: %s; retrying" % (self.path, describe_error(error)))
         return socket.inet_aton(lease["address"])
 
+    def forget(self, device_id):
+        """Drop device_id's lease, saved at once: its address is free again. The address."""
+        lease = self.leases.pop(device_id)
+        self.owner_of.pop(socket.inet_aton(lease["address"]), None)
+        self.dirty = True
+        self.save()
+        return lease["address"]
+
     def touch(self, device_id, now):
         if device_id in self.leases:
             self.leases[device_id]["last_seen"] = now
@@ -2202,7 +2210,7 @@ class RelayServer:
             self.hooks.run("leave", connection)
         self.routes.remove(connection)
 
-    # -- operations: status, kick, reload --
+    # -- operations: status, kick, forget, reload --
 
     def on_control(self, request):
         command = request.get("command")
@@ -2210,7 +2218,9 @@ class RelayServer:
             return self.status()
         if command == "kick":
             return self.kick(str(request.get("device_id", "")))
-        return {"error": "unknown command %r (status, kick)" % command}
+        if command == "forget":
+            return self.forget(str(request.get("device_id", "")))
+        return {"error": "unknown command %r (status, kick, forget)" % command}
 
     def status(self):
         config = self.config
@@ -2254,6 +2264,23 @@ class RelayServer:
         for connection in targets:
             connection.refuse(ERROR_KICKED, "disconnected by the operator; it may rejoin")
         return {"kicked": len(targets), "device_id": device_id}
+
+    def forget(self, device_id):
+        """The operator frees an offline device's lease (a minting spree, a retired board)."""
+        if device_id not in self.leases.leases:
+            return {"error": "device %s has no lease" % device_id}
+        if self.online(device_id):
+            return {"error": "device %s is connected: it would take a new address at once; stop it "
+                             "first (kick only disconnects it, and it rejoins)" % device_id}
+        try:
+            address = self.leases.forget(device_id)
+        except OSError as error:
+            self.leases.save_failed = True      # the tick retries; the lease is gone from memory already
+            self.log.error("cannot save leases to %s: %s; retrying" % (self.leases.path, describe_error(error)))
+            address = "(its address)"
+        self.directory_version += 1
+        self.log.info("forgot the lease of device %s (%s) on the operator's request" % (device_id, address))
+        return {"forgot": device_id, "address": address}
 
     def on_reload_signal(self, signum):
         """SIGHUP: take every key anew but RESTART_KEYS, which are only reported; keep every
@@ -3643,7 +3670,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     if not config.network_secret and not admitted and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
-    if getattr(args, "command", "run") not in ("status", "kick"):     # these only use the control socket
+    if getattr(args, "command", "run") not in ("status", "kick", "forget"):     # these only use the control socket
         check_tls_settings(config, where)
     return config
 
@@ -3815,6 +3842,8 @@ def build_parser():
     status.add_argument("--json", action="store_true", help="machine-readable output")
     kick = commands.add_parser("kick", parents=[common], help="disconnect a device (it may rejoin)")
     kick.add_argument("device_id", metavar="DEVICE_ID")
+    forget = commands.add_parser("forget", parents=[common], help="free an offline device's lease and address")
+    forget.add_argument("device_id", metavar="DEVICE_ID")
     return parser
 
 
@@ -3937,6 +3966,14 @@ def cmd_kick(args):
     return 0
 
 
+def cmd_forget(args):
+    reply = ask_server(args, {"command": "forget", "device_id": args.device_id})
+    if isinstance(reply, int):
+        return reply
+    print("forgot %s; %s is free again" % (reply["forgot"], reply["address"]))
+    return 0
+
+
 def format_status(status):
     server, totals = status["server"], status["totals"]
     rows = ["MNEDC server on %s, subnet %s (this host %s%s), up %s" % (
@@ -3985,7 +4022,7 @@ def format_duration(seconds):
     return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "kick": cmd_kick}
+COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "kick": cmd_kick, "forget": cmd_forget}
 
 
 def main(argv=None):

@@ -312,3 +312,36 @@ def test_a_log_reader_that_stalls_never_freezes_the_relay(tmp_path):
             proc.kill()
             proc.wait(5)
         os.close(reader)
+
+
+def test_forget_frees_an_offline_devices_address_and_refuses_a_connected_one(tmp_path):
+    """Issue #14: minted device_ids held the pool for 7 days; the operator can now free them."""
+    from tests.wire_peer import state_key
+    proc, port, secret = start_server(tmp_path / "state")
+    control = str(tmp_path / "server.sock")
+    try:
+        key = state_key(tmp_path / "state", secret)
+        minted = WirePeer(port)
+        freed = minted.handshake(secret, "minted-1", key=key)
+        minted.close()
+        kept = WirePeer(port)
+        kept.handshake(secret, "kept", key=key)
+        for _ in range(100):                        # minted-1's close reaches the relay (bounded: 5 s)
+            devices = json.loads(run(SERVER, "--control", control, "status", "--json").stdout)["devices"]
+            if "minted-1" not in {d["device_id"] for d in devices}:       # connected ones only
+                break
+            time.sleep(0.05)
+        online = run(SERVER, "--control", control, "forget", "kept")
+        assert online.returncode == 1 and "device kept is connected" in online.stderr, online.stderr
+        unknown = run(SERVER, "--control", control, "forget", "nobody")
+        assert unknown.returncode == 1 and "device nobody has no lease" in unknown.stderr
+        forgotten = run(SERVER, "--control", control, "forget", "minted-1")
+        assert forgotten.returncode == 0, forgotten.stderr
+        assert "forgot minted-1; %s is free again" % socket.inet_ntoa(freed) in forgotten.stdout
+        leases = json.loads((tmp_path / "state" / "leases.json").read_text())
+        assert "minted-1" not in json.dumps(leases) and "kept" in json.dumps(leases)
+        proc.wait_for(r"forgot the lease of device minted-1 \(%s\) on the operator's request" % socket.inet_ntoa(freed))
+        newcomer = WirePeer(port)
+        assert newcomer.handshake(secret, "newcomer", key=key) == freed        # the address is free
+    finally:
+        proc.stop()
