@@ -1589,6 +1589,9 @@ class ClientConnection(FrameTransport):
             return
         self.frames_waiting = False
         self.server.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+        if self.stage == "finishing":
+            self.reader.discard()           # refused meanwhile: the rest goes unread, as in read_frames
+            return
         self.handle_frames()
         if not self.frames_waiting and self.stage not in ("finishing", "closed") and self.tls_pending():
             self.on_readable()              # records OpenSSL holds: select would not wake us for them

@@ -12,9 +12,9 @@ from tests.streamnet import StreamNet, TcpServer, free_port, sink_digest
 HEADER = wire.FRAME_HEADER
 
 
-class RewritingProxy:
-    """A TCP proxy on 127.0.0.1 that passes frames through, changing WELCOME's prefix length
-    (byte 4 of its payload) on the way to the client: what the attack in issue #13 did."""
+class PathProxy:
+    """A TCP proxy on 127.0.0.1 between members and the relay, as an attacker in a lower NAT
+    runs one: it passes what comes through, and its subclasses tamper on the way."""
 
     def __init__(self, relay_port):
         self.relay_port = relay_port
@@ -23,7 +23,7 @@ class RewritingProxy:
         self.listener.listen(4)
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
-        self.rewritten = 0
+        self.to_relay = []                      # the proxy's connections to the relay
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -35,27 +35,17 @@ class RewritingProxy:
                 return
             relay = socket.create_connection(("127.0.0.1", self.relay_port), timeout=30)
             client.settimeout(30)
+            self.to_relay.append(relay)
             threading.Thread(target=self.pump, args=(client, relay, False), daemon=True).start()
             threading.Thread(target=self.pump, args=(relay, client, True), daemon=True).start()
 
     def pump(self, source, sink, to_client):
-        pending = bytearray()
         try:
             for _ in range(100000):
                 data = source.recv(65536)
                 if not data:
                     break
-                pending += data
-                while len(pending) >= HEADER.size:
-                    length, frame_type, _ = HEADER.unpack_from(pending)
-                    if len(pending) < HEADER.size + length:
-                        break
-                    frame = pending[:HEADER.size + length]
-                    del pending[:HEADER.size + length]
-                    if to_client and frame_type == wire.FRAME_WELCOME:
-                        frame[HEADER.size + 4] = 16         # /24 becomes /16: a bigger network
-                        self.rewritten += 1
-                    sink.sendall(bytes(frame))
+                self.forward(data, sink, to_client)
         except OSError:
             pass
         finally:
@@ -65,8 +55,35 @@ class RewritingProxy:
                 except OSError:
                     pass
 
+    def forward(self, data, sink, to_client):
+        sink.sendall(data)
+
     def close(self):
         self.listener.close()
+
+
+class RewritingProxy(PathProxy):
+    """Passes frames through, changing WELCOME's prefix length (byte 4 of its payload) on the
+    way to the client: what the attack in issue #13 did."""
+
+    def __init__(self, relay_port):
+        self.rewritten = 0
+        self.pending = {}                       # per direction of each connection: a partial frame
+        PathProxy.__init__(self, relay_port)
+
+    def forward(self, data, sink, to_client):
+        pending = self.pending.setdefault(sink, bytearray())
+        pending += data
+        while len(pending) >= HEADER.size:
+            length, frame_type, _ = HEADER.unpack_from(pending)
+            if len(pending) < HEADER.size + length:
+                break
+            frame = pending[:HEADER.size + length]
+            del pending[:HEADER.size + length]
+            if to_client and frame_type == wire.FRAME_WELCOME:
+                frame[HEADER.size + 4] = 16         # /24 becomes /16: a bigger network
+                self.rewritten += 1
+            sink.sendall(bytes(frame))
 
 
 def test_a_proxy_without_the_secret_cannot_change_welcome(tmp_path):
@@ -88,55 +105,12 @@ def test_a_proxy_without_the_secret_cannot_change_welcome(tmp_path):
         net.stop()
 
 
-class InjectingProxy:
-    """A TCP proxy on 127.0.0.1 that passes bytes through untouched until told to inject its
-    own frame into the stream towards the relay, as the proxy of issue #13 injected packets."""
-
-    def __init__(self, relay_port):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.listener.settimeout(30)
-        self.port = self.listener.getsockname()[1]
-        self.relay_port = relay_port
-        self.to_relay = []
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        for _ in range(4):                      # bounded: a few connections at most
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            relay = socket.create_connection(("127.0.0.1", self.relay_port), timeout=30)
-            client.settimeout(30)
-            self.to_relay.append(relay)
-            for source, sink in ((client, relay), (relay, client)):
-                threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def pump(source, sink):
-        try:
-            for _ in range(100000):
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+class InjectingProxy(PathProxy):
+    """Passes bytes through untouched until told to inject its own frame towards the relay, as
+    the proxy of issue #13 injected packets."""
 
     def inject(self, data):
         self.to_relay[0].sendall(data)
-
-    def close(self):
-        self.listener.close()
 
 
 def test_under_the_default_tls_what_a_proxy_injects_ends_the_link_and_reaches_nobody(tmp_path):
