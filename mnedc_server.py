@@ -86,6 +86,8 @@ LEASE_SAVE_INTERVAL_S = 60
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
 DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
 HOOK_TIMEOUT_S = 30             # an on_join/on_leave script running longer is killed
+MAX_RUNNING_HOOKS = 4           # hook processes at once; the next ones wait in a queue ...
+MAX_QUEUED_HOOKS = 64           # ... of this many, past which they are dropped and counted
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # all a hook inherits, with MNEDC_*
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 
@@ -1399,13 +1401,17 @@ class Hooks:
     The script gets MNEDC_EVENT, MNEDC_DEVICE_ID, MNEDC_VIRTUAL_IP and MNEDC_REMOTE_ADDRESS in
     its environment, with HOOK_PATH and nothing else of the daemon's (which may hold secrets, or
     LD_PRELOAD and PYTHON* settings meant for the daemon only). One that runs longer than
-    HOOK_TIMEOUT_S is killed.
+    HOOK_TIMEOUT_S is killed. At most MAX_RUNNING_HOOKS run at once (253 joins once left 506
+    running): the next wait in a bounded queue, where a device's leave cancels its join that
+    has not run yet (a flapping device), and past the queue they are dropped and counted.
     """
 
     def __init__(self, config, log):
         self.config = config
         self.log = log
         self.running = []           # (process, deadline, description)
+        self.queue = []             # (event, device_id, path, environment, description)
+        self.dropped = self.coalesced = 0
 
     def run(self, event, member):
         path = getattr(self.config, "on_" + event)
@@ -1414,6 +1420,23 @@ class Hooks:
         environment = dict(PATH=HOOK_PATH, MNEDC_EVENT=event, MNEDC_DEVICE_ID=member.device_id,
                            MNEDC_VIRTUAL_IP=ipv4_text(member.address), MNEDC_REMOTE_ADDRESS=member.remote)
         description = "on_%s hook %s for %s" % (event, path, member.device_id)
+        job = (event, member.device_id, path, environment, description)
+        if len(self.running) < MAX_RUNNING_HOOKS and not self.queue:
+            self.start(job)
+            return
+        opposite = [i for i, queued in enumerate(self.queue) if queued[1] == member.device_id]
+        if opposite and event == "leave" and self.queue[opposite[-1]][0] == "join":
+            del self.queue[opposite[-1]]            # joined and left before its hook ran: neither
+            self.coalesced += 1
+        elif len(self.queue) < MAX_QUEUED_HOOKS:
+            self.queue.append(job)
+        else:
+            self.dropped += 1
+            self.log.limited("hooks", "warning", "%d hooks running and %d waiting: dropped %s (%d dropped "
+                             "so far)" % (len(self.running), len(self.queue), description, self.dropped))
+
+    def start(self, job):
+        event, device_id, path, environment, description = job
         try:
             process = subprocess.Popen([path], env=environment, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1423,6 +1446,7 @@ class Hooks:
         self.running.append((process, time.monotonic() + HOOK_TIMEOUT_S, description))
 
     def reap(self):
+        """Now and then: collect finished hooks, kill overdue ones, start the queue's next."""
         still = []
         for process, deadline, description in self.running:
             status = process.poll()
@@ -1435,6 +1459,8 @@ class Hooks:
             elif status != 0:
                 self.log.warning("%s exited with status %d" % (description, status))
         self.running = still
+        while self.queue and len(self.running) < MAX_RUNNING_HOOKS:
+            self.start(self.queue.pop(0))
 
 
 # ==== CONNECTIONS ====
@@ -1445,7 +1471,7 @@ class Hooks:
 #   hello        HELLO             send CHALLENGE                         -> auth
 #   auth         AUTH              check proof, lease, send WELCOME       -> established
 #   established  PACKET/PING/...   route packets, answer pings
-#   closing      EOF or 2 s        after ERROR: let the peer read it      -> closed
+#   finishing    EOF or 2 s        after ERROR: let the peer read it      -> closed
 #
 # A handshake that takes longer than HANDSHAKE_TIMEOUT_S is refused with ERROR timeout.
 
@@ -2016,6 +2042,7 @@ class RelayServer:
         if self.config.control_socket:
             self._open_control()
         self.loop.call_every(1.0, self.tick)
+        self.loop.call_every(0.25, self.hooks.reap)     # finished hooks make room for queued ones
         self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self.on_stop_signal)
         self.loop.on_signals((signal.SIGHUP,), self.on_reload_signal)
 
@@ -2415,7 +2442,6 @@ class RelayServer:
         now = time.monotonic()
         for connection in list(self.connections):
             connection.check_timers(now)
-        self.hooks.reap()
         self.log.flush()
         if self.leases.save_failed or (self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S):
             self.save_leases()

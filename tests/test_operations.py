@@ -345,3 +345,84 @@ def test_forget_frees_an_offline_devices_address_and_refuses_a_connected_one(tmp
         assert newcomer.handshake(secret, "newcomer", key=key) == freed        # the address is free
     finally:
         proc.stop()
+
+
+HOOK = """#!/bin/sh
+# one marker per running hook; the count when it starts is how many run at once
+touch "%(dir)s/$$"
+ls "%(dir)s" | wc -l >> "%(log)s"
+sleep 0.5
+rm -f "%(dir)s/$$"
+"""
+
+
+def test_hooks_run_a_few_at_a_time_and_a_join_storm_is_queued_then_dropped_and_counted(tmp_path):
+    """Issue #14: 253 joins once left 506 hook processes running at once."""
+    from tests.wire_peer import state_key
+    import mnedc_server as relay
+    markers, counts = tmp_path / "running", tmp_path / "counts"
+    markers.mkdir()
+    hook = tmp_path / "on_join.sh"
+    hook.write_text(HOOK % {"dir": markers, "log": counts})
+    hook.chmod(0o755)
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\non_join = %s\nmax_connections_per_source = 1000\n" % hook)
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config), subnet="198.18.0.0/23")
+    try:
+        key = state_key(tmp_path / "state", secret)
+        joins = relay.MAX_RUNNING_HOOKS + relay.MAX_QUEUED_HOOKS + 30
+        peers = []
+        for number in range(joins):             # they stay: no leave cancels a join
+            peer = WirePeer(port)
+            peer.handshake(secret, "storm-%03d" % number, key=key)
+            peers.append(peer)
+        proc.wait_for(r"%d hooks running and %d waiting: dropped on_join hook .* \(1 dropped so far\)"
+                      % (relay.MAX_RUNNING_HOOKS, relay.MAX_QUEUED_HOOKS))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not counts.exists():
+            time.sleep(0.05)
+        time.sleep(2)                           # some rounds of the queue
+        seen = [int(line) for line in counts.read_text().split()]
+        assert len(seen) > relay.MAX_RUNNING_HOOKS, seen          # the queue moves on
+        assert max(seen) <= relay.MAX_RUNNING_HOOKS, seen
+        for peer in peers:
+            peer.close()
+    finally:
+        proc.stop()
+
+
+def test_a_device_that_joins_and_leaves_while_its_hook_waits_runs_no_hook(tmp_path):
+    from tests.wire_peer import state_key
+    import mnedc_server as relay
+    events = tmp_path / "events"
+    hook = tmp_path / "hook.sh"
+    hook.write_text('#!/bin/sh\necho "$MNEDC_EVENT $MNEDC_DEVICE_ID" >> "%s"\nsleep 0.5\n' % events)
+    hook.chmod(0o755)
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\non_join = %s\non_leave = %s\n" % (hook, hook))
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config))
+    try:
+        key = state_key(tmp_path / "state", secret)
+        busy = []
+        for number in range(relay.MAX_RUNNING_HOOKS):      # every hook slot taken for 0.5 s
+            peer = WirePeer(port)
+            peer.handshake(secret, "busy-%d" % number, key=key)
+            busy.append(peer)
+        flapper = WirePeer(port)
+        flapper.handshake(secret, "flapper", key=key)       # its join waits in the queue ...
+        flapper.close()                                     # ... and its leave cancels it
+        proc.wait_for(r"device flapper \(\S+\) from \S+ left")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(events.read_text().split("\n")) <= relay.MAX_RUNNING_HOOKS:
+            time.sleep(0.1)
+        late = WirePeer(port)
+        late.handshake(secret, "late", key=key)             # the queue still works after it
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "join late" not in events.read_text():
+            time.sleep(0.1)
+        lines = events.read_text().splitlines()
+        assert "join late" in lines and not [line for line in lines if "flapper" in line], lines
+        for peer in busy + [late]:
+            peer.close()
+    finally:
+        proc.stop()
