@@ -20,7 +20,8 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   network_secret  no: only devices in keys_file may join (default yes)
   policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all)
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
-  max_streams_per_client   limits (default 1024, 256, 256, 65535, 1048576, 64; README)
+  max_streams_per_client, max_new_leases_per_minute   limits (default 1024, 256, 256, 65535,
+              1048576, 64, 60 per source address; README)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
               server_pin); tls_client_ca requires client certificates whose commonName is the
@@ -67,6 +68,7 @@ TUN_PACKETS_PER_WAKEUP = 64
 MAX_QUEUE_BYTES = 1024 * 1024   # per client; beyond it packets are dropped, as a router would
 MAX_STREAM_WINDOW_BYTES = 512 * 1024   # credit one stream end may hold: the server buffers no more
 MAX_STREAMS_PER_SESSION = 64    # so one session's relayed bytes stay under 64 x 512 KiB = 32 MiB
+MAX_NEW_LEASES_PER_MINUTE = 60  # new devices leased per source address and minute: minting stalls
 AUTH_REFUSED = "wrong secret, or this device may not join this network (the relay's log says which)"
 TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte a TLS client sends (RFC 8446 5.1)
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
@@ -873,6 +875,10 @@ def packed_address(number):
 
 class PoolExhausted(Exception):
     """Every client address of the subnet is leased to a device that may come back."""
+
+
+class TooManyNewLeases(Exception):
+    """One source address asked for more new leases within a minute than max_new_leases_per_minute."""
 
 
 class LeaseTable:
@@ -1731,6 +1737,9 @@ class ClientConnection(FrameTransport):
         except PoolExhausted as error:
             self.refuse(ERROR_POOL_FULL, str(error))
             return
+        except TooManyNewLeases as error:
+            self.refuse(ERROR_LIMIT, str(error))
+            return
         self.reader.max_payload = self.server.config.max_frame_bytes
         self.stage = "established"
         self.server.handshaking.pop(self, None)
@@ -2022,6 +2031,7 @@ class RelayServer:
         self.queued_bytes = 0           # in every connection's send queue together
         self.batcher = Batcher()        # one wakeup's PACKET/DATA frames leave together
         self.directory_version, self.directory_cache = 0, None     # SERVICES' listing, cached
+        self.new_leases = {}            # source address -> times of its new leases this minute
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -2208,6 +2218,8 @@ class RelayServer:
             self.stream_sessions.setdefault(device_id, set()).add(connection)
             self.log.info("%s opened a stream session from %s" % (connection.name(), connection.remote))
             return connection.address
+        if device_id not in self.leases.leases:
+            self.count_new_lease(connection.remote_ip())
         online = set(self.routes.by_device)
         address = self.leases.lease_for(device_id, online, now)
         self.leases.touch(device_id, now)
@@ -2222,6 +2234,20 @@ class RelayServer:
         self.log.info("device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
         self.hooks.run("join", connection)
         return address
+
+    def count_new_lease(self, source):
+        """A new device from source takes a lease: refused past max_new_leases_per_minute, so one
+        member minting device_ids cannot fill the pool (devices that have a lease always join)."""
+        now = time.monotonic()
+        times = [t for t in self.new_leases.get(source, ()) if now - t < 60]
+        if len(times) >= self.config.max_new_leases_per_minute:
+            self.new_leases[source] = times
+            raise TooManyNewLeases("%d new devices from %s within a minute "
+                                   "(max_new_leases_per_minute); try again later"
+                                   % (len(times), source))
+        self.new_leases[source] = times + [now]
+        if len(self.new_leases) > 4096:     # forget quiet sources: the table stays small
+            self.new_leases = {ip: ts for ip, ts in self.new_leases.items() if now - ts[-1] < 60}
 
     def withdraw(self, connection):
         """Stop routing to connection (it is closing); safe to call twice."""
@@ -3584,6 +3610,7 @@ class ServerConfig:
         self.max_frame_bytes = MAX_PAYLOAD_BYTES
         self.max_queue_bytes = MAX_QUEUE_BYTES
         self.max_streams_per_client = MAX_STREAMS_PER_SESSION
+        self.max_new_leases_per_minute = MAX_NEW_LEASES_PER_MINUTE
         self.tls = True                         # the default: tls = no is the operator's explicit choice
         self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
         self.tls_cert = self.tls_key = self.tls_client_ca = None
@@ -3620,6 +3647,8 @@ SERVER_KEYS = {
     "max_frame_bytes": lambda config, text: setattr(config, "max_frame_bytes", parse_int(text, MIN_FRAME_BYTES, MAX_PAYLOAD_BYTES)),
     "max_queue_bytes": lambda config, text: setattr(config, "max_queue_bytes", parse_int(text, 65536, 1 << 30)),
     "max_streams_per_client": lambda config, text: setattr(config, "max_streams_per_client", parse_int(text, 1, 4096)),
+    "max_new_leases_per_minute": lambda config, text: setattr(
+        config, "max_new_leases_per_minute", parse_int(text, 1, 1000000)),
     "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
     "allow_plaintext": lambda config, text: setattr(config, "allow_plaintext", parse_choice(text, ("yes", "no")) == "yes"),
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
@@ -3630,7 +3659,7 @@ TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "t
 # SIGHUP applies every other key live
 RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
-              "max_queue_bytes", "max_streams_per_client")
+              "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
 
 

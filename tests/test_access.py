@@ -428,3 +428,28 @@ def test_a_policy_on_devices_with_their_own_keys_holds_and_draws_no_warning(tmp_
         assert "only the network secret authenticates" not in proc.output()
     finally:
         proc.stop()
+
+
+def test_a_minting_spree_is_cut_off_and_devices_with_leases_still_join(tmp_path):
+    """Issue #14: 253 minted device_ids filled a /24 in 4.3 s, for 7 days."""
+    from tests.wire_peer import state_key
+    config = write(tmp_path / "server.ini", "[server]\nmax_new_leases_per_minute = 20\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", config)
+    try:
+        key = state_key(tmp_path / "state", secret)
+        WirePeer(port).handshake(secret, "old-timer", key=key)     # has a lease from now on
+        refused = 0
+        for number in range(60):
+            try:
+                WirePeer(port).handshake(secret, "minted-%02d" % number, key=key)
+            except Refused as error:
+                assert "new devices from 127.0.0.1 within a minute (max_new_leases_per_minute)" in error.text
+                refused += 1
+        assert refused == 60 - 19                          # old-timer was the 1st of the 20
+        assert WirePeer(port).handshake(secret, "old-timer", key=key)      # a leased device: always
+        other = WirePeer(port, source="127.0.0.2")                         # another source: its own count
+        other.handshake(secret, "elsewhere", key=key)
+        leases = json.loads((tmp_path / "state" / "leases.json").read_text())
+        assert "minted-59" not in json.dumps(leases) and "elsewhere" in json.dumps(leases)
+    finally:
+        proc.stop()

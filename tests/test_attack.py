@@ -435,7 +435,8 @@ def test_a_services_flood_is_answered_a_few_times_a_second_and_holds_no_member_u
     milliseconds each), ~400x the bytes asked, and a flood stalled a member's ping for 23 s.
     Now a session gets a few answers a second, from a cached listing; the rest are counted."""
     config = tmp_path / "server.ini"
-    config.write_text("[server]\nmax_connections_per_source = 1000\nmax_clients = 1000\n")
+    config.write_text("[server]\nmax_connections_per_source = 1000\nmax_clients = 1000\n"
+                      "max_new_leases_per_minute = 1000\n")
     proc, port, secret = start_server(tmp_path / "state", "-c", str(config), subnet="198.18.0.0/22")
     try:
         key = state_key(tmp_path / "state", secret)

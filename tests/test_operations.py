@@ -264,7 +264,9 @@ def test_a_log_reader_that_stalls_never_freezes_the_relay(tmp_path):
     reader, writer = os.pipe()
     fcntl.fcntl(writer, F_SETPIPE_SZ, 4096)
     port, state = free_port(), tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-u", SERVER, "--no-tun", "--no-tls", "-v", "--listen",
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nmax_new_leases_per_minute = 10000\n")
+    proc = subprocess.Popen([sys.executable, "-u", SERVER, "-c", str(config), "--no-tun", "--no-tls", "-v", "--listen",
                              "127.0.0.1:%d" % port, "--subnet", "198.18.0.0/22", "--state-dir", str(state),
                              "--control", str(tmp_path / "s.sock")],
                             stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, start_new_session=True)
@@ -366,7 +368,8 @@ def test_hooks_run_a_few_at_a_time_and_a_join_storm_is_queued_then_dropped_and_c
     hook.write_text(HOOK % {"dir": markers, "log": counts})
     hook.chmod(0o755)
     config = tmp_path / "server.ini"
-    config.write_text("[server]\non_join = %s\nmax_connections_per_source = 1000\n" % hook)
+    config.write_text("[server]\non_join = %s\nmax_connections_per_source = 1000\n"
+                      "max_new_leases_per_minute = 1000\n" % hook)
     proc, port, secret = start_server(tmp_path / "state", "-c", str(config), subnet="198.18.0.0/23")
     try:
         key = state_key(tmp_path / "state", secret)

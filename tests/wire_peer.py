@@ -28,9 +28,12 @@ class Refused(Exception):
 
 
 class WirePeer:
-    def __init__(self, port, host="127.0.0.1", timeout=5.0, rcvbuf=None, pin=None):
-        """pin: speak TLS, as the relay's default wants, to the certificate with this pin."""
+    def __init__(self, port, host="127.0.0.1", timeout=5.0, rcvbuf=None, pin=None, source=None):
+        """pin: speak TLS, as the relay's default wants, to the certificate with this pin.
+        source: the local address to connect from (another member behind another NAT)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if source:
+            self.sock.bind((source, 0))
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
