@@ -85,6 +85,9 @@ TEST_NETS = tuple(
 )
 IFNAMSIZ = 15  # kernel limit for interface names (excluding NUL)
 CMD_TIMEOUT = 10  # seconds; bound for every setup/teardown command
+# ... but `ip netns add` waits for the kernel's lock on network namespaces, which the background
+# teardown of namespaces deleted earlier can hold for seconds on a busy machine (seen: > 10 s)
+NETNS_ADD_TIMEOUT = 60
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
@@ -603,7 +606,7 @@ class Topology(object):
     def _create_namespaces(self):
         for name in self.names:
             full = self.ns(name)
-            _run(["ip", "netns", "add", full])
+            _run(["ip", "netns", "add", full], timeout=NETNS_ADD_TIMEOUT)
             self._created.append(full)  # recorded at once so teardown sees it
             self._ip(name, "link", "set", "lo", "up")
             # Disable IPv6 before any veth exists so the "default" applies to
