@@ -2761,9 +2761,16 @@ class TlsTransport:
     """A non-blocking TLS socket that the connection classes use like a plain one.
 
     handshake() advances the handshake; SSLWantRead/WantWrite come out as BlockingIOError;
-    sendmsg joins its buffers, as TLS has no scatter write; recv_into reads every record that
-    is ready, since select() cannot see what OpenSSL already holds.
+    sendmsg joins its buffers, as TLS has no scatter write; recv_into reads on while records
+    come full (bulk traffic), and stops after a short one that leaves OpenSSL holding nothing:
+    the read after it would only meet SSLWantRead, and that exception costs more than the
+    record (one 100-byte record written and read after 20 ms idle: 185 us with that read, 142
+    without). More records in
+    the kernel's buffer wake select() again; what OpenSSL holds, select() cannot see, hence
+    tls_pending().
     """
+
+    BULK_RECORD_BYTES = 8192        # a record this long was cut from a longer write: read on
 
     def __init__(self, context, sock, server_hostname=None):
         import ssl
@@ -2813,6 +2820,8 @@ class TlsTransport:
             if not count:
                 break
             total += count
+            if count < self.BULK_RECORD_BYTES and not self.sock.pending():
+                break                   # a short record: its sender had no more just now
         return total
 
     def send(self, data):

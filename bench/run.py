@@ -14,8 +14,9 @@ the median of --runs runs:
              setting (no cipher, no auth, tun-mtu 48000), set beside MNEDC's tls = no
   floor      the least work a Python relay can do (bench/floor.py: processes that only pump
              bytes, no handshake, framing or flow control) on the same paths: ping RTT through
-             its TUN pair and relay (blocking threads; and one selectors loop in each process,
-             as MNEDC's design card requires), iperf3 through its stream chain. Rows marked
+             its TUN pair and relay (blocking threads; one selectors loop in each process, as
+             MNEDC's design card requires; and that loop with TLS links, beside MNEDC's
+             default), the TLS TUN end's peak RSS, iperf3 through its stream chain. Rows marked
              (floor) compare MNEDC and OpenVPN with it: what MNEDC's own work costs, and what
              no such relay here can beat
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
@@ -226,13 +227,15 @@ def bench_floor(topo, args):
 
     procs = []
     try:
-        for loop, key in (("threads", "rtt_ms"), ("selectors", "rtt_ms_selectors")):
+        for loop, key in (("threads", "rtt_ms"), ("selectors", "rtt_ms_selectors"), ("tls", "rtt_ms_tls")):
             spawn("srv", ["relay"] + list(FLOOR_PORTS) + [loop], "floor relay listening")
             for name, port in (("a", FLOOR_PORTS[0]), ("b", FLOOR_PORTS[1])):
                 spawn(name, ["tun", FLOOR_SUBNET % (2 if name == "a" else 3), topo.server_ip, port, loop],
                       "floor tun")
             for _ in range(args.runs):
                 floor.add(key, ping_ms(topo, "a", (FLOOR_SUBNET % 3).split("/")[0]))
+            if loop == "tls":               # the TUN ends: the least a Python TLS client takes here
+                floor.add("peak_rss_tls_client_kb", max(peak_rss_kb(proc.pid) for proc in procs[1:]))
             for proc in procs:
                 proc.stop()
             procs = []
@@ -337,7 +340,8 @@ def report(measurements, args):
         if stream:
             goals.append(("(floor) MNEDC stream mode / least-work Python stream chain",
                           ratio(stream.median("gbps"), floor.median("gbps")), None))
-        for loop, key in (("threads", "rtt_ms"), ("one selectors loop", "rtt_ms_selectors")):
+        for loop, key in (("threads", "rtt_ms"), ("one selectors loop", "rtt_ms_selectors"),
+                          ("one selectors loop, TLS", "rtt_ms_tls")):
             if mnedc:
                 goals.append(("(floor) MNEDC RTT / least-work Python relay RTT, %s" % loop,
                               ratio(mnedc.median("rtt_ms"), floor.median(key)), None))
@@ -346,6 +350,9 @@ def report(measurements, args):
                               ratio(floor.median(key), openvpn_default.median("rtt_ms")), None))
     if mnedc:
         goals.append(("client peak RSS with TLS, MB", (mnedc.median("peak_rss_client_kb") or 0) / 1024.0, ("<=", 16)))
+    if floor and floor.median("peak_rss_tls_client_kb"):
+        goals.append(("(floor) least-work Python TLS client (a TUN end of the TLS floor relay) peak RSS, MB",
+                      floor.median("peak_rss_tls_client_kb") / 1024.0, None))
     if scale:
         clients = int(scale.median("clients"))
         goals.append(("seconds for %d clients to join" % clients, scale.median("join_s"), ("<=", 10)))

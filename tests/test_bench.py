@@ -35,5 +35,7 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_floor_and_scale(tmp_path):
     # the least-work Python relay moved real traffic on both of its paths, in both loop styles
     assert figures["floor"]["gbps"] > 0.01 and figures["floor"]["cpu_s_per_gb"] > 0
     assert figures["floor"]["rtt_ms"] > 0 and figures["floor"]["rtt_ms_selectors"] > 0
+    assert figures["floor"]["rtt_ms_tls"] > 0 and figures["floor"]["peak_rss_tls_client_kb"] > 1000
+    assert "(floor) MNEDC RTT / least-work Python relay RTT, one selectors loop, TLS" in table
     assert "(floor) MNEDC stream mode / least-work Python stream chain" in table
     assert "(floor) MNEDC RTT / least-work Python relay RTT, one selectors loop" in table

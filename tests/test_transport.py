@@ -249,3 +249,52 @@ def test_each_script_carries_frames_with_this_class_and_no_copy_of_its_own():
         mine = set(vars(connection)) & {"send_frame", "send_parts", "send_batch", "send_buffers", "flush_queue",
                                         "finish", "half_close", "fileno"}
         assert not mine, "%s writes its own %s" % (connection.__name__, ", ".join(sorted(mine)))
+
+
+class CountingTls:
+    """The SSLSocket under a TlsTransport, counting reads and the reads that met SSLWantRead."""
+
+    def __init__(self, sock):
+        self.sock, self.reads, self.want_reads = sock, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def recv_into(self, view):
+        self.reads += 1
+        try:
+            return self.sock.recv_into(view)
+        except Exception as error:
+            if "WantRead" in type(error).__name__:
+                self.want_reads += 1
+            raise
+
+
+def test_over_tls_a_short_record_comes_up_at_once_and_bulk_records_in_one_read(module, tmp_path):
+    """A small packet's record is handed up without the read after it that could only meet
+    SSLWantRead (an exception that costs more than the record); the records of a bulk write
+    all come up in one call; nothing is lost or reordered either way."""
+    server, client = tls_pair(module, tmp_path)
+    counted = CountingTls(server.sock)
+    server.sock = counted
+    view = memoryview(bytearray(1 << 20))
+    small = [os.urandom(100) for _ in range(3)]
+    for payload in small:                               # three records, as three pings make
+        client.send(payload)
+    got = b""
+    for _ in range(10):
+        if len(got) == 300 or not select.select([counted.sock], [], [], 2)[0]:
+            break
+        count = server.recv_into(view)
+        assert count == 100 and counted.want_reads == 0
+        got += bytes(view[:count])
+    assert got == b"".join(small) and counted.want_reads == 0
+    bulk = os.urandom(120 * 1024)                       # one write: 8 records of up to 16 KB
+    client.sock.setblocking(True)
+    client.sock.sendall(bulk)                           # all of it in the receiver's socket now
+    reads_before = counted.reads
+    count = server.recv_into(view)
+    assert count == len(bulk) and bytes(view[:count]) == bulk
+    assert counted.reads - reads_before == 9            # 8 records and the SSLWantRead that ends them
+    for end in (server, client):
+        end.close()
