@@ -67,7 +67,7 @@ MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH = 16, 29   # the subnets a relay may offer 
 IPV4_SOURCE_AT, IPV4_DESTINATION_AT = 12, 16    # offsets in the IPv4 header (RFC 791)
 ROUTES_FILE = "/proc/net/route"
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
-PORT_TAKEN_BACKOFF_STEPS = 3    # a taken virtual port may be a stale session: ask again in ~10 s
+LISTEN_RETRY_S = 10             # a taken virtual port may be a stale session: ask again this late
 RECV_BYTES = 256 * 1024
 TUN_PACKETS_PER_WAKEUP = 64
 HIGH_WATER_BYTES = 512 * 1024   # relay queue above this: stop reading the TUN (backpressure)
@@ -114,10 +114,13 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 # which never takes over the device's address, so one device may run many of them.
 #
 # Streams (TCP carried over the relay; the server pairs the two ends and relays the frames):
-#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms)
-#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted;
+#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms,
+#                                         LISTEN_REFUSED says why not: that one LISTEN only)
+#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted (a device,
+#                                         address or service, or DEVICE/SERVICE to pin whose);
 #                                         server -> listener: name says who is calling
-#     ACCEPT     id, window               the listener took the stream
+#     ACCEPT     id, window[, name]       the listener took the stream; server -> opener: name
+#                                         says which device answered
 #     DATA       id, bytes                at most the credit the receiver granted
 #     WINDOW     id, increment            the receiver consumed bytes: more credit
 #     EOF        id                       no more DATA this way (half-close)
@@ -125,6 +128,8 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 #     SERVICES / SERVICE_LIST             who is online and which services exist (JSON)
 # Each side numbers the streams it opens: clients odd ids, the server even ones. A sender that
 # exceeds its window is cut off, so every byte in flight is one the receiver has room for.
+# Device_ids and service names are one namespace: a service name is its first device's (the
+# relay keeps it), never shaped like an address or equal to a device_id.
 # The header, the first 7 bytes of HELLO and the ERROR layout never change between versions, so
 # any two versions can tell each other why they refuse.
 
@@ -142,7 +147,8 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 4             # 4: the client proves first; WELCOME's MAC proves the server
+PROTOCOL_VERSION = 5             # 5: LISTEN_REFUSED, ACCEPT names who answered; 4: the client
+                                 # proves first, WELCOME's MAC proves the server
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -170,6 +176,7 @@ FRAME_SERVICES = 17
 FRAME_SERVICE_LIST = 18
 FRAME_RESTARTING = 19
 FRAME_VNET_PACKET = 20
+FRAME_LISTEN_REFUSED = 21
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
@@ -177,7 +184,7 @@ FRAME_NAMES = {
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
     FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
-    FRAME_VNET_PACKET: "VNET_PACKET",
+    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED",
 }
 HELLO_STREAMS = 0x0001
 
@@ -191,12 +198,13 @@ ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
 ERROR_KICKED = 9
 ERROR_LIMIT = 10
+ERROR_NAME_TAKEN = 11       # a service name or device_id that is another device's, or not allowed
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
     ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
-    ERROR_LIMIT: "limit reached",
+    ERROR_LIMIT: "limit reached", ERROR_NAME_TAKEN: "name taken",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -220,6 +228,7 @@ MAX_ERROR_TEXT_BYTES = 400
 MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
+PEER_NAME_CHARS = DEVICE_ID_CHARS | frozenset(" ()/")  # "dev (198.18.0.2)", "dev/service"
 
 KEY_SALT = b"MNEDC network key"
 KEY_ROUNDS = 20000
@@ -234,7 +243,8 @@ WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key,
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
 OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
-ACCEPT = struct.Struct("!II")            # stream id, window
+ACCEPT = struct.Struct("!II")            # stream id, window, then who answered (may be empty)
+LISTEN_REFUSED = struct.Struct("!HB")    # port, code, then UTF-8 text
 STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
 WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
@@ -501,8 +511,14 @@ def decode_error(payload):
     """(code, text); never fails on odd text, since it only goes into a log line."""
     if len(payload) < ERROR.size:
         raise ProtocolError("empty ERROR frame")
-    text = payload[ERROR.size:ERROR.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
-    return payload[0], "".join(c if c.isprintable() else "?" for c in text)
+    return payload[0], log_safe_text(payload[ERROR.size:])
+
+
+def log_safe_text(raw):
+    """A peer's words for a log line: UTF-8 as far as it goes, no control characters (a terminal
+    escape), at most MAX_ERROR_TEXT_BYTES."""
+    text = bytes(raw[:MAX_ERROR_TEXT_BYTES]).decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def check_ping(payload):
@@ -544,20 +560,38 @@ def decode_open(payload):
         name = raw.decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("OPEN peer name is not ASCII")
-    if not name or not set(name) <= DEVICE_ID_CHARS | frozenset(" ()"):
+    if not name or not set(name) <= PEER_NAME_CHARS:
         raise ProtocolError("OPEN peer name %r is not usable" % name)
     return stream_id, port, window, name
 
 
-def encode_accept(stream_id, window):
-    return ACCEPT.pack(stream_id, window)
+def encode_accept(stream_id, window, answered_by=""):
+    return ACCEPT.pack(stream_id, window) + answered_by.encode("ascii")
 
 
 def decode_accept(payload):
-    """(stream id, window)."""
-    if len(payload) != ACCEPT.size:
+    """(stream id, window, who answered or '')."""
+    if len(payload) < ACCEPT.size or len(payload) > ACCEPT.size + MAX_NAME_BYTES + 18:
         raise ProtocolError("ACCEPT of %d bytes" % len(payload))
-    return ACCEPT.unpack(payload)
+    try:
+        answered_by = payload[ACCEPT.size:].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("ACCEPT names a device that is not ASCII")
+    if not set(answered_by) <= PEER_NAME_CHARS:
+        raise ProtocolError("ACCEPT names an unusable device %r" % answered_by)
+    return ACCEPT.unpack_from(payload) + (answered_by,)
+
+
+def encode_listen_refused(port, code, text):
+    return LISTEN_REFUSED.pack(port, code) + text.encode("utf-8")[:MAX_ERROR_TEXT_BYTES]
+
+
+def decode_listen_refused(payload):
+    """(port, code, text): the relay refused the LISTEN for port; the session goes on."""
+    if len(payload) < LISTEN_REFUSED.size:
+        raise ProtocolError("LISTEN_REFUSED of %d bytes" % len(payload))
+    port, code = LISTEN_REFUSED.unpack_from(payload)
+    return port, code, log_safe_text(payload[LISTEN_REFUSED.size:])
 
 
 def data_frame_head(stream_id, data):
@@ -608,8 +642,7 @@ def decode_reset(payload):
     if len(payload) < RESET.size:
         raise ProtocolError("RESET of %d bytes" % len(payload))
     stream_id, code = RESET.unpack_from(payload)
-    text = payload[RESET.size:RESET.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
-    return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
+    return stream_id, code, log_safe_text(payload[RESET.size:])
 
 
 def encode_restarting(window_s):
@@ -849,7 +882,7 @@ class FrameTransport:
 #
 # Each stage before established must finish within its timeout, or the attempt is closed.
 
-FATAL_SERVER_ERRORS = (ERROR_AUTH, ERROR_VERSION)
+FATAL_SERVER_ERRORS = (ERROR_AUTH, ERROR_VERSION, ERROR_NAME_TAKEN)
 
 
 class RelayLink(FrameTransport):
@@ -1628,8 +1661,6 @@ class RelayClient:
             self.failures = 0           # a restart is not a failure of ours: come back quickly
         elif code == ERROR_KICKED:
             self.log.warning("the operator disconnected this device: %s" % text)
-        elif code == ERROR_PORT_TAKEN:  # another listener has it: ask again, but not every second
-            self.failures = max(self.failures, PORT_TAKEN_BACKOFF_STEPS)
         elif code == ERROR_REPLACED:    # two devices share a device_id: do not fight every second
             self.failures = max(self.failures, REPLACED_BACKOFF_STEPS)
             self.log.error("another connection took over device_id %s (%s): if that is another "
@@ -1976,6 +2007,7 @@ class StreamClient(RelayClient):
         self.pending_locals = []        # (socket, deadline) waiting for the relay
         self.local_listener = None
         self.stdio_flags = {}
+        self.listen_retry = None        # a timer to ask for a port that was taken
         # one-shot commands fail rather than wait for a relay that is not there
         self.retry_forever = command == "listen" or (command == "connect" and forward is not None)
 
@@ -2013,7 +2045,8 @@ class StreamClient(RelayClient):
         if self.command == "services":
             self.send_frame(FRAME_SERVICES, b"")
         elif self.command == "listen":
-            self.send_frame(FRAME_LISTEN, encode_listen(self.port, self.service))
+            self.cancel_listen_retry()
+            self.ask_to_listen()
         elif self.forward is None:
             self.open_stream(stdio=(0, 1))
         else:
@@ -2033,6 +2066,28 @@ class StreamClient(RelayClient):
         self.log.info("listening on virtual port %d%s of device %s" % (
             port, " as service %s" % service if service else "", self.config.device_id))
 
+    def on_listen_refused(self, payload):
+        """The relay refused our LISTEN (the session goes on): a port that another session of
+        this device holds may be a stale one, so ask again; a name that is not ours is final."""
+        port, code, text = decode_listen_refused(payload)
+        what = "virtual port %d%s" % (port, " as service %s" % self.service if self.service else "")
+        if code == ERROR_PORT_TAKEN:
+            self.log.warning("the relay refused %s: %s: %s; asking again in %d s"
+                             % (what, ERROR_NAMES[code], text, LISTEN_RETRY_S))
+            self.cancel_listen_retry()
+            self.listen_retry = self.loop.call_later(LISTEN_RETRY_S, self.ask_to_listen)
+            return
+        self.fatal("the relay refused %s: %s: %s" % (what, ERROR_NAMES.get(code, "error %d" % code), text))
+
+    def ask_to_listen(self):
+        self.listen_retry = None
+        self.send_frame(FRAME_LISTEN, encode_listen(self.port, self.service))
+
+    def cancel_listen_retry(self):
+        if self.listen_retry is not None:
+            self.listen_retry.cancel()
+            self.listen_retry = None
+
     def on_service_list(self, payload):
         import json
         try:
@@ -2045,6 +2100,7 @@ class StreamClient(RelayClient):
         self.stop("done", linger=True)
 
     def on_link_lost(self, reason):
+        self.cancel_listen_retry()
         for stream in list(self.streams.values()):
             stream.on_reset(RESET_RELAY_LOST, reason)
 
@@ -2113,10 +2169,11 @@ class StreamClient(RelayClient):
         stream.end(False, "closed suddenly: %s" % text)
 
     def on_accept(self, payload):
-        stream_id, window = decode_accept(payload)
+        stream_id, window, answered_by = decode_accept(payload)
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.started:
-            self.log.info("Connection with %s established" % stream.peer)
+            self.log.info("Connection with %s established%s" % (
+                stream.peer, ", answered by %s" % answered_by if answered_by else ""))
             stream.start(window)
 
     def on_data(self, payload):
@@ -2193,6 +2250,7 @@ STREAM_CLIENT_HANDLERS = {
     FRAME_ACCEPT: StreamClient.on_accept, FRAME_DATA: StreamClient.on_data,
     FRAME_WINDOW: StreamClient.on_window, FRAME_EOF: StreamClient.on_eof,
     FRAME_RESET: StreamClient.on_reset, FRAME_SERVICE_LIST: StreamClient.on_service_list,
+    FRAME_LISTEN_REFUSED: StreamClient.on_listen_refused,
 }
 
 
@@ -3434,7 +3492,9 @@ def build_parser():
                     "ssh -o ProxyCommand='mnedc_client.py connect %%h 22' DEVICE")
     connect.add_argument("--once", action="store_true", help="serve one local connection, then exit")
     connect.add_argument("--forward", metavar="TCPPORT", type=port_number, help="local TCP port to listen on")
-    connect.add_argument("peer", metavar="PEER", type=peer_name, help="virtual IP, device_id or service name")
+    connect.add_argument("peer", metavar="PEER", type=peer_name,
+                         help="virtual IP, device_id or service name; DEVICE/SERVICE takes that service only "
+                              "if it is that device's")
     connect.add_argument("port", metavar="PORT", type=port_number, nargs="?", default=0, help="the peer's virtual port")
     services = commands.add_parser("services", parents=[common], help="list devices and named services")
     services.add_argument("--json", action="store_true", help="machine-readable output")
@@ -3458,10 +3518,17 @@ def service_name(text):
 
 
 def peer_name(text):
-    """A virtual IP (four numbers) or else a device_id or service name."""
+    """A virtual IP (four numbers), a device_id or service name, or DEVICE/SERVICE."""
     parts = text.split(".")
     if len(parts) == 4 and all(part.isdigit() and int(part) < 256 for part in parts):
         return text
+    if "/" in text:
+        device_id, _, service = text.partition("/")
+        try:
+            check_device_id(device_id)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error))
+        return "%s/%s" % (device_id, service_name(service))
     return service_name(text)
 
 

@@ -14,11 +14,12 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   interface   TUN interface name                        (default mnedc0)
   mtu         TUN interface MTU, up to 65525                (default 65520)
   offload     yes or no: TSO and checksum offload on the TUN (default yes)
-  state_dir   where leases.json and the secret live     (default /var/lib/mnedc)
+  state_dir   where leases.json, names.json and the secret live (default /var/lib/mnedc)
   keepalive   seconds without a frame before a client is presumed dead (default 30)
   keys_file   per-device secrets: DEVICE_ID SECRET, or DEVICE_ID revoked (SIGHUP reloads)
   network_secret  no: only devices in keys_file may join (default yes)
-  policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all)
+  policy_file who may reach whom: allow|deny FROM -> TO [port N] rules (default allow all),
+              and who may offer which service names: name SERVICE[,...] by WHO
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
   max_streams_per_client, max_new_leases_per_minute   limits (default 1024, 256, 256, 65535,
               1048576, 64, 60 per source address; README)
@@ -27,7 +28,8 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
               server_pin); tls_client_ca requires client certificates whose commonName is the
               device_id. no (or --no-tls): plaintext, which clients must set too
   allow_plaintext  yes: a TLS relay also takes clients without TLS (a migration; default no)
-  control_socket  the Unix socket for status and kick (default /var/run/mnedc/server.sock)
+  control_socket  the Unix socket for status, kick, forget and forget-name
+              (default /var/run/mnedc/server.sock)
   on_join, on_leave  scripts (absolute paths) run when a device joins or leaves
   restart_window  seconds over which clients spread their return after a restart (default 10)
   log_level   debug, info, warning or error                  (default info)
@@ -74,6 +76,8 @@ TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte a TLS client sends (RFC 8446 5
 TOTAL_QUEUE_BYTES = 64 * 1024 * 1024   # all send queues together: past it the fullest is cut off
 MAX_SERVICES_PER_SESSION = 16
 MAX_SERVICES = 1024
+MAX_NAMES_PER_DEVICE = 32       # service names one device may own (claims outlive its sessions) ...
+MAX_CLAIMED_NAMES = 4096        # ... and all devices together: minted device_ids cannot fill the file
 FRAMES_PER_WAKEUP = 256        # one connection's frames handled per turn of the loop: the rest wait
                                 # for the next turn, after everyone else's (a flood holds nobody up)
 SERVICES_PER_S = 2.0            # SERVICES answered per session and second (a burst of 4): past it,
@@ -92,6 +96,8 @@ MAX_RUNNING_HOOKS = 4           # hook processes at once; the next ones wait in 
 MAX_QUEUED_HOOKS = 64           # ... of this many, past which they are dropped and counted
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # all a hook inherits, with MNEDC_*
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
+MAX_REMEMBERED_LISTENERS = 4096 # stream-only devices that listened, known by name while offline
+LISTEN_RETRY_S = 10             # a port another session of the device holds: the client asks again
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -128,10 +134,13 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 # which never takes over the device's address, so one device may run many of them.
 #
 # Streams (TCP carried over the relay; the server pairs the two ends and relays the frames):
-#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms)
-#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted;
+#     LISTEN     port, service name       a session offers a virtual port (LISTENING confirms,
+#                                         LISTEN_REFUSED says why not: that one LISTEN only)
+#     OPEN       id, port, window, name   opener -> server: name is the PEER wanted (a device,
+#                                         address or service, or DEVICE/SERVICE to pin whose);
 #                                         server -> listener: name says who is calling
-#     ACCEPT     id, window               the listener took the stream
+#     ACCEPT     id, window[, name]       the listener took the stream; server -> opener: name
+#                                         says which device answered
 #     DATA       id, bytes                at most the credit the receiver granted
 #     WINDOW     id, increment            the receiver consumed bytes: more credit
 #     EOF        id                       no more DATA this way (half-close)
@@ -139,6 +148,8 @@ LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to 
 #     SERVICES / SERVICE_LIST             who is online and which services exist (JSON)
 # Each side numbers the streams it opens: clients odd ids, the server even ones. A sender that
 # exceeds its window is cut off, so every byte in flight is one the receiver has room for.
+# Device_ids and service names are one namespace: a service name is its first device's (the
+# relay keeps it), never shaped like an address or equal to a device_id.
 # The header, the first 7 bytes of HELLO and the ERROR layout never change between versions, so
 # any two versions can tell each other why they refuse.
 
@@ -156,7 +167,8 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 4             # 4: the client proves first; WELCOME's MAC proves the server
+PROTOCOL_VERSION = 5             # 5: LISTEN_REFUSED, ACCEPT names who answered; 4: the client
+                                 # proves first, WELCOME's MAC proves the server
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -184,6 +196,7 @@ FRAME_SERVICES = 17
 FRAME_SERVICE_LIST = 18
 FRAME_RESTARTING = 19
 FRAME_VNET_PACKET = 20
+FRAME_LISTEN_REFUSED = 21
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
@@ -191,7 +204,7 @@ FRAME_NAMES = {
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
     FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
-    FRAME_VNET_PACKET: "VNET_PACKET",
+    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED",
 }
 HELLO_STREAMS = 0x0001
 
@@ -205,12 +218,13 @@ ERROR_TIMEOUT = 7
 ERROR_PORT_TAKEN = 8
 ERROR_KICKED = 9
 ERROR_LIMIT = 10
+ERROR_NAME_TAKEN = 11       # a service name or device_id that is another device's, or not allowed
 ERROR_NAMES = {
     ERROR_VERSION: "version mismatch", ERROR_AUTH: "authentication failed",
     ERROR_POOL_FULL: "address pool full", ERROR_REPLACED: "replaced",
     ERROR_PROTOCOL: "protocol error", ERROR_SHUTDOWN: "server shutting down",
     ERROR_TIMEOUT: "timeout", ERROR_PORT_TAKEN: "port taken", ERROR_KICKED: "disconnected by the operator",
-    ERROR_LIMIT: "limit reached",
+    ERROR_LIMIT: "limit reached", ERROR_NAME_TAKEN: "name taken",
 }
 
 RESET_REFUSED = 1           # nothing listens there, or the forward target refused
@@ -234,6 +248,7 @@ MAX_ERROR_TEXT_BYTES = 400
 MAX_PING_BYTES = 64
 DEVICE_ID_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:@")
+PEER_NAME_CHARS = DEVICE_ID_CHARS | frozenset(" ()/")  # "dev (198.18.0.2)", "dev/service"
 
 KEY_SALT = b"MNEDC network key"
 KEY_ROUNDS = 20000
@@ -248,7 +263,8 @@ WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key,
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
 OPEN = struct.Struct("!IHI")             # stream id, port, window, then a peer name
-ACCEPT = struct.Struct("!II")            # stream id, window
+ACCEPT = struct.Struct("!II")            # stream id, window, then who answered (may be empty)
+LISTEN_REFUSED = struct.Struct("!HB")    # port, code, then UTF-8 text
 STREAM_ID = struct.Struct("!I")          # DATA and EOF: stream id (DATA: then the bytes)
 WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
@@ -515,8 +531,14 @@ def decode_error(payload):
     """(code, text); never fails on odd text, since it only goes into a log line."""
     if len(payload) < ERROR.size:
         raise ProtocolError("empty ERROR frame")
-    text = payload[ERROR.size:ERROR.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
-    return payload[0], "".join(c if c.isprintable() else "?" for c in text)
+    return payload[0], log_safe_text(payload[ERROR.size:])
+
+
+def log_safe_text(raw):
+    """A peer's words for a log line: UTF-8 as far as it goes, no control characters (a terminal
+    escape), at most MAX_ERROR_TEXT_BYTES."""
+    text = bytes(raw[:MAX_ERROR_TEXT_BYTES]).decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def check_ping(payload):
@@ -558,20 +580,38 @@ def decode_open(payload):
         name = raw.decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("OPEN peer name is not ASCII")
-    if not name or not set(name) <= DEVICE_ID_CHARS | frozenset(" ()"):
+    if not name or not set(name) <= PEER_NAME_CHARS:
         raise ProtocolError("OPEN peer name %r is not usable" % name)
     return stream_id, port, window, name
 
 
-def encode_accept(stream_id, window):
-    return ACCEPT.pack(stream_id, window)
+def encode_accept(stream_id, window, answered_by=""):
+    return ACCEPT.pack(stream_id, window) + answered_by.encode("ascii")
 
 
 def decode_accept(payload):
-    """(stream id, window)."""
-    if len(payload) != ACCEPT.size:
+    """(stream id, window, who answered or '')."""
+    if len(payload) < ACCEPT.size or len(payload) > ACCEPT.size + MAX_NAME_BYTES + 18:
         raise ProtocolError("ACCEPT of %d bytes" % len(payload))
-    return ACCEPT.unpack(payload)
+    try:
+        answered_by = payload[ACCEPT.size:].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("ACCEPT names a device that is not ASCII")
+    if not set(answered_by) <= PEER_NAME_CHARS:
+        raise ProtocolError("ACCEPT names an unusable device %r" % answered_by)
+    return ACCEPT.unpack_from(payload) + (answered_by,)
+
+
+def encode_listen_refused(port, code, text):
+    return LISTEN_REFUSED.pack(port, code) + text.encode("utf-8")[:MAX_ERROR_TEXT_BYTES]
+
+
+def decode_listen_refused(payload):
+    """(port, code, text): the relay refused the LISTEN for port; the session goes on."""
+    if len(payload) < LISTEN_REFUSED.size:
+        raise ProtocolError("LISTEN_REFUSED of %d bytes" % len(payload))
+    port, code = LISTEN_REFUSED.unpack_from(payload)
+    return port, code, log_safe_text(payload[LISTEN_REFUSED.size:])
 
 
 def data_frame_head(stream_id, data):
@@ -622,8 +662,7 @@ def decode_reset(payload):
     if len(payload) < RESET.size:
         raise ProtocolError("RESET of %d bytes" % len(payload))
     stream_id, code = RESET.unpack_from(payload)
-    text = payload[RESET.size:RESET.size + MAX_ERROR_TEXT_BYTES].decode("utf-8", "replace")
-    return stream_id, code, "".join(c if c.isprintable() else "?" for c in text)
+    return stream_id, code, log_safe_text(payload[RESET.size:])
 
 
 def encode_restarting(window_s):
@@ -881,6 +920,144 @@ class TooManyNewLeases(Exception):
     """One source address asked for more new leases within a minute than max_new_leases_per_minute."""
 
 
+class NameTaken(Exception):
+    """A device_id that is another device's service name."""
+
+
+class ListenRefused(Exception):
+    """One LISTEN cannot be had; code is an ERROR_* value. The session goes on."""
+
+    def __init__(self, code, text):
+        Exception.__init__(self, text)
+        self.code = code
+
+
+def is_address_shaped(name):
+    """Whether a name could be read as an IPv4 address (one to four dotted numbers, as
+    inet_aton takes them): such a service name would shadow a device's address."""
+    parts = name.split(".")
+    return len(parts) <= 4 and all(part.isdigit() or part[:2].lower() == "0x" for part in parts)
+
+
+class ServiceNames:
+    """Who owns which service name, kept in state_dir/names.json.
+
+    A name is the device's that first offered it, and stays that device's while it is away and
+    across restarts of the relay, until the operator frees it (forget-name NAME, or forget
+    DEVICE_ID). So nobody can take over pi-ssh by offering it first while its device is off.
+    The file also remembers the stream-only devices that listened (newest MAX_REMEMBERED_
+    LISTENERS): their device_ids are known names while they are offline, so no service can
+    take one. Written atomically: what the operator frees at once, new claims and listeners
+    at the next tick (save_if_dirty), so a burst of them costs one fsync, not one each.
+    """
+
+    def __init__(self, path, log):
+        self.path = path
+        self.log = log
+        self.owners = {}            # service name -> device_id
+        self.counts = {}            # device_id -> how many names it owns
+        self.listeners = {}         # stream-only device_id -> first time it listened (epoch s)
+        self.dirty = False
+
+    def load(self):
+        try:
+            with open(self.path) as source:
+                stored = json.load(source)
+            owners, listeners = dict(stored["names"]), dict(stored.get("listeners", {}))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            aside = "%s.corrupt-%d" % (self.path, time.time())
+            os.replace(self.path, aside)
+            self.log.error("service name file %s is unreadable (%s); moved it to %s and starting "
+                           "with no names claimed" % (self.path, error, aside))
+            return
+        for name, owner in owners.items():
+            try:
+                self.owners[check_device_id(name)] = check_device_id(owner)
+            except (ValueError, TypeError):
+                self.log.warning("ignoring malformed service name claim %r -> %r" % (name, owner))
+                continue
+            self.counts[owner] = self.counts.get(owner, 0) + 1
+        for device_id, since in listeners.items():
+            try:
+                self.listeners[check_device_id(device_id)] = float(since)
+            except (ValueError, TypeError):
+                self.log.warning("ignoring malformed listener record %r" % device_id)
+
+    def save(self):
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as sink:
+            json.dump({"names": self.owners, "listeners": self.listeners}, sink, indent=1, sort_keys=True)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, self.path)
+        self.dirty = False
+
+    def save_if_dirty(self):
+        if self.dirty:
+            self.save_or_log()
+
+    def owner(self, name):
+        return self.owners.get(name)
+
+    def count_of(self, device_id):
+        return self.counts.get(device_id, 0)
+
+    def names_of(self, device_id):
+        if not self.counts.get(device_id):
+            return []
+        return sorted(name for name, owner in self.owners.items() if owner == device_id)
+
+    def claim(self, name, device_id):
+        """Make name device_id's (it is free, the caller checked); True if that is new."""
+        if self.owners.get(name) == device_id:
+            return False
+        self.owners[name] = device_id
+        self.counts[device_id] = self.counts.get(device_id, 0) + 1
+        self.dirty = True
+        self.log.info("service name %s is now device %s's" % (name, device_id))
+        return True
+
+    def note_listener(self, device_id, now):
+        if device_id in self.listeners:
+            return
+        if len(self.listeners) >= MAX_REMEMBERED_LISTENERS:
+            owning = set(self.owners.values())
+            oldest = min((since, d) for d, since in self.listeners.items() if d not in owning) \
+                if len(owning) < len(self.listeners) else None
+            if oldest is None:
+                return
+            del self.listeners[oldest[1]]
+        self.listeners[device_id] = now
+        self.dirty = True
+
+    def release(self, name):
+        owner = self.owners.pop(name)
+        self.counts[owner] -= 1
+        self.save_or_log()
+        return owner
+
+    def release_device(self, device_id):
+        """Forget device_id's names and listener record; the names it held."""
+        names = self.names_of(device_id)
+        for name in names:
+            del self.owners[name]
+        self.counts.pop(device_id, None)
+        if names or self.listeners.pop(device_id, None) is not None:
+            self.save_or_log()
+        return names
+
+    def save_or_log(self):
+        """A claim holds in memory when the disk fails, and the next tick tries again."""
+        try:
+            self.save()
+        except OSError as error:
+            self.dirty = True
+            self.log.limited(("names", self.path), "error", "cannot save service names to %s: %s"
+                             % (self.path, describe_error(error)))
+
+
 class LeaseTable:
     """Sticky virtual addresses: device_id -> address, kept in state_dir/leases.json.
 
@@ -1054,10 +1231,6 @@ class StreamRefused(Exception):
         self.code = code
 
 
-class PortTaken(Exception):
-    """Another session already offers that virtual port or service name."""
-
-
 class RelayedStream:
     """One stream between two stream sessions: two (session, stream id) ends.
 
@@ -1080,14 +1253,19 @@ class RelayedStream:
 class StreamSwitch:
     """Virtual ports, service names and the streams between stream sessions."""
 
-    def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online, permits):
+    def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online, permits,
+                 names, name_problem):
         """device_of(name): the device_id a virtual IP or device_id names, or None;
         online(device_id): whether any session of that device is connected;
-        permits(from device, to device, port): whether the access policy lets a stream through."""
+        permits(from device, to device, port): whether the access policy lets a stream through;
+        names: the ServiceNames claimed; name_problem(device_id, name): why that device may not
+        offer a service by that name, or None."""
         self.log = log
         self.device_of = device_of
         self.online = online
         self.permits = permits
+        self.names = names
+        self.name_problem = name_problem
         self.max_window_bytes = max_window_bytes
         self.max_streams = max_streams_per_session
         self.listeners = {}         # (device_id, port) -> session
@@ -1100,24 +1278,32 @@ class StreamSwitch:
     # -- ports and names --
 
     def listen(self, session, port, service):
+        """Give session the port (and the service name), or ListenRefused: that LISTEN only."""
         key = (session.device_id, port)
         holder = self.listeners.get(key)
         if holder is not None and holder is not session:
-            raise PortTaken("virtual port %d of %s is taken by another listener (%s)"
-                            % (port, session.device_id, holder.remote))
+            raise ListenRefused(ERROR_PORT_TAKEN, "virtual port %d of %s is taken by another listener (%s)"
+                                % (port, session.device_id, holder.remote))
         if service:
+            problem = self.name_problem(session.device_id, service)
+            if problem:
+                raise ListenRefused(ERROR_NAME_TAKEN, problem)
             taken = self.services.get(service)
-            if taken is not None and taken[0] is not session:
-                raise PortTaken("service name %s is already offered by %s port %d"
-                                % (service, taken[0].device_id, taken[1]))
-            for name in [n for n, (holder, p) in self.services.items() if holder is session and p == port]:
+            if taken is not None and taken[0] is not session:       # the same device, another session
+                raise ListenRefused(ERROR_PORT_TAKEN, "service name %s is offered by another session of %s "
+                                    "(%s, port %d)" % (service, session.device_id, taken[0].remote, taken[1]))
+            renamed = [n for n, (holder, p) in self.services.items() if holder is session and p == port]
+            own = sum(1 for holder, _ in self.services.values() if holder is session) - len(renamed)
+            if own >= MAX_SERVICES_PER_SESSION or len(self.services) - len(renamed) >= MAX_SERVICES:
+                raise ListenRefused(ERROR_LIMIT, "too many service names (%d per session, %d in all)"
+                                    % (MAX_SERVICES_PER_SESSION, MAX_SERVICES))
+            for name in renamed:
                 del self.services[name]     # one name per port: a new LISTEN renames it
-            own = sum(1 for holder, _ in self.services.values() if holder is session)
-            if own >= MAX_SERVICES_PER_SESSION or len(self.services) >= MAX_SERVICES:
-                raise PortTaken("too many service names (%d per session, %d in all)"
-                                % (MAX_SERVICES_PER_SESSION, MAX_SERVICES))
+            self.names.claim(service, session.device_id)
             self.services[service] = (session, port)
             self.version += 1
+        if session.address == NO_ADDRESS:
+            self.names.note_listener(session.device_id, time.time())
         self.listeners[key] = session
 
     def forget_session(self, session, why):
@@ -1161,14 +1347,25 @@ class StreamSwitch:
         self.streams[(listener, listener_id)] = (stream, 1)
         for session in (opener, listener):
             self.open_counts[session] = self.open_counts.get(session, 0) + 1
-        caller = opener.device_id if opener.address == NO_ADDRESS else \
-            "%s (%s)" % (opener.device_id, ipv4_text(opener.address))
+        caller = opener.label()
         listener.send_frame(FRAME_OPEN, encode_open(listener_id, port, window, caller))
         self.log.debug("stream %s -> %s opened" % (caller, label))
 
     def resolve(self, target, port):
-        """(device_id, port) that target names: a virtual IP, a device_id or a service name."""
-        device_id = self.device_of(target)
+        """(device_id, port) that target names: a virtual IP, a device_id, a service name, or
+        DEVICE/SERVICE: that service only if it is that device's."""
+        pinned, _, service = target.rpartition("/")
+        if pinned:
+            owner = self.names.owner(service)
+            if owner != pinned:
+                raise StreamRefused(RESET_UNKNOWN_PEER, "%s has no service called %s%s" % (
+                    pinned, service, " (that name is %s's)" % owner if owner else ""))
+            entry = self.services.get(service)
+            if entry is None:
+                raise StreamRefused(RESET_UNREACHABLE, "%s does not offer %s now" % (pinned, service))
+            device_id, port = owner, port or entry[1]
+        else:
+            device_id = self.device_of(target)
         if device_id is None:
             entry = self.services.get(target)
             if entry is None:
@@ -1190,7 +1387,7 @@ class StreamSwitch:
         stream.accepted = True
         stream.credit[0] = window
         opener, opener_id = stream.ends[0]
-        opener.send_frame(FRAME_ACCEPT, encode_accept(opener_id, window))
+        opener.send_frame(FRAME_ACCEPT, encode_accept(opener_id, window, session.label()))
 
     def data(self, session, stream_id, data):
         stream, index = self.lookup(session, stream_id)
@@ -1322,17 +1519,21 @@ class Policy:
 
         group NAME = DEVICE_ID ...              name a set of devices (use it as @NAME)
         allow|deny FROM -> TO [port N[,M...]]   FROM and TO: a device_id, @NAME, or *
+        name SERVICE[,SERVICE...] by WHO        only WHO (a device_id, @NAME or *) may offer
+                                                these service names; SERVICE * is every name
 
     A rule with ports governs streams to those virtual ports and TUN packets to those TCP or
     UDP destination ports; one without governs all streams and packets. Packets are judged one
     by one in the direction they travel, so a TCP conversation over TUN needs both directions
     allowed (the replies go to the caller's own port). The relay host's own TUN is (server).
+    Service names no name rule covers go to the first device that offers one (ServiceNames).
     """
 
     def __init__(self, path):
         self.path = path
         self.groups = {}
         self.rules = []             # (allow?, from, to, ports or None)
+        self.name_rules = []        # (service names or None for all, who)
         self.verdicts = {}          # (from, to, port) -> allowed, for the packet path
         self.port_rules = False
         with open(path, encoding="utf-8") as source:
@@ -1350,6 +1551,13 @@ class Policy:
                 raise ValueError("want: group NAME = DEVICE_ID ...")
             self.groups[words[1]] = set(check_device_id(word) for word in words[3:])
             return
+        if words[0] == "name":
+            if len(words) != 4 or words[2] != "by":
+                raise ValueError("want: name SERVICE[,SERVICE...] by DEVICE_ID|@GROUP|*")
+            names = None if words[1] == "*" else set(check_device_id(name) for name in words[1].split(","))
+            self.check_pattern(words[3])
+            self.name_rules.append((names, words[3]))
+            return
         if words[0] not in ("allow", "deny") or len(words) not in (4, 6) or words[2] != "->":
             raise ValueError("want: allow|deny FROM -> TO [port N[,M...]] or group NAME = ...")
         ports = None
@@ -1358,18 +1566,30 @@ class Policy:
                 raise ValueError("want 'port N' after the TO")
             ports = set(parse_int(port, 1, 65535) for port in words[5].split(","))
         for pattern in (words[1], words[3]):
-            if pattern.startswith("@") and pattern[1:] not in self.groups:
-                raise ValueError("group %s is not defined above" % pattern[1:])
-            if pattern != "*" and not pattern.startswith("@") and pattern != "(server)":
-                check_device_id(pattern)
+            self.check_pattern(pattern)
         self.rules.append((words[0] == "allow", words[1], words[3], ports))
         self.port_rules = self.port_rules or ports is not None
+
+    def check_pattern(self, pattern):
+        if pattern.startswith("@") and pattern[1:] not in self.groups:
+            raise ValueError("group %s is not defined above" % pattern[1:])
+        if pattern != "*" and not pattern.startswith("@") and pattern != "(server)":
+            check_device_id(pattern)
+
+    def may_offer(self, device_id, name):
+        """Whether device_id may offer the service name: the first name rule that covers it
+        decides; with none, whoever offers it first."""
+        for names, who in self.name_rules:
+            if names is None or name in names:
+                return self.matches(who, device_id)
+        return True
 
     def named_devices(self):
         """Every device_id a rule names, itself or through a group."""
         names = set()
-        for _, from_pattern, to_pattern, _ in self.rules:
-            for pattern in (from_pattern, to_pattern):
+        patterns = [(from_pattern, to_pattern) for _, from_pattern, to_pattern, _ in self.rules]
+        for pair in patterns + [(who,) for _, who in self.name_rules]:
+            for pattern in pair:
                 if pattern.startswith("@"):
                     names |= self.groups[pattern[1:]]
                 elif pattern not in ("*", "(server)"):
@@ -1553,6 +1773,10 @@ class ClientConnection(FrameTransport):
 
     def __repr__(self):
         return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
+
+    def label(self):
+        """How the other end of a stream is told who this is: "kitchen-pi (198.18.0.7)"."""
+        return self.device_id if self.address == NO_ADDRESS else "%s (%s)" % (self.device_id, ipv4_text(self.address))
 
     def name(self):
         if self.address == NO_ADDRESS:
@@ -1740,6 +1964,9 @@ class ClientConnection(FrameTransport):
         except TooManyNewLeases as error:
             self.refuse(ERROR_LIMIT, str(error))
             return
+        except NameTaken as error:
+            self.refuse(ERROR_NAME_TAKEN, str(error))
+            return
         self.reader.max_payload = self.server.config.max_frame_bytes
         self.stage = "established"
         self.server.handshaking.pop(self, None)
@@ -1780,8 +2007,10 @@ class ClientConnection(FrameTransport):
             raise ProtocolError("LISTEN on port 0")
         try:
             self.server.switch.listen(self, port, service)
-        except PortTaken as error:
-            self.refuse(ERROR_PORT_TAKEN, str(error))
+        except ListenRefused as refused:
+            self.server.log.limited(("listen", self.device_id), "warning", "refused %s the LISTEN on port %d%s: %s"
+                                    % (self.name(), port, " as %s" % service if service else "", refused))
+            self.send_frame(FRAME_LISTEN_REFUSED, encode_listen_refused(port, refused.code, str(refused)))
             return
         self.send_frame(FRAME_LISTENING, payload)
         self.server.log.info("%s listens on virtual port %d%s"
@@ -1797,7 +2026,8 @@ class ClientConnection(FrameTransport):
             self.send_frame(FRAME_RESET, encode_reset(stream_id, refused.code, str(refused)))
 
     def on_accept(self, frame_type, payload):
-        self.server.switch.accept(self, *decode_accept(payload))
+        stream_id, window, _ = decode_accept(payload)     # the relay, not the listener, says who answered
+        self.server.switch.accept(self, stream_id, window)
 
     def on_data(self, frame_type, payload):
         stream_id, data = decode_data(payload)
@@ -2024,8 +2254,9 @@ class RelayServer:
         self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
         self.routes = RouteTable()
         self.stream_sessions = {}       # device_id -> its connected stream sessions
+        self.names = ServiceNames(os.path.join(config.state_dir, "names.json"), log)
         self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, config.max_streams_per_client,
-                                   self.device_of, self.online, self.permits)
+                                   self.device_of, self.online, self.permits, self.names, self.name_problem)
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.queued_bytes = 0           # in every connection's send queue together
@@ -2041,8 +2272,10 @@ class RelayServer:
     def start(self):
         """Load leases, bind, open TUN; raises OSError with a clear message if it cannot."""
         self.leases.load()
-        self.log.info("subnet %s: %d client addresses, %d leased"
-                      % (self.leases.subnet_text(), self.leases.capacity(), len(self.leases.leases)))
+        self.names.load()
+        self.log.info("subnet %s: %d client addresses, %d leased; %d service names claimed"
+                      % (self.leases.subnet_text(), self.leases.capacity(), len(self.leases.leases),
+                         len(self.names.owners)))
         self.listener = RelayListener(self, self._bind(self.config.listen))
         self.loop.set_interest(self.listener, selectors.EVENT_READ)
         host, port = self.listener.sock.getsockname()[:2]
@@ -2209,6 +2442,10 @@ class RelayServer:
         fresh device_ids would fill the pool): it shows the device's lease if it has one.
         """
         device_id = connection.device_id
+        owner = self.names.owner(device_id)
+        if owner is not None and owner != device_id:
+            raise NameTaken("device_id %s is a service name of device %s; give this device another "
+                            "device_id, or the operator frees the name (forget-name %s)" % (device_id, owner, device_id))
         now = time.time()
         connection.connected_since = now
         self.directory_version += 1
@@ -2276,7 +2513,9 @@ class RelayServer:
             return self.kick(str(request.get("device_id", "")))
         if command == "forget":
             return self.forget(str(request.get("device_id", "")))
-        return {"error": "unknown command %r (status, kick, forget)" % command}
+        if command == "forget-name":
+            return self.forget_name(str(request.get("name", "")))
+        return {"error": "unknown command %r (status, kick, forget, forget-name)" % command}
 
     def status(self):
         config = self.config
@@ -2308,9 +2547,11 @@ class RelayServer:
             "tls_pin": config.tls_pin,
             "device_keys": len(config.keys.keys) if config.keys else 0,
             "revoked": config.keys.revoked() if config.keys else [],
-            "policy_rules": len(config.policy.rules) if config.policy else 0,
+            "policy_rules": len(config.policy.rules) + len(config.policy.name_rules) if config.policy else 0,
             "limits": {name: getattr(config, name) for name in LIMIT_KEYS},
-        }, "devices": devices, "offline": offline, "totals": totals}
+        }, "devices": devices, "offline": offline, "totals": totals,
+            "service_names": [{"name": name, "device_id": owner, "offered": name in self.switch.services}
+                              for name, owner in sorted(self.names.owners.items())]}
 
     def kick(self, device_id):
         targets = [c for c in self.connections if c.device_id == device_id and c.stage == "established"]
@@ -2322,21 +2563,42 @@ class RelayServer:
         return {"kicked": len(targets), "device_id": device_id}
 
     def forget(self, device_id):
-        """The operator frees an offline device's lease (a minting spree, a retired board)."""
-        if device_id not in self.leases.leases:
-            return {"error": "device %s has no lease" % device_id}
+        """The operator frees an offline device's lease and service names (a minting spree, a
+        retired board)."""
+        known = device_id in self.leases.leases or self.names.names_of(device_id) or device_id in self.names.listeners
+        if not known:
+            return {"error": "device %s has no lease and no service names" % device_id}
         if self.online(device_id):
             return {"error": "device %s is connected: it would take a new address at once; stop it "
                              "first (kick only disconnects it, and it rejoins)" % device_id}
-        try:
-            address = self.leases.forget(device_id)
-        except OSError as error:
-            self.leases.save_failed = True      # the tick retries; the lease is gone from memory already
-            self.log.error("cannot save leases to %s: %s; retrying" % (self.leases.path, describe_error(error)))
-            address = "(its address)"
+        address = None
+        if device_id in self.leases.leases:
+            try:
+                address = self.leases.forget(device_id)
+            except OSError as error:
+                self.leases.save_failed = True      # the tick retries; the lease is gone from memory already
+                self.log.error("cannot save leases to %s: %s; retrying" % (self.leases.path, describe_error(error)))
+                address = "(its address)"
+        names = self.names.release_device(device_id)
         self.directory_version += 1
-        self.log.info("forgot the lease of device %s (%s) on the operator's request" % (device_id, address))
-        return {"forgot": device_id, "address": address}
+        self.log.info("forgot %s%s on the operator's request" % (
+            "the lease of device %s (%s)" % (device_id, address) if address else "device %s" % device_id,
+            " and its service names %s" % ", ".join(names) if names else ""))
+        return {"forgot": device_id, "address": address, "names": names}
+
+    def forget_name(self, name):
+        """The operator frees a service name, for whichever device offers it next."""
+        owner = self.names.owner(name)
+        if owner is None:
+            return {"error": "no device owns the service name %s" % name}
+        entry = self.switch.services.get(name)
+        if entry is not None:
+            return {"error": "device %s offers %s now (port %d); stop that listener first, or "
+                             "kick the device" % (owner, name, entry[1])}
+        self.names.release(name)
+        self.directory_version += 1
+        self.log.info("freed the service name %s of device %s on the operator's request" % (name, owner))
+        return {"forgot_name": name, "device_id": owner}
 
     def on_reload_signal(self, signum):
         """SIGHUP: take every key anew but RESTART_KEYS, which are only reported; keep every
@@ -2368,7 +2630,7 @@ class RelayServer:
         self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
                          "%d device keys" % len(fresh.keys) if fresh.keys else "no keys file",
-                         "policy of %d rules" % len(fresh.policy.rules) if fresh.policy else "no policy"))
+                         "policy of %d rules" % (len(fresh.policy.rules) + len(fresh.policy.name_rules)) if fresh.policy else "no policy"))
         if not fresh.network_secret and not (fresh.keys and fresh.keys.keys):
             self.log.warning("network_secret = no and no device in the keys file may join: nobody can join now")
         self.drop_revoked()
@@ -2392,8 +2654,34 @@ class RelayServer:
                 return self.leases.owner_of.get(socket.inet_aton(name))
             except OSError:
                 return None
-        known = name in self.leases.leases or name in self.stream_sessions or name in self.routes.by_device
-        return name if known else None
+        return name if self.is_device_id(name) else None
+
+    def is_device_id(self, name):
+        """Whether name is a device the relay knows: leased, connected, listed in keys_file, or
+        a stream-only device that listened before."""
+        keys = self.config.keys
+        return name in self.leases.leases or name in self.stream_sessions or name in self.routes.by_device \
+            or name in self.names.listeners or (keys is not None and name in keys.secrets)
+
+    def name_problem(self, device_id, name):
+        """Why device_id may not offer a service called name, or None."""
+        if is_address_shaped(name):
+            return "service name %s reads as an address" % name
+        if self.is_device_id(name):
+            return "service name %s is a device_id" % name
+        owner = self.names.owner(name)
+        if owner is not None and owner != device_id:
+            return ("service name %s is device %s's; the operator frees it with: mnedc_server.py "
+                    "forget-name %s" % (name, owner, name))
+        policy = self.config.policy
+        if policy is not None and not policy.may_offer(device_id, name):
+            return "the relay's policy does not let %s offer the service name %s" % (device_id, name)
+        if owner is None and self.names.count_of(device_id) >= MAX_NAMES_PER_DEVICE:
+            return ("device %s owns %d service names already; the operator frees one with: "
+                    "mnedc_server.py forget-name NAME" % (device_id, MAX_NAMES_PER_DEVICE))
+        if owner is None and len(self.names.owners) >= MAX_CLAIMED_NAMES:
+            return "the relay holds %d service names, its most; the operator frees some with forget-name" % MAX_CLAIMED_NAMES
+        return None
 
     def online(self, device_id):
         return device_id in self.routes.by_device or device_id in self.stream_sessions
@@ -2471,6 +2759,7 @@ class RelayServer:
         self.log.flush()
         if self.leases.save_failed or (self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S):
             self.save_leases()
+        self.names.save_if_dirty()
 
     def save_leases(self):
         self.last_lease_save = time.monotonic()
@@ -2502,6 +2791,7 @@ class RelayServer:
             self.tun.close("server shutting down")
         self.listener.close("server shutting down")
         self.save_leases()
+        self.names.save_if_dirty()
         self.loop.stop()
 
 
@@ -3737,7 +4027,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     if not config.network_secret and not admitted and not reloading:
         raise ConfigError(where + "network_secret: 'no' needs a keys_file with a device that is not "
                           "revoked, or nobody could join")
-    if getattr(args, "command", "run") not in ("status", "kick", "forget"):     # these only use the control socket
+    if getattr(args, "command", "run") not in CONTROL_COMMANDS:     # these only use the control socket
         check_tls_settings(config, where)
     return config
 
@@ -3909,8 +4199,12 @@ def build_parser():
     status.add_argument("--json", action="store_true", help="machine-readable output")
     kick = commands.add_parser("kick", parents=[common], help="disconnect a device (it may rejoin)")
     kick.add_argument("device_id", metavar="DEVICE_ID")
-    forget = commands.add_parser("forget", parents=[common], help="free an offline device's lease and address")
+    forget = commands.add_parser("forget", parents=[common],
+                                 help="free an offline device's lease, address and service names")
     forget.add_argument("device_id", metavar="DEVICE_ID")
+    forget_name = commands.add_parser("forget-name", parents=[common],
+                                      help="free a service name for the next device that offers it")
+    forget_name.add_argument("name", metavar="NAME")
     return parser
 
 
@@ -4037,7 +4331,17 @@ def cmd_forget(args):
     reply = ask_server(args, {"command": "forget", "device_id": args.device_id})
     if isinstance(reply, int):
         return reply
-    print("forgot %s; %s is free again" % (reply["forgot"], reply["address"]))
+    freed = ([reply["address"]] if reply["address"] else []) + reply.get("names", [])
+    print("forgot %s%s" % (reply["forgot"], "; %s %s free again" % (", ".join(freed), "are" if len(freed) > 1 else "is")
+                           if freed else ""))
+    return 0
+
+
+def cmd_forget_name(args):
+    reply = ask_server(args, {"command": "forget-name", "name": args.name})
+    if isinstance(reply, int):
+        return reply
+    print("freed the service name %s (it was %s's)" % (reply["forgot_name"], reply["device_id"]))
     return 0
 
 
@@ -4068,6 +4372,10 @@ def format_status(status):
             device["device_id"], device["address"],
             time.strftime("%Y-%m-%d %H:%M", time.localtime(device["last_seen"])),
             format_duration(max(0, now - device["last_seen"]))) for device in status["offline"]]
+    if status.get("service_names"):
+        rows += ["", "service names:", "%-24s %-24s %s" % ("NAME", "DEVICE", "OFFERED")]
+        rows += ["%-24s %-24s %s" % (entry["name"], entry["device_id"], "yes" if entry["offered"] else "no")
+                 for entry in status["service_names"]]
     if totals["drops"]:
         rows += ["", "drops: " + ", ".join("%s %d" % item for item in sorted(totals["drops"].items()))]
     return "\n".join(rows) + "\n"
@@ -4089,7 +4397,9 @@ def format_duration(seconds):
     return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "kick": cmd_kick, "forget": cmd_forget}
+COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "kick": cmd_kick, "forget": cmd_forget,
+            "forget-name": cmd_forget_name}
+CONTROL_COMMANDS = ("status", "kick", "forget", "forget-name")
 
 
 def main(argv=None):

@@ -134,7 +134,18 @@ def test_stream_frames_round_trip():
     assert wire.decode_listen(wire.encode_listen(22)) == (22, "")
     assert wire.decode_open(wire.encode_open(7, 80, 4096, "web")) == (7, 80, 4096, "web")
     assert wire.decode_open(wire.encode_open(8, 80, 1, "pi (198.18.0.2)"))[3] == "pi (198.18.0.2)"
-    assert wire.decode_accept(wire.encode_accept(9, 123)) == (9, 123)
+    assert wire.decode_accept(wire.encode_accept(9, 123)) == (9, 123, "")
+    assert wire.decode_accept(wire.encode_accept(9, 123, "pi (198.18.0.2)")) == (9, 123, "pi (198.18.0.2)")
+    assert wire.decode_open(wire.encode_open(7, 0, 4096, "kitchen-pi/pi-ssh"))[3] == "kitchen-pi/pi-ssh"
+    assert wire.decode_listen_refused(wire.encode_listen_refused(22, wire.ERROR_NAME_TAKEN, "pi-ssh is b's")) == \
+        (22, wire.ERROR_NAME_TAKEN, "pi-ssh is b's")
+    for bad in (wire.ACCEPT.pack(9, 1) + b"\xff", wire.ACCEPT.pack(9, 1) + b"a\nb", b"\x00" * 7,
+                wire.ACCEPT.pack(9, 1) + b"x" * 90):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_accept(bad)
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_listen_refused(b"\x00\x16")
+    assert wire.decode_listen_refused(wire.LISTEN_REFUSED.pack(1, 8) + b"a\x1bb")[2] == "a?b"   # no terminal escapes
     assert wire.decode_data(wire.encode_data(5, b"abc")) == (5, b"abc")
     assert wire.decode_window(wire.encode_window(5, 999)) == (5, 999)
     assert wire.decode_eof(wire.encode_eof(5)) == 5

@@ -464,11 +464,15 @@ def test_service_names_per_session_are_capped_and_services_still_answers(net):
         session.send_frame(wire.FRAME_LISTEN, wire.encode_listen(1000 + n, "name-%02d-%s" % (n, "x" * 50)))
         assert session.recv_frame()[0] == wire.FRAME_LISTENING
     session.send_frame(wire.FRAME_LISTEN, wire.encode_listen(2000, "one-too-many"))
-    code, text = session.expect_error()
-    assert code == wire.ERROR_PORT_TAKEN and "too many service names" in text
+    frame_type, payload = session.recv_frame()
+    assert frame_type == wire.FRAME_LISTEN_REFUSED
+    port, code, text = wire.decode_listen_refused(payload)
+    assert (port, code) == (2000, wire.ERROR_LIMIT) and "too many service names" in text
     started = time.monotonic()
     listing = net.services()
-    assert time.monotonic() - started < 5 and listing["services"] == []   # the hoarder is gone
+    assert time.monotonic() - started < 5 and len(listing["services"]) == 16     # the refused one only
+    session.send_frame(wire.FRAME_LISTEN, wire.encode_listen(1000, "renamed"))   # the session goes on
+    assert session.recv_frame()[0] == wire.FRAME_LISTENING
 
 
 def test_relayed_bytes_have_a_global_bound_whoever_stops_reading(net):
