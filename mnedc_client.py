@@ -2331,7 +2331,7 @@ class Log:
             import syslog
             syslog.openlog(syslog_ident, syslog.LOG_PID, syslog.LOG_DAEMON)
             self.to_syslog = syslog
-        self._windows = {}          # key -> [window start, lines held back, last one, level]
+        self._windows = {}          # key -> [window start, lines held back, last one, level, written, summary]
         self.backlog, self.dropped = bytearray(), 0
         try:
             self.fd = self.stream.fileno()
@@ -2401,28 +2401,36 @@ class Log:
     def error(self, message):
         self.write("error", message)
 
-    def limited(self, key, level, message):
-        """Log message at most once per window per key; flush() reports what was held back."""
+    def limited(self, key, level, message, burst=1, summary=None, write=True):
+        """Log message, but at most burst lines per window per key; flush() reports what was
+        held back, after the last such message or, given a summary ("joins and leaves"), as a
+        count of those. True if it was written (write=False: if it may be, by another key)."""
         now = time.monotonic()
         window = self._windows.get(key)
         if window is not None and now - window[0] < LOG_REPEAT_WINDOW_S:
-            window[1] += 1
-            window[2] = message
-            return
-        self._windows[key] = [now, 0, message, level]
-        self.write(level, message)
+            if window[4] >= burst:
+                window[1] += 1
+                window[2] = message
+                return False
+            window[4] += 1
+        else:
+            self._windows[key] = [now, 0, message, level, 1, summary]
+        if write:
+            self.write(level, message)
+        return True
 
     def flush(self):
         """Call now and then: '... (532 more in the last 60 s)' for each window that ended, and
         what the log's reader could not take yet."""
         self.drain()
         now = time.monotonic()
-        for key, (start, held, message, level) in list(self._windows.items()):
+        for key, (start, held, message, level, _, summary) in list(self._windows.items()):
             if now - start < LOG_REPEAT_WINDOW_S:
                 continue
             if held:
-                self.write(level, "%s (%d more in the last %d s)" % (message, held, now - start))
-                self._windows[key] = [now, 0, message, level]
+                self.write(level, "%d more %s in the last %d s, not logged one by one" % (held, summary, now - start)
+                           if summary else "%s (%d more in the last %d s)" % (message, held, now - start))
+                self._windows[key] = [now, 0, message, level, 0, summary]
             else:
                 del self._windows[key]      # forget quiet keys: the table stays small
 

@@ -23,6 +23,8 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
   max_streams_per_client, max_new_leases_per_minute   limits (default 1024, 256, 256, 65535,
               1048576, 64, 60 per source address; README)
+  lease_trial seconds a new device must stay connected before its lease outlives it by days;
+              one that leaves sooner loses it this long after it left (default 300)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
               server_pin); tls_client_ca requires client certificates whose commonName is the
@@ -96,6 +98,9 @@ MAX_RUNNING_HOOKS = 4           # hook processes at once; the next ones wait in 
 MAX_QUEUED_HOOKS = 64           # ... of this many, past which they are dropped and counted
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # all a hook inherits, with MNEDC_*
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
+DEFAULT_LEASE_TRIAL_S = 300     # a new lease lasts for days only once its device stayed this long
+MEMBER_LINES_PER_DEVICE = 6     # join and leave lines a minute of one device (a flapping one) ...
+MEMBER_LINES_PER_MINUTE = 120   # ... and of all together (a storm); the rest are counted
 MAX_REMEMBERED_LISTENERS = 4096 # stream-only devices that listened, known by name while offline
 LISTEN_RETRY_S = 10             # a port another session of the device holds: the client asks again
 
@@ -1063,18 +1068,23 @@ class LeaseTable:
 
     The subnet's first address is the server's; clients get the rest but the broadcast
     address. A new lease is written to disk before it is handed out, so a device keeps its
-    address across a server crash.
+    address across a server crash. A new lease is on trial until its device has stayed
+    connected trial_s in one go; a device that leaves sooner loses it trial_s after it left
+    (expire_trials), and when the pool is full the oldest such lease goes first. So device_ids
+    minted to fill the pool free their addresses within minutes, not days.
     """
 
-    def __init__(self, subnet, path, log):
+    def __init__(self, subnet, path, log, trial_s=DEFAULT_LEASE_TRIAL_S):
         self.network, self.prefix_length = subnet
         self.path = path
         self.log = log
         self.server_address = packed_address(self.network + 1)
         self.first_host = self.network + 2
         self.last_host = self.network + (1 << (32 - self.prefix_length)) - 2
-        self.leases = {}            # device_id -> {"address": "a.b.c.d", "last_seen": epoch s}
+        self.leases = {}            # device_id -> {"address": "a.b.c.d", "last_seen": epoch s[, "trial": True]}
         self.owner_of = {}          # packed address -> device_id
+        self.trial_s = trial_s
+        self.on_trial = set()       # device_ids whose lease is still on trial
         self.dirty = False
         self.save_failed = False    # a new lease is not on disk yet: save at the next tick
 
@@ -1115,7 +1125,8 @@ class LeaseTable:
             packed = socket.inet_aton(lease["address"])
             check_device_id(device_id)
             last_seen = float(lease.get("last_seen", 0))
-        except (OSError, ValueError, TypeError, KeyError):
+            trial = lease.get("trial") is True      # a lease file from before trials: proven
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             self.log.warning("ignoring malformed lease for %r" % device_id)
             return
         number = struct.unpack("!I", packed)[0]
@@ -1125,6 +1136,9 @@ class LeaseTable:
             return
         self.leases[device_id] = {"address": lease["address"], "last_seen": last_seen}
         self.owner_of[packed] = device_id
+        if trial:
+            self.leases[device_id]["trial"] = True
+            self.on_trial.add(device_id)
 
     def save(self):
         """Write the table atomically: a crash leaves the old file or the new one, never half."""
@@ -1153,6 +1167,9 @@ class LeaseTable:
         if lease is None:
             number = self._free_address(online, now)
             lease = {"address": ipv4_text(packed_address(number)), "last_seen": now}
+            if self.trial_s:
+                lease["trial"] = True
+                self.on_trial.add(device_id)
             self.leases[device_id] = lease
             self.owner_of[packed_address(number)] = device_id
             self.dirty = True
@@ -1165,11 +1182,33 @@ class LeaseTable:
 
     def forget(self, device_id):
         """Drop device_id's lease, saved at once: its address is free again. The address."""
+        address = self._drop(device_id)
+        self.save()
+        return address
+
+    def _drop(self, device_id):
         lease = self.leases.pop(device_id)
         self.owner_of.pop(socket.inet_aton(lease["address"]), None)
+        self.on_trial.discard(device_id)
         self.dirty = True
-        self.save()
         return lease["address"]
+
+    def expire_trials(self, connected_since, now):
+        """Prove the trial leases whose devices have stayed trial_s (connected_since: device_id
+        -> when its connection began, for the connected ones), and drop those of devices gone
+        for trial_s. The device_ids dropped; the caller saves."""
+        dropped = []
+        for device_id in list(self.on_trial):
+            since = connected_since.get(device_id) if self.trial_s else now    # 0: no trials any more
+            if since is not None:
+                if now - since >= self.trial_s:
+                    del self.leases[device_id]["trial"]
+                    self.on_trial.discard(device_id)
+                    self.dirty = True
+            elif now - self.leases[device_id]["last_seen"] >= self.trial_s:
+                self._drop(device_id)
+                dropped.append(device_id)
+        return dropped
 
     def touch(self, device_id, now):
         if device_id in self.leases:
@@ -1180,16 +1219,18 @@ class LeaseTable:
         for number in range(self.first_host, self.last_host + 1):
             if packed_address(number) not in self.owner_of:
                 return number
-        stale = [(lease["last_seen"], device_id) for device_id, lease in self.leases.items()
-                 if device_id not in online and now - lease["last_seen"] > LEASE_RECLAIM_AFTER_S]
+        stale = [(self.leases[device_id]["last_seen"], device_id) for device_id in self.on_trial
+                 if device_id not in online]       # on trial and gone: these go first, however fresh
+        stale = stale or [(lease["last_seen"], device_id) for device_id, lease in self.leases.items()
+                          if device_id not in online and now - lease["last_seen"] > LEASE_RECLAIM_AFTER_S]
         if not stale:
             raise PoolExhausted("address pool %s is full: all %d client addresses are leased"
                                 % (self.subnet_text(), self.capacity()))
         _, evicted = min(stale)
-        packed = socket.inet_aton(self.leases.pop(evicted)["address"])
-        del self.owner_of[packed]
-        self.log.info("reclaimed %s from %s, offline for more than %d days"
-                      % (ipv4_text(packed), evicted, LEASE_RECLAIM_AFTER_S // 86400))
+        trial = evicted in self.on_trial
+        packed = socket.inet_aton(self._drop(evicted))
+        self.log.info("reclaimed %s from %s, %s" % (ipv4_text(packed), evicted, "whose lease was on trial"
+                      if trial else "offline for more than %d days" % (LEASE_RECLAIM_AFTER_S // 86400)))
         return struct.unpack("!I", packed)[0]
 
 
@@ -2138,9 +2179,10 @@ class ClientConnection(FrameTransport):
             pass
         self.sock.close()
         if was_established and self.streams_session:
-            self.server.log.info("stream session of %s from %s closed: %s" % (self.name(), self.remote, reason))
+            self.server.log_member(self.device_id, "stream session of %s from %s closed: %s"
+                                   % (self.name(), self.remote, reason))
         elif was_established:
-            self.server.log.info("%s from %s left: %s" % (self.name(), self.remote, reason))
+            self.server.log_member(self.device_id, "%s from %s left: %s" % (self.name(), self.remote, reason))
         elif was_refused:
             self.server.log.debug("%s closed: %s" % (self.name(), reason))    # refuse() said why
         else:
@@ -2251,7 +2293,8 @@ class RelayServer:
         self.keepalive_s = config.keepalive
         self.max_queue_bytes = config.max_queue_bytes
         self.per_source = {}            # remote IP -> its connections
-        self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log)
+        self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log,
+                                 config.lease_trial)
         self.routes = RouteTable()
         self.stream_sessions = {}       # device_id -> its connected stream sessions
         self.names = ServiceNames(os.path.join(config.state_dir, "names.json"), log)
@@ -2453,7 +2496,7 @@ class RelayServer:
             lease = self.leases.leases.get(device_id)
             connection.address = socket.inet_aton(lease["address"]) if lease else NO_ADDRESS
             self.stream_sessions.setdefault(device_id, set()).add(connection)
-            self.log.info("%s opened a stream session from %s" % (connection.name(), connection.remote))
+            self.log_member(device_id, "%s opened a stream session from %s" % (connection.name(), connection.remote))
             return connection.address
         if device_id not in self.leases.leases:
             self.count_new_lease(connection.remote_ip())
@@ -2463,14 +2506,21 @@ class RelayServer:
         connection.address = address
         previous = self.routes.by_device.get(device_id)
         if previous is not None:
-            self.log.info("device %s reconnected from %s; closing its old connection from %s"
-                          % (device_id, connection.remote, previous.remote))
+            self.log_member(device_id, "device %s reconnected from %s; closing its old connection from %s"
+                            % (device_id, connection.remote, previous.remote))
             previous.refuse(ERROR_REPLACED, "replaced by a new connection for %s from %s"
                             % (device_id, connection.remote))
         self.routes.add(connection)
-        self.log.info("device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
+        self.log_member(device_id, "device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
         self.hooks.run("join", connection)
         return address
+
+    def log_member(self, device_id, message):
+        """A join or leave line: a few a minute per device and MEMBER_LINES_PER_MINUTE in all
+        (253 minted joins once wrote 514 lines); the log counts the rest."""
+        if self.log.limited(("member", device_id), "info", message, burst=MEMBER_LINES_PER_DEVICE, write=False):
+            self.log.limited(("members",), "info", message, burst=MEMBER_LINES_PER_MINUTE,
+                             summary="joins and leaves")
 
     def count_new_lease(self, source):
         """A new device from source takes a lease: refused past max_new_leases_per_minute, so one
@@ -2626,6 +2676,7 @@ class RelayServer:
         self.hooks.config = fresh
         self.max_queue_bytes = fresh.max_queue_bytes
         self.switch.max_streams = fresh.max_streams_per_client
+        self.leases.trial_s = fresh.lease_trial
         warn_of_unauthenticated_policy(fresh, self.log)
         self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
@@ -2757,9 +2808,22 @@ class RelayServer:
         for connection in list(self.connections):
             connection.check_timers(now)
         self.log.flush()
+        if self.leases.on_trial:
+            self.expire_trial_leases()
         if self.leases.save_failed or (self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S):
             self.save_leases()
         self.names.save_if_dirty()
+
+    def expire_trial_leases(self):
+        connected = {device_id: member.connected_since for device_id, member in self.routes.by_device.items()
+                     if member is not self.tun}
+        dropped = self.leases.expire_trials(connected, time.time())
+        if dropped:
+            self.directory_version += 1
+            self.log.limited(("trial",), "info", "freed the addresses of %d device(s) that left within %d s "
+                             "of their first join (%s)" % (len(dropped), self.leases.trial_s, ", ".join(dropped[:8])
+                                                           + (", ..." if len(dropped) > 8 else "")), burst=5)
+            self.save_leases()
 
     def save_leases(self):
         self.last_lease_save = time.monotonic()
@@ -2826,7 +2890,7 @@ class Log:
             import syslog
             syslog.openlog(syslog_ident, syslog.LOG_PID, syslog.LOG_DAEMON)
             self.to_syslog = syslog
-        self._windows = {}          # key -> [window start, lines held back, last one, level]
+        self._windows = {}          # key -> [window start, lines held back, last one, level, written, summary]
         self.backlog, self.dropped = bytearray(), 0
         try:
             self.fd = self.stream.fileno()
@@ -2896,28 +2960,36 @@ class Log:
     def error(self, message):
         self.write("error", message)
 
-    def limited(self, key, level, message):
-        """Log message at most once per window per key; flush() reports what was held back."""
+    def limited(self, key, level, message, burst=1, summary=None, write=True):
+        """Log message, but at most burst lines per window per key; flush() reports what was
+        held back, after the last such message or, given a summary ("joins and leaves"), as a
+        count of those. True if it was written (write=False: if it may be, by another key)."""
         now = time.monotonic()
         window = self._windows.get(key)
         if window is not None and now - window[0] < LOG_REPEAT_WINDOW_S:
-            window[1] += 1
-            window[2] = message
-            return
-        self._windows[key] = [now, 0, message, level]
-        self.write(level, message)
+            if window[4] >= burst:
+                window[1] += 1
+                window[2] = message
+                return False
+            window[4] += 1
+        else:
+            self._windows[key] = [now, 0, message, level, 1, summary]
+        if write:
+            self.write(level, message)
+        return True
 
     def flush(self):
         """Call now and then: '... (532 more in the last 60 s)' for each window that ended, and
         what the log's reader could not take yet."""
         self.drain()
         now = time.monotonic()
-        for key, (start, held, message, level) in list(self._windows.items()):
+        for key, (start, held, message, level, _, summary) in list(self._windows.items()):
             if now - start < LOG_REPEAT_WINDOW_S:
                 continue
             if held:
-                self.write(level, "%s (%d more in the last %d s)" % (message, held, now - start))
-                self._windows[key] = [now, 0, message, level]
+                self.write(level, "%d more %s in the last %d s, not logged one by one" % (held, summary, now - start)
+                           if summary else "%s (%d more in the last %d s)" % (message, held, now - start))
+                self._windows[key] = [now, 0, message, level, 0, summary]
             else:
                 del self._windows[key]      # forget quiet keys: the table stays small
 
@@ -3910,6 +3982,7 @@ class ServerConfig:
         self.max_queue_bytes = MAX_QUEUE_BYTES
         self.max_streams_per_client = MAX_STREAMS_PER_SESSION
         self.max_new_leases_per_minute = MAX_NEW_LEASES_PER_MINUTE
+        self.lease_trial = DEFAULT_LEASE_TRIAL_S
         self.tls = True                         # the default: tls = no is the operator's explicit choice
         self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
         self.tls_cert = self.tls_key = self.tls_client_ca = None
@@ -3948,6 +4021,7 @@ SERVER_KEYS = {
     "max_streams_per_client": lambda config, text: setattr(config, "max_streams_per_client", parse_int(text, 1, 4096)),
     "max_new_leases_per_minute": lambda config, text: setattr(
         config, "max_new_leases_per_minute", parse_int(text, 1, 1000000)),
+    "lease_trial": lambda config, text: setattr(config, "lease_trial", parse_int(text, 0, 7 * 24 * 3600)),
     "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
     "allow_plaintext": lambda config, text: setattr(config, "allow_plaintext", parse_choice(text, ("yes", "no")) == "yes"),
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
@@ -3958,7 +4032,7 @@ TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "t
 # SIGHUP applies every other key live
 RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
-              "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute")
+              "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
 
 

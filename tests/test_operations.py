@@ -256,9 +256,9 @@ F_SETPIPE_SZ = 1031
 
 def test_a_log_reader_that_stalls_never_freezes_the_relay(tmp_path):
     """Issue #14: a daemon whose stderr is a pipe nobody drains blocked in write and froze the
-    relay. Here nobody reads the relay's 4 KB pipe while 400 devices join and leave (some
-    100 KB of log): every join stays quick, and once the reader comes back it is told how many
-    lines it missed."""
+    relay. Here nobody reads the relay's 4 KB pipe while 900 devices join and leave (some
+    70 KB of log at -v, join and leave lines being limited): every join stays quick, and once
+    the reader comes back it is told how many lines it missed."""
     import fcntl
     from tests.wire_peer import state_key
     reader, writer = os.pipe()
@@ -281,14 +281,14 @@ def test_a_log_reader_that_stalls_never_freezes_the_relay(tmp_path):
         secret = (state / "secret").read_text().strip().encode()
         key = state_key(state, secret)
         slowest, flood_started = 0.0, time.monotonic()
-        for number in range(400):
+        for number in range(900):
             started = time.monotonic()
             peer = WirePeer(port, timeout=5)
             peer.handshake(secret, "flood-%03d" % number, key=key)
             peer.close()
             slowest = max(slowest, time.monotonic() - started)
         assert slowest < 1.0, "a join took %.2f s while the log's reader stalled" % slowest
-        print("400 joins in %.1f s, the slowest %.3f s, with nobody reading the log"
+        print("900 joins in %.1f s, the slowest %.3f s, with nobody reading the log"
               % (time.monotonic() - flood_started, slowest))
         assert proc.poll() is None
         os.set_blocking(reader, False)
@@ -429,3 +429,77 @@ def test_a_device_that_joins_and_leaves_while_its_hook_waits_runs_no_hook(tmp_pa
             peer.close()
     finally:
         proc.stop()
+
+
+def test_new_leases_are_on_trial_so_a_minting_spree_frees_the_pool_within_minutes(tmp_path):
+    """Issue #14: 253 minted device_ids held a /24 for 7 days. A new lease now lasts only once
+    its device stayed lease_trial seconds; one that left sooner is freed lease_trial after it
+    left, and a full pool takes such leases first, so a real device still joins at once."""
+    from tests.wire_peer import state_key
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nlease_trial = 2\nmax_new_leases_per_minute = 100\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config), subnet="198.18.0.0/28")
+    control = str(tmp_path / "server.sock")
+    try:
+        key = state_key(tmp_path / "state", secret)
+        stayer = WirePeer(port)
+        stayer_address = stayer.handshake(secret, "stayer", key=key)
+        minted = set()
+        for number in range(12):                    # with the stayer, all 13 addresses of the /28
+            peer = WirePeer(port)
+            minted.add(peer.handshake(secret, "minted-%02d" % number, key=key))
+            peer.close()
+        assert len(minted) == 12 and stayer_address not in minted
+        real = WirePeer(port)                       # the pool is full of gone trial leases: one goes
+        assert real.handshake(secret, "real-device", key=key) in minted
+        proc.wait_for(r"reclaimed 198\.18\.0\.\d+ from minted-00, whose lease was on trial")
+        time.sleep(3.5)                             # the stayer and the real device pass their trial (ticks: 1 s)
+        stayer.close()
+        proc.wait_for(r"freed the addresses of 11 device\(s\) that left within 2 s of their first join", timeout=10)
+        time.sleep(2.5)                             # the stayer gone as long as a trial: its lease stays
+        leases = json.loads((tmp_path / "state" / "leases.json").read_text())["leases"]
+        assert sorted(leases) == ["real-device", "stayer"], proc.output()[-3000:]
+        assert not any("trial" in lease for lease in leases.values())
+        status = json.loads(run(SERVER, "--control", control, "status", "--json").stdout)
+        assert status["totals"]["leases"] == 2 and status["server"]["limits"]["lease_trial"] == 2
+        again = WirePeer(port)
+        assert again.handshake(secret, "stayer", key=key) == stayer_address   # sticky, as before
+    finally:
+        proc.stop()
+
+
+def test_a_flapping_device_gets_a_few_join_and_leave_lines_a_minute(tmp_path):
+    """Issue #14: 253 joins wrote 514 lines. A device that joins and leaves 10 times gets
+    MEMBER_LINES_PER_DEVICE lines; the rest is counted when its minute is over."""
+    from tests.wire_peer import state_key
+    proc, port, secret = start_server(tmp_path / "state")
+    try:
+        key = state_key(tmp_path / "state", secret)
+        for _ in range(10):
+            peer = WirePeer(port)
+            peer.handshake(secret, "flapper", key=key)
+            peer.close()
+        steady = WirePeer(port)
+        steady.handshake(secret, "steady", key=key)
+        proc.wait_for(r"device steady joined as")
+        lines = [line for line in proc.lines() if "device flapper" in line and ("joined" in line or "left" in line)]
+        assert len(lines) == mnedc_server.MEMBER_LINES_PER_DEVICE, lines
+    finally:
+        proc.stop()
+
+
+def test_join_and_leave_lines_of_many_devices_are_summarised_with_a_count(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(mnedc_server.time, "monotonic", lambda: clock[0])
+    sink = io.StringIO()
+    log = mnedc_server.Log("info", stream=sink)
+    for number in range(300):
+        message = "device d%03d joined" % number
+        if log.limited(("member", number), "info", message, burst=6, write=False):
+            log.limited(("members",), "info", message, burst=120, summary="joins and leaves")
+        clock[0] += 0.1
+    clock[0] += 31
+    log.flush()
+    lines = sink.getvalue().splitlines()
+    assert len(lines) == 121 and lines[119].endswith("INFO device d119 joined")
+    assert re.search(r"INFO 180 more joins and leaves in the last 61 s, not logged one by one$", lines[120]), lines[120]

@@ -32,8 +32,24 @@ def test_parse_subnet_refuses_with_a_reason(text, complaint):
         server.parse_subnet(text)
 
 
-def table(tmp_path, subnet="198.18.0.0/24"):
-    return server.LeaseTable(server.parse_subnet(subnet), str(tmp_path / "leases.json"), quiet_log())
+def table(tmp_path, subnet="198.18.0.0/24", trial_s=0):
+    """A lease table; trial_s=0: leases long-lived at once (tests/test_operations.py tries trials live)."""
+    return server.LeaseTable(server.parse_subnet(subnet), str(tmp_path / "leases.json"), quiet_log(), trial_s)
+
+
+def test_a_full_pool_takes_a_gone_trial_lease_first_and_a_reload_keeps_the_trial(tmp_path):
+    leases = table(tmp_path, "198.18.0.0/29", trial_s=300)
+    for n in range(5):
+        leases.lease_for("d%d" % n, set(), 0.0)
+    assert sorted(leases.expire_trials({"d0": 0.0}, 400.0)) == ["d1", "d2", "d3", "d4"]   # d0 stayed: proven
+    assert "trial" not in leases.leases["d0"] and leases.on_trial == set()
+    for n in range(1, 5):
+        leases.lease_for("e%d" % n, set(), 500.0)
+    reloaded = table(tmp_path, "198.18.0.0/29", trial_s=300)
+    reloaded.load()
+    assert reloaded.on_trial == {"e1", "e2", "e3", "e4"}
+    taken = reloaded.lease_for("newcomer", {"e1"}, 501.0)          # e1 is online: e2 goes, however fresh
+    assert socket.inet_ntoa(taken) == "198.18.0.4" and "e2" not in reloaded.leases and "d0" in reloaded.leases
 
 
 def test_leases_are_sticky_and_survive_a_reload(tmp_path):
