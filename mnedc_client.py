@@ -285,6 +285,21 @@ def frame_header(frame_type, payload):
     return FRAME_HEADER.pack(len(payload), frame_type, 0)
 
 
+def receive_buffer(size):
+    """A FrameReader buffer. A large one is an anonymous mapping of its own, which goes back to
+    the kernel once dropped, and costs only the pages a frame touched: a freed large bytearray
+    stays in the heap (glibc's threshold for mapping grows with every large block freed), so
+    150 members that once sent one 60 KB frame kept 48 MB of the relay resident after it shrank
+    their buffers."""
+    if size > FrameReader.SMALL_BYTES:
+        try:
+            import mmap
+            return mmap.mmap(-1, size)
+        except (ImportError, OSError):      # no mmap module, or no memory to map: the heap then
+            pass
+    return bytearray(size)
+
+
 class FrameReader:
     """Cuts a TCP byte stream into frames, however recv() happened to split it.
 
@@ -328,6 +343,19 @@ class FrameReader:
         """Forget what arrived and was not taken."""
         self._start = self._end = 0
 
+    def shrink(self):
+        """Back to the small buffer, once the connection is quiet: a member that sent one large
+        frame must not keep 320 KB for life. Call between wakeups (payload views of the old
+        buffer keep it alive while they last). True if it shrank."""
+        leftover = self._end - self._start
+        if len(self._buffer) <= self.SMALL_BYTES or leftover > self.SMALL_BYTES:
+            return False
+        buffer = bytearray(self.SMALL_BYTES)
+        buffer[:leftover] = self._view[self._start:self._end]
+        self._buffer, self._view, self._grow = buffer, memoryview(buffer), False
+        self._start, self._end = 0, leftover
+        return True
+
     def feed(self, data):
         self._make_room(len(data))
         self._buffer[self._end:self._end + len(data)] = data
@@ -340,7 +368,7 @@ class FrameReader:
         if self._grow or leftover + needed > size:
             size = max(size, leftover + needed, self.large_bytes if self._grow else 0)
         if size != len(self._buffer):
-            buffer = bytearray(size)        # old payload views keep the old buffer alive
+            buffer = receive_buffer(size)   # old payload views keep the old buffer alive
             buffer[:leftover] = self._view[self._start:self._end]
             self._buffer, self._view, self._grow = buffer, memoryview(buffer), False
         elif self._start and leftover:

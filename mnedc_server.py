@@ -99,6 +99,7 @@ MAX_QUEUED_HOOKS = 64           # ... of this many, past which they are dropped 
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # all a hook inherits, with MNEDC_*
 LEASE_RECLAIM_AFTER_S = 7 * 24 * 3600   # an offline device's address may go to a newcomer then
 DEFAULT_LEASE_TRIAL_S = 300     # a new lease lasts for days only once its device stayed this long
+IDLE_SHRINK_S = 5               # a connection quiet this long gives back its large receive buffer
 MEMBER_LINES_PER_DEVICE = 6     # join and leave lines a minute of one device (a flapping one) ...
 MEMBER_LINES_PER_MINUTE = 120   # ... and of all together (a storm); the rest are counted
 MAX_REMEMBERED_LISTENERS = 4096 # stream-only devices that listened, known by name while offline
@@ -310,6 +311,21 @@ def frame_header(frame_type, payload):
     return FRAME_HEADER.pack(len(payload), frame_type, 0)
 
 
+def receive_buffer(size):
+    """A FrameReader buffer. A large one is an anonymous mapping of its own, which goes back to
+    the kernel once dropped, and costs only the pages a frame touched: a freed large bytearray
+    stays in the heap (glibc's threshold for mapping grows with every large block freed), so
+    150 members that once sent one 60 KB frame kept 48 MB of the relay resident after it shrank
+    their buffers."""
+    if size > FrameReader.SMALL_BYTES:
+        try:
+            import mmap
+            return mmap.mmap(-1, size)
+        except (ImportError, OSError):      # no mmap module, or no memory to map: the heap then
+            pass
+    return bytearray(size)
+
+
 class FrameReader:
     """Cuts a TCP byte stream into frames, however recv() happened to split it.
 
@@ -353,6 +369,19 @@ class FrameReader:
         """Forget what arrived and was not taken."""
         self._start = self._end = 0
 
+    def shrink(self):
+        """Back to the small buffer, once the connection is quiet: a member that sent one large
+        frame must not keep 320 KB for life. Call between wakeups (payload views of the old
+        buffer keep it alive while they last). True if it shrank."""
+        leftover = self._end - self._start
+        if len(self._buffer) <= self.SMALL_BYTES or leftover > self.SMALL_BYTES:
+            return False
+        buffer = bytearray(self.SMALL_BYTES)
+        buffer[:leftover] = self._view[self._start:self._end]
+        self._buffer, self._view, self._grow = buffer, memoryview(buffer), False
+        self._start, self._end = 0, leftover
+        return True
+
     def feed(self, data):
         self._make_room(len(data))
         self._buffer[self._end:self._end + len(data)] = data
@@ -365,7 +394,7 @@ class FrameReader:
         if self._grow or leftover + needed > size:
             size = max(size, leftover + needed, self.large_bytes if self._grow else 0)
         if size != len(self._buffer):
-            buffer = bytearray(size)        # old payload views keep the old buffer alive
+            buffer = receive_buffer(size)   # old payload views keep the old buffer alive
             buffer[:leftover] = self._view[self._start:self._end]
             self._buffer, self._view, self._grow = buffer, memoryview(buffer), False
         elif self._start and leftover:
@@ -2160,9 +2189,12 @@ class ClientConnection(FrameTransport):
             keepalive = self.server.keepalive_s
             if now - self.last_received > keepalive:
                 self.close("no frame for %d s: peer presumed dead" % keepalive)
-            elif now - self.last_ping >= keepalive / 3.0:
+                return
+            if now - self.last_ping >= keepalive / 3.0:
                 self.last_ping = now
                 self.send_frame(FRAME_PING, struct.pack("!d", now))
+            if now - self.last_received > IDLE_SHRINK_S:
+                self.reader.shrink()
 
     def close(self, reason):
         """Never raises; safe to call twice."""
@@ -2577,6 +2609,7 @@ class RelayServer:
             "kind": "streams" if c.streams_session else "tun", "connected_since": c.connected_since,
             "bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "packets_in": c.packets_in,
             "packets_out": c.packets_out, "drops": c.drops, "open_streams": self.switch.open_counts.get(c, 0),
+            "receive_buffer_bytes": c.reader.capacity(),
             "tls": c.sock.summary() if isinstance(c.sock, TlsTransport) else None,
         } for c in members]
         online = set(device["device_id"] for device in devices)

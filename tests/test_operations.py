@@ -503,3 +503,42 @@ def test_join_and_leave_lines_of_many_devices_are_summarised_with_a_count(monkey
     lines = sink.getvalue().splitlines()
     assert len(lines) == 121 and lines[119].endswith("INFO device d119 joined")
     assert re.search(r"INFO 180 more joins and leaves in the last 61 s, not logged one by one$", lines[120]), lines[120]
+
+
+def test_sessions_that_once_sent_a_large_frame_give_their_buffers_back_when_quiet(tmp_path):
+    """Issue #14: each connection that once started a large frame kept ~320 KiB of receive
+    buffer for life (200 sessions: 64 MB). 150 members each send one 60 KB frame, then only
+    answer pings: the relay's buffers go back to 4 KiB each, and its memory with them (a large
+    buffer is a mapping of its own, resident only where a frame touched it)."""
+    from tests.test_access import rss_kb
+    from tests.wire_peer import state_key
+    proc, port, secret = start_server(tmp_path / "state")
+    control = str(tmp_path / "server.sock")
+    members = []
+    try:
+        key = state_key(tmp_path / "state", secret)
+        before = rss_kb(proc.pid)
+        for number in range(150):
+            member = WirePeer(port)
+            member.handshake(secret, "big-%03d" % number, mnedc_server.HELLO_STREAMS, key=key)
+            member.send_frame(mnedc_server.FRAME_DATA, mnedc_server.encode_data(1, bytes(60000)))   # no such stream
+            members.append(member)
+        status = json.loads(run(SERVER, "--control", control, "status", "--json").stdout)
+        grown = [d["receive_buffer_bytes"] for d in status["devices"]]
+        assert len(grown) == 150 and min(grown) > 300000, grown[:5]
+        peak = rss_kb(proc.pid)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:          # quiet for IDLE_SHRINK_S: the next tick shrinks
+            status = json.loads(run(SERVER, "--control", control, "status", "--json").stdout)
+            if all(d["receive_buffer_bytes"] == mnedc_server.FrameReader.SMALL_BYTES for d in status["devices"]):
+                break
+            time.sleep(0.5)
+        sizes = sorted(set(d["receive_buffer_bytes"] for d in status["devices"]))
+        assert sizes == [mnedc_server.FrameReader.SMALL_BYTES] and len(status["devices"]) == 150, sizes
+        after = rss_kb(proc.pid)
+        print("relay RSS %d kB, %d kB with 150 large buffers, %d kB once they shrank" % (before, peak, after))
+        assert peak - before > 150 * 55 and after - before < (peak - before) / 3, (before, peak, after)
+    finally:
+        for member in members:
+            member.close()
+        proc.stop()
