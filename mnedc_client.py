@@ -2473,6 +2473,7 @@ class Timer:
 
     def cancel(self):
         self.cancelled = True
+        self.callback = None        # what it would have called (a closed connection) can go now
 
     def __lt__(self, other):
         return self.deadline < other.deadline

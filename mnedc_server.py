@@ -42,6 +42,7 @@ configuration without starting. Needs root for the TUN interface (tun = no does 
 
 import argparse
 import configparser
+import collections
 import errno
 import fcntl
 import heapq
@@ -91,6 +92,8 @@ MAX_CLIENTS = 1024              # connections in all; past it a new one is refus
 MAX_CONNECTIONS_PER_SOURCE = 256   # from one address (a NAT fronts many devices)
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting this long (else the loop spins)
 LEASE_SAVE_INTERVAL_S = 60
+JOURNAL_COMPACT_LINES = 256     # the lease journal is folded into leases.json past this many lines
+                                # (or past as many as there are leases: O(1) per lease, amortized)
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/server.sock"
 DEFAULT_RESTART_WINDOW_S = 10   # clients spread their reconnects over this after a restart
 HOOK_TIMEOUT_S = 30             # an on_join/on_leave script running longer is killed
@@ -1096,8 +1099,12 @@ class LeaseTable:
     """Sticky virtual addresses: device_id -> address, kept in state_dir/leases.json.
 
     The subnet's first address is the server's; clients get the rest but the broadcast
-    address. A new lease is written to disk before it is handed out, so a device keeps its
-    address across a server crash. A new lease is on trial until its device has stayed
+    address. A new lease (or one dropped) is one line appended to leases.json.journal before
+    the device hears of it, so a device keeps its address across a crash, SIGKILL included;
+    the journal is fsynced at the next tick and folded into leases.json (rewritten atomically)
+    once it holds more lines than there are leases, so each lease costs O(1) however many there
+    are (rewriting the table for each new lease took 100 ms at 30,000). Free addresses are
+    found from a cursor, and those given back are taken first, lowest first. A new lease is on trial until its device has stayed
     connected trial_s in one go; a device that leaves sooner loses it trial_s after it left
     (expire_trials), and when the pool is full the oldest such lease goes first. So device_ids
     minted to fill the pool free their addresses within minutes, not days.
@@ -1114,6 +1121,12 @@ class LeaseTable:
         self.owner_of = {}          # packed address -> device_id
         self.trial_s = trial_s
         self.on_trial = set()       # device_ids whose lease is still on trial
+        self.journal_path = path + ".journal"
+        self.journal = None         # its fd, open for appending
+        self.journal_lines = 0
+        self.unsynced = False       # lines written since the last fsync
+        self.cursor = self.first_host
+        self.given_back = []        # a heap of addresses (numbers) freed since
         self.dirty = False
         self.save_failed = False    # a new lease is not on disk yet: save at the next tick
 
@@ -1124,8 +1137,13 @@ class LeaseTable:
         return self.last_host - self.first_host + 1
 
     def load(self):
-        """Read the lease file; a corrupt one, or one for another subnet (a server started with
-        a default config after a reinstall), is kept aside and reported, never overwritten."""
+        """Read the lease file, then the journal of the changes since."""
+        self.load_table()
+        self.replay_journal()
+
+    def load_table(self):
+        """A corrupt lease file, or one for another subnet (a server started with a default
+        config after a reinstall), is kept aside and reported, never overwritten."""
         try:
             with open(self.path) as source:
                 stored = json.load(source)
@@ -1144,9 +1162,41 @@ class LeaseTable:
         for device_id, lease in entries:
             self._restore(device_id, lease)
 
+    def replay_journal(self):
+        """After load(): the changes since leases.json was written, then fold them into it. A
+        line that repeats what the table holds (a crash between the two) changes nothing."""
+        try:
+            with open(self.journal_path) as source:
+                lines = source.read().splitlines()
+        except FileNotFoundError:
+            return
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                if "forget" in entry:
+                    if entry["forget"] in self.leases:
+                        self._drop(entry["forget"], journal=False)
+                    continue
+                device_id = entry.pop("lease")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.log.warning("lease journal %s line %d is unreadable; skipped" % (self.journal_path, number))
+                continue
+            held = self.leases.get(device_id)
+            if held is not None:            # a proven trial, or a line the table holds already
+                self._drop(device_id, journal=False)
+            self._restore(device_id, entry)
+        self.journal_lines = len(lines)
+        if lines:
+            try:
+                self.save()
+            except OSError as error:
+                self.log.error("cannot fold the lease journal into %s: %s" % (self.path, describe_error(error)))
+
     def set_aside(self, why, problem):
         aside = "%s.%s-%d" % (self.path, why, time.time())
         os.replace(self.path, aside)
+        if why.startswith("subnet") and os.path.exists(self.journal_path):
+            os.replace(self.journal_path, aside + ".journal")   # that subnet's changes go with it
         self.log.error("lease file %s %s; moved it to %s and starting empty" % (self.path, problem, aside))
 
     def _restore(self, device_id, lease):
@@ -1184,6 +1234,31 @@ class LeaseTable:
         finally:
             os.close(directory)
         self.dirty = self.save_failed = False
+        if self.journal is not None:            # all of it is in the table now
+            os.ftruncate(self.journal, 0)
+        elif self.journal_lines:
+            os.truncate(self.journal_path, 0)
+        self.journal_lines, self.unsynced = 0, False
+
+    def append(self, entry):
+        """One change as one line at the end of the journal: in the kernel before the device
+        hears of it, so a SIGKILL loses nothing; on disk at the next sync_journal()."""
+        if self.journal is None:
+            self.journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode("ascii")
+        if os.write(self.journal, line) != len(line):
+            raise OSError(errno.ENOSPC, "short write to %s" % self.journal_path)
+        self.journal_lines += 1
+        self.unsynced = True
+
+    def sync_journal(self):
+        """Each tick: fsync what the journal got; fold it into the table once it is long. The
+        fold is O(leases), once per as many new leases: O(1) each."""
+        if self.unsynced:
+            os.fsync(self.journal)
+            self.unsynced = False
+        if self.journal_lines > max(JOURNAL_COMPACT_LINES, len(self.leases)):
+            self.save()
 
     def lease_for(self, device_id, online, now):
         """The packed address of device_id, allocating and saving one if it has none.
@@ -1202,12 +1277,17 @@ class LeaseTable:
             self.leases[device_id] = lease
             self.owner_of[packed_address(number)] = device_id
             self.dirty = True
-            try:
-                self.save()
-            except OSError as error:
-                self.save_failed = True
-                self.log.error("cannot save leases to %s: %s; retrying" % (self.path, describe_error(error)))
+            self.record(dict(lease, lease=device_id))
         return socket.inet_aton(lease["address"])
+
+    def record(self, entry):
+        """append(entry); if the disk fails, the lease still holds and the table stays dirty,
+        so the next tick saves it whole: the device is not turned away for it."""
+        try:
+            self.append(entry)
+        except OSError as error:
+            self.save_failed = True
+            self.log.error("cannot save leases to %s: %s; retrying" % (self.journal_path, describe_error(error)))
 
     def forget(self, device_id):
         """Drop device_id's lease, saved at once: its address is free again. The address."""
@@ -1215,25 +1295,32 @@ class LeaseTable:
         self.save()
         return address
 
-    def _drop(self, device_id):
+    def _drop(self, device_id, journal=True):
         lease = self.leases.pop(device_id)
-        self.owner_of.pop(socket.inet_aton(lease["address"]), None)
+        packed = socket.inet_aton(lease["address"])
+        self.owner_of.pop(packed, None)
+        heapq.heappush(self.given_back, struct.unpack("!I", packed)[0])
         self.on_trial.discard(device_id)
         self.dirty = True
+        if journal:
+            self.record({"forget": device_id})
         return lease["address"]
 
-    def expire_trials(self, connected_since, now):
-        """Prove the trial leases whose devices have stayed trial_s (connected_since: device_id
-        -> when its connection began, for the connected ones), and drop those of devices gone
-        for trial_s. The device_ids dropped; the caller saves."""
+    def expire_trials(self, members, now):
+        """Prove the trial leases whose devices have stayed trial_s (members: device_id -> its
+        connection, with connected_since), and drop those of devices gone for trial_s. The
+        device_ids dropped; the caller saves."""
         dropped = []
         for device_id in list(self.on_trial):
-            since = connected_since.get(device_id) if self.trial_s else now    # 0: no trials any more
+            member = members.get(device_id)
+            since = (member and member.connected_since) if self.trial_s else now   # 0: no trials any more
             if since is not None:
                 if now - since >= self.trial_s:
-                    del self.leases[device_id]["trial"]
+                    lease = self.leases[device_id]
+                    del lease["trial"]
                     self.on_trial.discard(device_id)
                     self.dirty = True
+                    self.record(dict(lease, lease=device_id))
             elif now - self.leases[device_id]["last_seen"] >= self.trial_s:
                 self._drop(device_id)
                 dropped.append(device_id)
@@ -1245,7 +1332,13 @@ class LeaseTable:
             self.dirty = True
 
     def _free_address(self, online, now):
-        for number in range(self.first_host, self.last_host + 1):
+        while self.given_back:
+            number = heapq.heappop(self.given_back)
+            if packed_address(number) not in self.owner_of:
+                return number
+        for _ in range(self.capacity()):        # one lap from the cursor at most
+            number = self.cursor
+            self.cursor = number + 1 if number < self.last_host else self.first_host
             if packed_address(number) not in self.owner_of:
                 return number
         stale = [(self.leases[device_id]["last_seen"], device_id) for device_id in self.on_trial
@@ -1258,6 +1351,8 @@ class LeaseTable:
         _, evicted = min(stale)
         trial = evicted in self.on_trial
         packed = socket.inet_aton(self._drop(evicted))
+        self.given_back.remove(struct.unpack("!I", packed)[0])     # it is the newcomer's now
+        heapq.heapify(self.given_back)
         self.log.info("reclaimed %s from %s, %s" % (ipv4_text(packed), evicted, "whose lease was on trial"
                       if trial else "offline for more than %d days" % (LEASE_RECLAIM_AFTER_S // 86400)))
         return struct.unpack("!I", packed)[0]
@@ -1836,6 +1931,7 @@ class ClientConnection(FrameTransport):
         now = time.monotonic()
         self.deadline = now + HANDSHAKE_TIMEOUT_S
         self.last_received = self.last_ping = now
+        self.keepalive_timer = None         # once established: keep_alive's
         self.connected_since = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
@@ -2040,6 +2136,11 @@ class ClientConnection(FrameTransport):
         self.reader.max_payload = self.server.config.max_frame_bytes
         self.stage = "established"
         self.server.handshaking.pop(self, None)
+        # each member's keepalive on a timer of its own, at a phase of its own: 5,000 members
+        # that joined together are not all pinged, nor all scanned, in one tick
+        phase = (hash((self.device_id, self.remote)) % 1000) / 1000.0
+        self.last_ping -= phase * self.server.keepalive_s / 3.0
+        self.keepalive_timer = self.server.loop.call_later(0.0, self.keep_alive)
         self.send_frame(FRAME_WELCOME, encode_welcome(
             (self.key, self.client_nonce, self.server_nonce), self.address, self.server.leases.prefix_length, self.server.leases.server_address,
             self.server.config.max_frame_bytes))
@@ -2181,20 +2282,31 @@ class ClientConnection(FrameTransport):
         return self.remote.rpartition(":")[0]
 
     def check_timers(self, now):
+        """Each tick, for connections that are not established (those keep_alive)."""
         if self.stage in ("tls", "hello", "auth") and now > self.deadline:
             self.refuse(ERROR_TIMEOUT, "handshake not completed within %d s" % HANDSHAKE_TIMEOUT_S)
         elif self.stage == "finishing" and now > self.deadline:
             self.close(self.finish_reason)
-        elif self.stage == "established":
-            keepalive = self.server.keepalive_s
-            if now - self.last_received > keepalive:
-                self.close("no frame for %d s: peer presumed dead" % keepalive)
-                return
-            if now - self.last_ping >= keepalive / 3.0:
-                self.last_ping = now
-                self.send_frame(FRAME_PING, struct.pack("!d", now))
-            if now - self.last_received > IDLE_SHRINK_S:
-                self.reader.shrink()
+
+    def keep_alive(self):
+        """Its own timer: a member silent for keepalive seconds is presumed dead; one silent
+        for a third of it (and not pinged since) is pinged; a quiet one gives its large receive
+        buffer back. Then the timer is set for the next of these that can be due."""
+        if self.stage != "established":
+            return
+        now, keepalive = time.monotonic(), self.server.keepalive_s
+        if now - self.last_received > keepalive:
+            self.close("no frame for %d s: peer presumed dead" % keepalive)
+            return
+        if now - max(self.last_ping, self.last_received) >= keepalive / 3.0:   # a member that spoke needs none
+            self.last_ping = now
+            self.send_frame(FRAME_PING, struct.pack("!d", now))
+        if now - self.last_received > IDLE_SHRINK_S:
+            self.reader.shrink()
+        due = min(max(self.last_ping, self.last_received) + keepalive / 3.0, self.last_received + keepalive + 0.01,
+                  self.last_received + IDLE_SHRINK_S + 0.01 if self.reader.capacity() > FrameReader.SMALL_BYTES
+                  else float("inf"))
+        self.keepalive_timer = self.server.loop.call_later(max(0.05, due - now), self.keep_alive)
 
     def close(self, reason):
         """Never raises; safe to call twice."""
@@ -2202,6 +2314,10 @@ class ClientConnection(FrameTransport):
             return
         was_established, was_refused = self.stage == "established", self.stage == "finishing"
         self.stage = "closed"
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.cancel()
+        self.reader.discard()
+        self.reader.shrink()                # its large buffer goes now, not when the last reference does
         self.server.withdraw(self)
         self.server.forget_connection(self)
         self.drop_queue()
@@ -2342,7 +2458,7 @@ class RelayServer:
         self.stopping = False
         self.exit_code = 0
         self.listener = self.tun = None
-        self.last_lease_save = time.monotonic()
+        self.last_lease_save = self.last_trial_sweep = time.monotonic()
 
     def start(self):
         """Load leases, bind, open TUN; raises OSError with a clear message if it cannot."""
@@ -2532,8 +2648,7 @@ class RelayServer:
             return connection.address
         if device_id not in self.leases.leases:
             self.count_new_lease(connection.remote_ip())
-        online = set(self.routes.by_device)
-        address = self.leases.lease_for(device_id, online, now)
+        address = self.leases.lease_for(device_id, self.routes.by_device, now)   # online: a dict, not a copy
         self.leases.touch(device_id, now)
         connection.address = address
         previous = self.routes.by_device.get(device_id)
@@ -2558,13 +2673,14 @@ class RelayServer:
         """A new device from source takes a lease: refused past max_new_leases_per_minute, so one
         member minting device_ids cannot fill the pool (devices that have a lease always join)."""
         now = time.monotonic()
-        times = [t for t in self.new_leases.get(source, ()) if now - t < 60]
+        times = self.new_leases.setdefault(source, collections.deque())
+        while times and now - times[0] >= 60:
+            times.popleft()
         if len(times) >= self.config.max_new_leases_per_minute:
-            self.new_leases[source] = times
             raise TooManyNewLeases("%d new devices from %s within a minute "
                                    "(max_new_leases_per_minute); try again later"
                                    % (len(times), source))
-        self.new_leases[source] = times + [now]
+        times.append(now)
         if len(self.new_leases) > 4096:     # forget quiet sources: the table stays small
             self.new_leases = {ip: ts for ip, ts in self.new_leases.items() if now - ts[-1] < 60}
 
@@ -2838,19 +2954,24 @@ class RelayServer:
 
     def tick(self):
         now = time.monotonic()
-        for connection in list(self.connections):
+        for connection in [c for c in self.connections if c.stage != "established"]:
             connection.check_timers(now)
         self.log.flush()
-        if self.leases.on_trial:
+        if self.leases.on_trial and now - self.last_trial_sweep >= min(5.0, self.leases.trial_s / 2.0):
+            self.last_trial_sweep = now
             self.expire_trial_leases()
         if self.leases.save_failed or (self.leases.dirty and now - self.last_lease_save > LEASE_SAVE_INTERVAL_S):
             self.save_leases()
+        else:
+            try:
+                self.leases.sync_journal()
+            except OSError as error:
+                self.leases.save_failed = True
+                self.log.error("cannot save leases to %s: %s; retrying" % (self.leases.path, describe_error(error)))
         self.names.save_if_dirty()
 
     def expire_trial_leases(self):
-        connected = {device_id: member.connected_since for device_id, member in self.routes.by_device.items()
-                     if member is not self.tun}
-        dropped = self.leases.expire_trials(connected, time.time())
+        dropped = self.leases.expire_trials(self.routes.by_device, time.time())
         if dropped:
             self.directory_version += 1
             self.log.limited(("trial",), "info", "freed the addresses of %d device(s) that left within %d s "
@@ -3037,6 +3158,7 @@ class Timer:
 
     def cancel(self):
         self.cancelled = True
+        self.callback = None        # what it would have called (a closed connection) can go now
 
     def __lt__(self, other):
         return self.deadline < other.deadline

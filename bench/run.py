@@ -20,9 +20,11 @@ the median of --runs runs:
              (floor) compare MNEDC and OpenVPN with it: what MNEDC's own work costs, and what
              no such relay here can beat
 and for each: ping RTT (50 pings 20 ms apart), CPU seconds of the tunnel processes per GB moved
-(/proc/PID/stat), and their peak RSS (VmHWM). Then a scale run (bench/scale.py): 500 stream
+(/proc/PID/stat), and their peak RSS (VmHWM). Then scale runs (bench/scale.py): 500 stream
 sessions, each its own device_id, idle with keepalives for 60 s on one server: the time for all
-to join, the server's CPU % and RSS. It prints a table with ratios to the raw path and to
+to join, the server's CPU % and RSS; and fleets of 500, 1,000 and 5,000 TUN members (a lease
+each) joining from cold all at once, then idle for 60 s, with a member pinging the relay every
+10 ms throughout: its slowest answer is the loop's longest stall. It prints a table with ratios to the raw path and to
 OpenVPN and the goals, and writes it to bench/results/latest.md and latest.json.
 """
 
@@ -285,6 +287,22 @@ def bench_scale(workdir, args):
     return measurement
 
 
+def bench_scale_tun(workdir, args):
+    """TUN members (a lease each) joining one relay from cold, all at once, then idle: one
+    Measurement per fleet size in --scale-tun."""
+    from bench.scale import scale_run
+    measurements = []
+    for clients in args.scale_tun:
+        fleet_dir = os.path.join(workdir, "fleet-%d" % clients)        # from cold: a state_dir of its own
+        os.makedirs(fleet_dir)
+        result = scale_run(fleet_dir, clients=clients, idle_s=args.scale_idle, tun=True)
+        measurement = Measurement("scale-tun-%d" % clients, "%d TUN members on one server" % clients)
+        for key, value in result.items():
+            measurement.add(key, value)
+        measurements.append(measurement)
+    return measurements
+
+
 def ratio(value, base):
     return value / base if value is not None and base else None
 
@@ -306,8 +324,9 @@ def report(measurements, args):
     def cell(value, digits=2):
         return "-" if value is None else ("%.*f" % (digits, value))
     scale = by_name.get("scale")
+    fleets = [m for m in measurements if m.name.startswith("scale-tun-")]
     for m in measurements:
-        if m is scale:
+        if m is scale or m in fleets:
             continue
         rss_server, rss_client = m.median("peak_rss_server_kb"), m.median("peak_rss_client_kb")
         rss = "%s / %s" % (cell(rss_server and rss_server / 1024.0, 1), cell(rss_client and rss_client / 1024.0, 1))
@@ -358,6 +377,17 @@ def report(measurements, args):
         goals.append(("seconds for %d clients to join" % clients, scale.median("join_s"), ("<=", 10)))
         goals.append(("server CPU %% of a core, %d idle clients" % clients, scale.median("server_cpu_percent"), ("<=", 3)))
         goals.append(("server RSS MB, %d idle clients" % clients, scale.median("server_rss_mb"), ("<=", 60)))
+    for fleet in fleets:                    # the goals are for 5,000; smaller fleets show the growth
+        clients = int(fleet.median("clients"))
+        goal = (lambda bound: ("<=", bound)) if clients >= 5000 else (lambda bound: None)
+        goals.append(("%d TUN members: seconds to join from cold, all at once" % clients, fleet.median("join_s"), goal(10)))
+        goals.append(("%d TUN members: slowest answer to a ping every 10 ms during the joins, ms" % clients,
+                      fleet.median("stall_join_ms"), goal(50)))
+        goals.append(("%d TUN members: slowest answer to that ping while idle, ms" % clients,
+                      fleet.median("stall_idle_ms"), goal(50)))
+        goals.append(("%d TUN members: server RSS MB" % clients, fleet.median("server_rss_mb"), goal(100)))
+        goals.append(("%d TUN members: server CPU %% of a core while idle" % clients,
+                      fleet.median("server_cpu_percent"), goal(3)))
     lines = ["# MNEDC benchmark", "",
              "%s, %d run(s) of %d s each, medians; %s. MNEDC runs as install.sh runs it: %s -m, from "
              "bytecode (Python %s)." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
@@ -384,10 +414,13 @@ def main():
     parser.add_argument("--no-openvpn", action="store_true", help="skip the OpenVPN comparison")
     parser.add_argument("--scale-clients", type=int, default=500, help="stream sessions in the scale run (500)")
     parser.add_argument("--scale-idle", type=float, default=60, help="seconds they stay idle (60)")
+    parser.add_argument("--scale-tun", default="500,1000,5000",
+                        help="fleet sizes of TUN members for the scale runs (500,1000,5000)")
     parser.add_argument("--output", default=RESULTS, help="directory for latest.md and latest.json")
     args = parser.parse_args()
     if args.quick:
-        args.runs, args.duration, args.scale_clients, args.scale_idle = 1, 1, 50, 2
+        args.runs, args.duration, args.scale_clients, args.scale_idle, args.scale_tun = 1, 1, 50, 2, "50"
+    args.scale_tun = [int(count) for count in args.scale_tun.split(",") if count]
     ok, why = have_netns_support()
     if not ok:
         print("the benchmark needs root, ip netns, iptables and /dev/net/tun: %s" % why)
@@ -408,6 +441,7 @@ def main():
             for variant in ("default", "plaintext"):
                 measurements.append(bench_openvpn(topo, workdir, args, variant))
         measurements.append(bench_scale(workdir, args))
+        measurements += bench_scale_tun(workdir, args)
     table = report(measurements, args)
     print(table)
     print("(took %.0f s)" % (time.monotonic() - started))

@@ -18,7 +18,7 @@ import pytest
 import mnedc_server
 
 from tests.streamnet import StreamNet, free_port
-from tests.wire_peer import SERVER, Refused, WirePeer, ipv4_packet, start_server, wire
+from tests.wire_peer import SERVER, Refused, WirePeer, ipv4_packet, leases_on_disk, start_server, wire
 
 AUTH_REFUSED = mnedc_server.AUTH_REFUSED
 SECRETS = {"dev-a": "key-of-dev-a-0123456789", "dev-c": "key-of-dev-c-0123456789"}
@@ -449,7 +449,7 @@ def test_a_minting_spree_is_cut_off_and_devices_with_leases_still_join(tmp_path)
         assert WirePeer(port).handshake(secret, "old-timer", key=key)      # a leased device: always
         other = WirePeer(port, source="127.0.0.2")                         # another source: its own count
         other.handshake(secret, "elsewhere", key=key)
-        leases = json.loads((tmp_path / "state" / "leases.json").read_text())
-        assert "minted-59" not in json.dumps(leases) and "elsewhere" in json.dumps(leases)
+        leases = leases_on_disk(tmp_path / "state")
+        assert "minted-59" not in leases and "elsewhere" in leases
     finally:
         proc.stop()

@@ -24,7 +24,10 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_floor_and_scale(tmp_path):
                   "MNEDC TUN a -> relay -> b, tls = no"):
         assert label in table
     figures = {m["name"]: m["median"] for m in json.loads((tmp_path / "latest.json").read_text())["measurements"]}
-    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-plaintext", "floor", "scale"}
+    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-plaintext", "floor", "scale", "scale-tun-50"}
+    fleet = figures["scale-tun-50"]
+    assert fleet["clients"] == 50 and fleet["tun"] and 0 < fleet["join_s"] < 10
+    assert 0 < fleet["stall_join_ms"] < 5000 and 0 < fleet["stall_idle_ms"] < 5000
     assert figures["scale"]["clients"] == 50 and 0 < figures["scale"]["join_s"] < 10
     assert 0 < figures["scale"]["server_rss_mb"] < 200
     assert "seconds for 50 clients to join" in table

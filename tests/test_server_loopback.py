@@ -70,21 +70,36 @@ def test_first_start_generates_a_secret_and_prints_the_client_lines(server, tmp_
     assert "\n\nserver = 127.0.0.1:%d\nsecret = %s\n" % (port, secret.decode()) in printed, printed
 
 
-def test_each_new_lease_replaces_the_lease_file_atomically(server, tmp_path):
-    """Written to a temporary file and renamed over the old one (a new inode each time), so a
-    crash mid-write leaves the old table or the new one, never half of one."""
-    proc, port, secret = server
-    state = str(tmp_path / "state")            # the fixture's state_dir
-    leases = os.path.join(state, "leases.json")
-    peers = [join(port, secret, "atomic-1")]
-    before = os.stat(leases).st_ino
-    peers.append(join(port, secret, "atomic-2"))
-    after = os.stat(leases)
-    assert after.st_ino != before
-    assert {"atomic-1", "atomic-2"} <= set(json.load(open(leases))["leases"])
-    assert [name for name in os.listdir(state) if name not in ("leases.json", "secret", "salt")] == []
-    for peer in peers:
-        peer.close()
+def test_a_new_lease_is_one_journal_line_before_welcome_and_survives_sigkill(tmp_path):
+    """Issue #14: each new lease rewrote the whole lease file (100 ms at 30,000 leases). Now it
+    is one line appended to leases.json.journal before WELCOME goes out, so a relay killed
+    right after keeps the address; at the next start the journal is folded into leases.json,
+    which is replaced atomically (a new inode), and emptied."""
+    state = tmp_path / "state"
+    proc, port, secret = start_server(state)
+    try:
+        journal, table = state / "leases.json.journal", state / "leases.json"
+        peers = [join(port, secret, "journal-%d" % n) for n in range(3)]
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert [(line["lease"], line["address"]) for line in lines] == \
+            [("journal-%d" % n, address_text(peer)) for n, peer in enumerate(peers)]
+        assert not table.exists()                   # nothing rewrote the table for them
+        proc.send_signal(signal.SIGKILL)            # no shutdown, no save
+        proc.wait(5)
+    finally:
+        proc.stop()
+    proc, port, secret = start_server(state)
+    try:
+        assert json.load(open(str(table)))["leases"]["journal-1"]["address"] == address_text(peers[1])
+        assert journal.read_text() == ""
+        inode = table.stat().st_ino
+        again = join(port, secret, "journal-1")
+        assert address_text(again) == address_text(peers[1])
+        assert table.stat().st_ino == inode          # a known device: no write at all
+        assert sorted(name for name in os.listdir(str(state)) if "leases" in name) == \
+            ["leases.json", "leases.json.journal"]
+    finally:
+        proc.stop()
 
 
 def test_packets_are_routed_by_destination_address(server):

@@ -41,7 +41,8 @@ def test_a_full_pool_takes_a_gone_trial_lease_first_and_a_reload_keeps_the_trial
     leases = table(tmp_path, "198.18.0.0/29", trial_s=300)
     for n in range(5):
         leases.lease_for("d%d" % n, set(), 0.0)
-    assert sorted(leases.expire_trials({"d0": 0.0}, 400.0)) == ["d1", "d2", "d3", "d4"]   # d0 stayed: proven
+    stayed = type("Member", (), {"connected_since": 0.0})
+    assert sorted(leases.expire_trials({"d0": stayed}, 400.0)) == ["d1", "d2", "d3", "d4"]   # d0 stayed: proven
     assert "trial" not in leases.leases["d0"] and leases.on_trial == set()
     for n in range(1, 5):
         leases.lease_for("e%d" % n, set(), 500.0)
@@ -135,3 +136,24 @@ def test_a_lease_survives_a_failed_save_and_is_saved_later(tmp_path):
     (tmp_path / "missing").mkdir()
     leases.save()
     assert not leases.save_failed and "unlucky" in (tmp_path / "missing" / "leases.json").read_text()
+
+
+def test_the_journal_is_folded_into_the_table_once_long_and_a_repeated_line_changes_nothing(tmp_path):
+    churn = table(tmp_path, "198.18.0.0/20", trial_s=1)
+    for n in range(300):
+        churn.lease_for("minted-%d" % n, set(), 1.0)
+    journal = tmp_path / "leases.json.journal"
+    churn.sync_journal()                            # 300 lines for 300 leases: O(1) each, no fold yet
+    assert len(journal.read_text().splitlines()) == 300 and not (tmp_path / "leases.json").exists()
+    assert len(churn.expire_trials({}, 10.0)) == 300
+    churn.sync_journal()                            # 600 lines, no lease: folded into the table, emptied
+    assert journal.read_text() == "" and json.loads((tmp_path / "leases.json").read_text())["leases"] == {}
+    leases = table(tmp_path, "198.18.0.0/20")
+    leases.load()
+    addresses = {n: leases.lease_for("d%d" % n, set(), 1.0) for n in range(3)}
+    lines = journal.read_text()
+    journal.write_text(lines + lines)               # a crash between a fold and the emptying, twice over
+    reloaded = table(tmp_path, "198.18.0.0/20")
+    reloaded.load()
+    assert all(reloaded.lease_for("d%d" % n, set(), 3.0) == addresses[n] for n in range(3))
+    assert len(reloaded.leases) == 3 and journal.read_text() == ""      # folded at load

@@ -151,6 +151,25 @@ def state_key(state_dir, secret):
         return wire.network_key(secret, bytes.fromhex(source.read().strip()))
 
 
+def leases_on_disk(state_dir):
+    """device_id -> address, as a relay started now would read them: leases.json, then the
+    journal of the changes since."""
+    import json
+    leases = {}
+    table = os.path.join(str(state_dir), "leases.json")
+    if os.path.exists(table):
+        leases = {device_id: lease["address"] for device_id, lease in json.load(open(table))["leases"].items()}
+    journal = table + ".journal"
+    if os.path.exists(journal):
+        for line in open(journal).read().splitlines():
+            entry = json.loads(line)
+            if "forget" in entry:
+                leases.pop(entry["forget"], None)
+            else:
+                leases[entry["lease"]] = entry["address"]
+    return leases
+
+
 def state_pin(state_dir):
     """The pin of the certificate a relay made itself in state_dir (what it prints)."""
     import hashlib
