@@ -2442,6 +2442,7 @@ class Log:
                 return False
             window[4] += 1
         else:
+            self._windows.pop(key, None)    # a new window goes last: the table stays in start order
             self._windows[key] = [now, 0, message, level, 1, summary]
         if write:
             self.write(level, message)
@@ -2452,15 +2453,16 @@ class Log:
         what the log's reader could not take yet."""
         self.drain()
         now = time.monotonic()
-        for key, (start, held, message, level, _, summary) in list(self._windows.items()):
+        while self._windows:                # oldest first: only the windows that ended are touched
+            key = next(iter(self._windows))
+            start, held, message, level, _, summary = self._windows[key]
             if now - start < LOG_REPEAT_WINDOW_S:
-                continue
+                break
+            del self._windows[key]          # forget quiet keys: the table stays small
             if held:
                 self.write(level, "%d more %s in the last %d s, not logged one by one" % (held, summary, now - start)
                            if summary else "%s (%d more in the last %d s)" % (message, held, now - start))
                 self._windows[key] = [now, 0, message, level, 0, summary]
-            else:
-                del self._windows[key]      # forget quiet keys: the table stays small
 
 
 class Timer:
@@ -2475,9 +2477,6 @@ class Timer:
         self.cancelled = True
         self.callback = None        # what it would have called (a closed connection) can go now
 
-    def __lt__(self, other):
-        return self.deadline < other.deadline
-
 
 class EventLoop:
     """One selectors loop for every socket and TUN fd, with timers in a heap.
@@ -2491,7 +2490,8 @@ class EventLoop:
         self.log = log
         self.selector = selectors.DefaultSelector()
         self._interest = {}         # handler -> events it is registered for
-        self._timers = []
+        self._timers = []           # (deadline, sequence, Timer)
+        self._timer_count = 0
         self._running = False
         self._signal_handlers = {}
         self._pending_signals = []
@@ -2521,7 +2521,8 @@ class EventLoop:
 
     def call_later(self, delay_s, callback):
         timer = Timer(time.monotonic() + delay_s, callback)
-        heapq.heappush(self._timers, timer)
+        self._timer_count += 1      # heap entries are tuples: compared in C, not by a method
+        heapq.heappush(self._timers, (timer.deadline, self._timer_count, timer))
         return timer
 
     def call_every(self, interval_s, callback):
@@ -2556,16 +2557,16 @@ class EventLoop:
             self._run_signal_handlers()
 
     def _seconds_to_next_timer(self):
-        while self._timers and self._timers[0].cancelled:
+        while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
         if not self._timers:
             return None
-        return max(0.0, self._timers[0].deadline - time.monotonic())
+        return max(0.0, self._timers[0][0] - time.monotonic())
 
     def _run_due_timers(self):
         now = time.monotonic()
-        while self._timers and self._timers[0].deadline <= now:
-            timer = heapq.heappop(self._timers)
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
             if not timer.cancelled:
                 self._guarded(None, timer.callback)
 

@@ -2277,6 +2277,7 @@ class ClientConnection(FrameTransport):
         self.server.withdraw(self)
         self.server.handshaking.pop(self, None)
         self.finish(CLOSING_LINGER_S, reason)
+        self.server.finishing.add(self)
 
     def remote_ip(self):
         return self.remote.rpartition(":")[0]
@@ -2450,6 +2451,7 @@ class RelayServer:
                                    self.device_of, self.online, self.permits, self.names, self.name_problem)
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
+        self.finishing = set()          # refused ones, lingering until their deadline
         self.queued_bytes = 0           # in every connection's send queue together
         self.batcher = Batcher()        # one wakeup's PACKET/DATA frames leave together
         self.directory_version, self.directory_cache = 0, None     # SERVICES' listing, cached
@@ -2588,6 +2590,7 @@ class RelayServer:
     def forget_connection(self, connection):
         self.connections.discard(connection)
         self.handshaking.pop(connection, None)
+        self.finishing.discard(connection)
         ip = connection.remote_ip()
         count = self.per_source.get(ip, 0) - 1
         if count > 0:
@@ -2954,7 +2957,7 @@ class RelayServer:
 
     def tick(self):
         now = time.monotonic()
-        for connection in [c for c in self.connections if c.stage != "established"]:
+        for connection in list(self.handshaking) + list(self.finishing):    # the established keep_alive
             connection.check_timers(now)
         self.log.flush()
         if self.leases.on_trial and now - self.last_trial_sweep >= min(5.0, self.leases.trial_s / 2.0):
@@ -3127,6 +3130,7 @@ class Log:
                 return False
             window[4] += 1
         else:
+            self._windows.pop(key, None)    # a new window goes last: the table stays in start order
             self._windows[key] = [now, 0, message, level, 1, summary]
         if write:
             self.write(level, message)
@@ -3137,15 +3141,16 @@ class Log:
         what the log's reader could not take yet."""
         self.drain()
         now = time.monotonic()
-        for key, (start, held, message, level, _, summary) in list(self._windows.items()):
+        while self._windows:                # oldest first: only the windows that ended are touched
+            key = next(iter(self._windows))
+            start, held, message, level, _, summary = self._windows[key]
             if now - start < LOG_REPEAT_WINDOW_S:
-                continue
+                break
+            del self._windows[key]          # forget quiet keys: the table stays small
             if held:
                 self.write(level, "%d more %s in the last %d s, not logged one by one" % (held, summary, now - start)
                            if summary else "%s (%d more in the last %d s)" % (message, held, now - start))
                 self._windows[key] = [now, 0, message, level, 0, summary]
-            else:
-                del self._windows[key]      # forget quiet keys: the table stays small
 
 
 class Timer:
@@ -3160,9 +3165,6 @@ class Timer:
         self.cancelled = True
         self.callback = None        # what it would have called (a closed connection) can go now
 
-    def __lt__(self, other):
-        return self.deadline < other.deadline
-
 
 class EventLoop:
     """One selectors loop for every socket and TUN fd, with timers in a heap.
@@ -3176,7 +3178,8 @@ class EventLoop:
         self.log = log
         self.selector = selectors.DefaultSelector()
         self._interest = {}         # handler -> events it is registered for
-        self._timers = []
+        self._timers = []           # (deadline, sequence, Timer)
+        self._timer_count = 0
         self._running = False
         self._signal_handlers = {}
         self._pending_signals = []
@@ -3206,7 +3209,8 @@ class EventLoop:
 
     def call_later(self, delay_s, callback):
         timer = Timer(time.monotonic() + delay_s, callback)
-        heapq.heappush(self._timers, timer)
+        self._timer_count += 1      # heap entries are tuples: compared in C, not by a method
+        heapq.heappush(self._timers, (timer.deadline, self._timer_count, timer))
         return timer
 
     def call_every(self, interval_s, callback):
@@ -3241,16 +3245,16 @@ class EventLoop:
             self._run_signal_handlers()
 
     def _seconds_to_next_timer(self):
-        while self._timers and self._timers[0].cancelled:
+        while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
         if not self._timers:
             return None
-        return max(0.0, self._timers[0].deadline - time.monotonic())
+        return max(0.0, self._timers[0][0] - time.monotonic())
 
     def _run_due_timers(self):
         now = time.monotonic()
-        while self._timers and self._timers[0].deadline <= now:
-            timer = heapq.heappop(self._timers)
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
             if not timer.cancelled:
                 self._guarded(None, timer.callback)
 

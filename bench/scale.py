@@ -7,8 +7,9 @@ PONG for each of the server's. Members are stream sessions, or TUN
 members (tun=True), which take a lease each: the relay's lease path at fleet scale. Meanwhile
 a prober, a member in a process of its own, pings the relay every 10 ms: its slowest answer is
 how long the relay's loop stalled. Reported: the time until every member was welcomed, the
-prober's slowest answer during the joins and during the idle period, and over the idle period
-the server's CPU % of one core and its RSS.
+prober's slowest answer during the joins and during the idle period, the server's CPU % of one
+core over the idle period and over 20 s more with the prober stopped (the fleet's keepalives
+alone), and its RSS.
 
     python3 bench/scale.py [CLIENTS [IDLE_S [tun]]]
     python3 bench/scale.py probe PORT STATE_DIR      (the prober; prints its figures at SIGTERM)
@@ -34,6 +35,7 @@ from tests.streamnet import free_port  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IN_FLIGHT = 64
 PING_EVERY_S = 10.0         # what a client with the default keepalive (30 s) does
+QUIET_S = 20.0              # the members alone, the prober stopped (under the server's 30 s keepalive)
 
 
 class Session:
@@ -161,9 +163,18 @@ def scale_run(workdir, clients=500, idle_s=60, python=sys.executable, tun=False)
         cpu_before, idle_started = server_cpu_s(server.pid), time.monotonic()
         drive(sessions, selector, idle_started + idle_s)
         cpu = server_cpu_s(server.pid) - cpu_before
+        cpu_percent_probed = 100.0 * cpu / (time.monotonic() - idle_started)
+        stall_idle_ms = probe_mark(prober)
+        # then the members alone: the prober's 100 pings a second are not the fleet's keepalives
+        prober.send_signal(signal.SIGSTOP)
+        cpu_before, quiet_started = server_cpu_s(server.pid), time.monotonic()
+        drive(sessions, selector, quiet_started + min(QUIET_S, idle_s))
+        cpu = server_cpu_s(server.pid) - cpu_before
+        prober.send_signal(signal.SIGCONT)
         return {"clients": clients, "tun": tun, "join_s": join_s, "idle_s": idle_s,
-                "stall_join_ms": stall_join_ms, "stall_idle_ms": probe_mark(prober),
-                "server_cpu_percent": 100.0 * cpu / (time.monotonic() - idle_started),
+                "stall_join_ms": stall_join_ms, "stall_idle_ms": stall_idle_ms,
+                "server_cpu_percent_probed": cpu_percent_probed,
+                "server_cpu_percent": 100.0 * cpu / (time.monotonic() - quiet_started),
                 "server_rss_mb": rss_kb(server.pid) / 1024.0,
                 "server_peak_rss_mb": rss_kb(server.pid, "VmHWM") / 1024.0}
     finally:
