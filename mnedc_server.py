@@ -1420,18 +1420,20 @@ class StreamSwitch:
     """Virtual ports, service names and the streams between stream sessions."""
 
     def __init__(self, log, max_window_bytes, max_streams_per_session, device_of, online, permits,
-                 names, name_problem):
+                 names, name_problem, new_name_budget):
         """device_of(name): the device_id a virtual IP or device_id names, or None;
         online(device_id): whether any session of that device is connected;
         permits(from device, to device, port): whether the access policy lets a stream through;
         names: the ServiceNames claimed; name_problem(device_id, name): why that device may not
-        offer a service by that name, or None."""
+        offer a service by that name, or None; new_name_budget(source address): whether one more
+        name or listener may be recorded for it this minute (and counts it)."""
         self.log = log
         self.device_of = device_of
         self.online = online
         self.permits = permits
         self.names = names
         self.name_problem = name_problem
+        self.new_name_budget = new_name_budget
         self.max_window_bytes = max_window_bytes
         self.max_streams = max_streams_per_session
         self.listeners = {}         # (device_id, port) -> session
@@ -1463,12 +1465,16 @@ class StreamSwitch:
             if own >= MAX_SERVICES_PER_SESSION or len(self.services) - len(renamed) >= MAX_SERVICES:
                 raise ListenRefused(ERROR_LIMIT, "too many service names (%d per session, %d in all)"
                                     % (MAX_SERVICES_PER_SESSION, MAX_SERVICES))
+            if self.names.owner(service) is None and not self.new_name_budget(session.remote_ip()):
+                raise ListenRefused(ERROR_LIMIT, "more new service names from %s within a minute than "
+                                    "max_new_leases_per_minute; try again later" % session.remote_ip())
             for name in renamed:
                 del self.services[name]     # one name per port: a new LISTEN renames it
             self.names.claim(service, session.device_id)
             self.services[service] = (session, port)
             self.version += 1
-        if session.address == NO_ADDRESS:
+        if session.address == NO_ADDRESS and session.device_id not in self.names.listeners \
+                and self.new_name_budget(session.remote_ip()):     # minted ones cannot push real ones out
             self.names.note_listener(session.device_id, time.time())
         self.listeners[key] = session
 
@@ -2449,7 +2455,8 @@ class RelayServer:
         self.stream_sessions = {}       # device_id -> its connected stream sessions
         self.names = ServiceNames(os.path.join(config.state_dir, "names.json"), log)
         self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, config.max_streams_per_client,
-                                   self.device_of, self.online, self.permits, self.names, self.name_problem)
+                                   self.device_of, self.online, self.permits, self.names, self.name_problem,
+                                   self.new_name_budget)
         self.connections = set()
         self.handshaking = {}           # connections not yet authenticated, oldest first
         self.finishing = set()          # refused ones, lingering until their deadline
@@ -2457,6 +2464,7 @@ class RelayServer:
         self.batcher = Batcher()        # one wakeup's PACKET/DATA frames leave together
         self.directory_version, self.directory_cache = 0, None     # SERVICES' listing, cached
         self.new_leases = {}            # source address -> times of its new leases this minute
+        self.new_names = {}             # ... of its new service names and listener records
         self.drops = {}
         self.stopping = False
         self.exit_code = 0
@@ -2676,17 +2684,30 @@ class RelayServer:
     def count_new_lease(self, source):
         """A new device from source takes a lease: refused past max_new_leases_per_minute, so one
         member minting device_ids cannot fill the pool (devices that have a lease always join)."""
+        if not self.take_from_budget(self.new_leases, source):
+            raise TooManyNewLeases("%d new devices from %s within a minute "
+                                   "(max_new_leases_per_minute); try again later"
+                                   % (self.config.max_new_leases_per_minute, source))
+
+    def new_name_budget(self, source):
+        """The same limit for service names and listener records that source makes new: minted
+        device_ids cannot fill names.json, nor push the real listeners out of it."""
+        return self.take_from_budget(self.new_names, source)
+
+    def take_from_budget(self, table, source):
+        """One more of max_new_leases_per_minute for source in table (source -> times): True if
+        it had room, and counts it."""
         now = time.monotonic()
-        times = self.new_leases.setdefault(source, collections.deque())
+        times = table.setdefault(source, collections.deque())
         while times and now - times[0] >= 60:
             times.popleft()
         if len(times) >= self.config.max_new_leases_per_minute:
-            raise TooManyNewLeases("%d new devices from %s within a minute "
-                                   "(max_new_leases_per_minute); try again later"
-                                   % (len(times), source))
+            return False
         times.append(now)
-        if len(self.new_leases) > 4096:     # forget quiet sources: the table stays small
-            self.new_leases = {ip: ts for ip, ts in self.new_leases.items() if now - ts[-1] < 60}
+        if len(table) > 4096:               # forget quiet sources: the table stays small
+            for ip in [ip for ip, ts in table.items() if not ts or now - ts[-1] >= 60]:
+                del table[ip]
+        return True
 
     def withdraw(self, connection):
         """Stop routing to connection (it is closing); safe to call twice."""

@@ -157,3 +157,29 @@ def test_the_policy_says_who_may_offer_which_names_and_the_operator_frees_them(t
         assert control(net, "forget-name", "pi-web").returncode == 1
     finally:
         net.stop()
+
+
+def test_minted_device_ids_cannot_fill_the_name_table_from_one_address(tmp_path):
+    """Stream sessions take no lease, so minting device_ids is free: new service names (and
+    the listener records that keep offline device_ids known) are limited per source address
+    and minute like new leases; another address has its own count."""
+    net = StreamNet(tmp_path, server_lines=["max_new_leases_per_minute = 5"])
+    try:
+        answers = []
+        for number in range(7):
+            member = net.peer()
+            member.handshake(net.secret, "minted-%d" % number, wire.HELLO_STREAMS)
+            answers.append(listen_frame(member, 80, "grab-%d" % number))
+            member.close()
+        assert [a[0] for a in answers[:2]] == ["LISTENING"] * 2       # 2 names and 2 listeners: 4 of 5
+        refused = [a for a in answers if a[0] == "LISTEN_REFUSED"]
+        assert refused and all(a[2] == wire.ERROR_LIMIT and "more new service names from 127.0.0.1" in a[3]
+                               for a in refused), answers
+        status = json.loads(control(net, "status", "--json").stdout)
+        assert len(status["service_names"]) <= 3
+        elsewhere = net.peer(source="127.0.0.2")
+        elsewhere.handshake(net.secret, "elsewhere", wire.HELLO_STREAMS)
+        assert listen_frame(elsewhere, 80, "elsewhere-web")[0] == "LISTENING"
+        elsewhere.close()
+    finally:
+        net.stop()
