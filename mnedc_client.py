@@ -699,6 +699,29 @@ def ipv4_problem(packet, offset=0):
     return None
 
 
+# Destinations every member of the virtual network hears, as on one LAN segment: the limited
+# and the subnet's broadcast, the link-local groups (224.0.0.0/24: mDNS 224.0.0.251, LLMNR ...)
+# and SSDP's. The relay copies them to every other member; a client takes any multicast
+# (the kernel keeps only the groups something on the host joined).
+LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+LINK_LOCAL_GROUPS = b"\xe0\x00\x00"        # 224.0.0.0/24, by its first three bytes
+SSDP_GROUP = b"\xef\xff\xff\xfa"          # 239.255.255.250
+IGMP_PROTOCOL = 2
+
+
+def is_ipv4_multicast(address):
+    return 224 <= address[0] <= 239
+
+
+def is_local_group(address):
+    return address[:3] == LINK_LOCAL_GROUPS or address == SSDP_GROUP
+
+
+def subnet_broadcast(network, prefix_length):
+    """The packed broadcast address of the subnet of a packed address."""
+    return (int.from_bytes(network, "big") | ((1 << (32 - prefix_length)) - 1)).to_bytes(4, "big")
+
+
 def vnet_packet_problem(payload):
     """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet, then its offload fields."""
     return ipv4_problem(payload, VNET_HEADER.size) or offload_problem(payload)
@@ -1832,6 +1855,7 @@ class TunClient(RelayClient):
         self.configured = None          # (address, prefix length) the interface has
         self.own_address = None         # the same address, packed: what packets to us carry
         self.network = None             # (packed network, prefix length) of the virtual network
+        self.broadcast = None           # and its packed broadcast address
         self.mtu = None                 # and its MTU
         self.server_address = None
         self.control = None
@@ -1886,6 +1910,7 @@ class TunClient(RelayClient):
         wanted = (ipv4_text(address), prefix_length)
         self.own_address = bytes(address)
         self.network = prefix_of(address, prefix_length)
+        self.broadcast = subnet_broadcast(self.network[0], prefix_length)
         mtu = self.fit_frame_limit()
         if wanted != self.configured or mtu != self.mtu:
             if self.configured not in (None, wanted):
@@ -1970,8 +1995,11 @@ class TunClient(RelayClient):
 
     def foreign_packet(self, payload, offset):
         """Why a packet from the relay must not reach this host, or None: only packets to this
-        device from inside the virtual network go to the TUN, whatever the relay says."""
-        if payload[offset + IPV4_DESTINATION_AT:offset + IPV4_DESTINATION_AT + 4] != self.own_address:
+        device (or to everyone: a broadcast or a group) from inside the virtual network go to the
+        TUN, whatever the relay says."""
+        destination = payload[offset + IPV4_DESTINATION_AT:offset + IPV4_DESTINATION_AT + 4]
+        if destination != self.own_address and destination != self.broadcast and \
+                destination != LIMITED_BROADCAST and not is_ipv4_multicast(destination):
             return "not addressed to this device"
         source = payload[offset + IPV4_SOURCE_AT:offset + IPV4_SOURCE_AT + 4]
         if prefix_of(source, self.network[1]) != self.network:

@@ -25,6 +25,9 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
               1048576, 64, 60 per source address; README)
   lease_trial seconds a new device must stay connected before its lease outlives it by days;
               one that leaves sooner loses it this long after it left (default 300)
+  multicast_packets_per_second, multicast_bytes_per_second  what one member may broadcast:
+              broadcasts, 224.0.0.0/24 (mDNS) and SSDP go to every other member (default 100, 131072)
+  multicast_groups  more IPv4 groups to relay to everyone, e.g. 239.1.2.3 (default none)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
               server_pin); tls_client_ca requires client certificates whose commonName is the
@@ -107,6 +110,11 @@ MEMBER_LINES_PER_DEVICE = 6     # join and leave lines a minute of one device (a
 MEMBER_LINES_PER_MINUTE = 120   # ... and of all together (a storm); the rest are counted
 MAX_REMEMBERED_LISTENERS = 4096 # stream-only devices that listened, known by name while offline
 LISTEN_RETRY_S = 10             # a port another session of the device holds: the client asks again
+MULTICAST_PACKETS_PER_S = 100   # broadcast and multicast one member may send a second (mDNS, SSDP
+MULTICAST_BYTES_PER_S = 128 * 1024  # and ARP-less discovery are a few); a second's worth is the burst
+MULTICAST_COPIES_PER_S = 20000  # copies the relay makes of them a second, all senders together
+MULTICAST_QUEUE_SHARE = 4       # a copy joins a send queue only below 1/4 of max_queue_bytes:
+                                # broadcasts can never crowd out a member's unicast
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -726,6 +734,29 @@ def ipv4_problem(packet, offset=0):
     if total_length != length:
         return "IPv4 total length %d but %d bytes arrived" % (total_length, length)
     return None
+
+
+# Destinations every member of the virtual network hears, as on one LAN segment: the limited
+# and the subnet's broadcast, the link-local groups (224.0.0.0/24: mDNS 224.0.0.251, LLMNR ...)
+# and SSDP's. The relay copies them to every other member; a client takes any multicast
+# (the kernel keeps only the groups something on the host joined).
+LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+LINK_LOCAL_GROUPS = b"\xe0\x00\x00"        # 224.0.0.0/24, by its first three bytes
+SSDP_GROUP = b"\xef\xff\xff\xfa"          # 239.255.255.250
+IGMP_PROTOCOL = 2
+
+
+def is_ipv4_multicast(address):
+    return 224 <= address[0] <= 239
+
+
+def is_local_group(address):
+    return address[:3] == LINK_LOCAL_GROUPS or address == SSDP_GROUP
+
+
+def subnet_broadcast(network, prefix_length):
+    """The packed broadcast address of the subnet of a packed address."""
+    return (int.from_bytes(network, "big") | ((1 << (32 - prefix_length)) - 1)).to_bytes(4, "big")
 
 
 def vnet_packet_problem(payload):
@@ -1359,12 +1390,54 @@ class LeaseTable:
         return struct.unpack("!I", packed)[0]
 
 
+class RateBudget:
+    """A token bucket: rate units a second, holding at most one second's worth."""
+
+    __slots__ = ("rate", "tokens", "stamp")
+
+    def __init__(self, rate, now):
+        self.rate = float(rate)
+        self.tokens = self.rate
+        self.stamp = now
+
+    def take(self, amount, now):
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if amount > self.tokens:
+            return False
+        self.tokens -= amount
+        return True
+
+
+class MulticastBudget:
+    """What one member may send to everyone: packets and bytes a second, both."""
+
+    __slots__ = ("rates", "packets", "bytes")
+
+    def __init__(self, rates, now):
+        self.rates = rates
+        self.packets = RateBudget(rates[0], now)
+        self.bytes = RateBudget(rates[1], now)
+
+    def take(self, size, now):
+        if self.packets.take(1, now):
+            if self.bytes.take(size, now):
+                return True
+            self.packets.tokens += 1
+        return False
+
+
+EVERYONE = object()     # RouteTable.decide's target for a broadcast or a relayed group
+
+
 class RouteTable:
     """Which member of the virtual network owns which address: clients and the server's TUN."""
 
-    def __init__(self):
+    def __init__(self, broadcast=None, groups=()):
         self.by_address = {}        # packed address -> member
         self.by_device = {}         # device_id -> member
+        self.broadcasts = {LIMITED_BROADCAST, broadcast}
+        self.groups = set(groups)   # operator's multicast_groups, beside the link-local ones
 
     def add(self, member):
         self.by_address[member.address] = member
@@ -1385,6 +1458,10 @@ class RouteTable:
             return None, "spoofed source"
         target = self.by_address.get(destination)
         if target is None:
+            if destination in self.broadcasts or is_local_group(destination) or destination in self.groups:
+                return EVERYONE, None
+            if is_ipv4_multicast(destination):
+                return None, "multicast group not relayed (multicast_groups)"
             return None, "unknown destination"
         return target, None
 
@@ -1943,6 +2020,7 @@ class ClientConnection(FrameTransport):
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
         self.services_tokens, self.services_at = SERVICES_BURST, now      # SERVICES answered: a bucket
+        self.multicast_budget = None        # a MulticastBudget, from its first broadcast on
 
     def __repr__(self):
         return "ClientConnection(%s from %s, %s)" % (self.device_id, self.remote, self.stage)
@@ -2244,6 +2322,13 @@ class ClientConnection(FrameTransport):
             self.bytes_out += len(packet)
             self.send_frame(frame_type, packet)
 
+    def send_copy(self, frame_type, packet):
+        """Queue one copy of a broadcast or multicast packet, if this queue is short enough."""
+        if len(self.out) + self.batch_bytes > self.server.max_queue_bytes // MULTICAST_QUEUE_SHARE:
+            self.server.count_drop("queue too full for broadcasts", self, frame_type, packet, "for")
+        else:
+            self.send_packet(frame_type, packet)
+
     def on_queued(self, count):
         """FrameTransport queued count bytes: past the hard limit this peer is not reading; past
         the relay's total, the slowest reader goes."""
@@ -2377,6 +2462,7 @@ class ServerTun:
         self.address = server.leases.server_address
         self.closed = False
         self.drops = {}
+        self.multicast_budget = None
 
     def fileno(self):
         return self.fd
@@ -2410,6 +2496,8 @@ class ServerTun:
             write_tun_packet(self.fd, self.offload, frame_type, packet)
         except OSError:
             self.server.count_drop("TUN write failed", self, frame_type, packet, "for")
+
+    send_copy = send_packet
 
     def on_writable(self):
         pass
@@ -2451,7 +2539,10 @@ class RelayServer:
         self.per_source = {}            # remote IP -> its connections
         self.leases = LeaseTable(config.subnet, os.path.join(config.state_dir, "leases.json"), log,
                                  config.lease_trial)
-        self.routes = RouteTable()
+        self.routes = RouteTable(subnet_broadcast(packed_address(self.leases.network), self.leases.prefix_length),
+                                 config.multicast_groups)
+        self.multicast_copies = RateBudget(MULTICAST_COPIES_PER_S, time.monotonic())
+        self.multicast_packets = self.multicast_copied = 0
         self.stream_sessions = {}       # device_id -> its connected stream sessions
         self.names = ServiceNames(os.path.join(config.state_dir, "names.json"), log)
         self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, config.max_streams_per_client,
@@ -2759,7 +2850,8 @@ class RelayServer:
         totals = {"devices": len(self.routes.by_device) - (1 if self.tun else 0),
                   "stream_sessions": sum(len(s) for s in self.stream_sessions.values()),
                   "handshakes_in_progress": len(self.handshaking), "streams": len(self.switch.streams) // 2,
-                  "leases": len(self.leases.leases), "drops": dict(self.drops)}
+                  "leases": len(self.leases.leases), "drops": dict(self.drops),
+                  "broadcasts": self.multicast_packets, "broadcast_copies": self.multicast_copied}
         for counter in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
             totals[counter] = sum(device[counter] for device in devices)
         return {"server": {
@@ -2851,6 +2943,7 @@ class RelayServer:
         self.max_queue_bytes = fresh.max_queue_bytes
         self.switch.max_streams = fresh.max_streams_per_client
         self.leases.trial_s = fresh.lease_trial
+        self.routes.groups = set(fresh.multicast_groups)
         warn_of_unauthenticated_policy(fresh, self.log)
         self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
@@ -2954,13 +3047,43 @@ class RelayServer:
     def route_packet(self, frame_type, packet, sender):
         offset = VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0
         target, reason = self.routes.decide(packet, sender, offset)
-        if target is None:
+        if target is EVERYONE:
+            self.fan_out(frame_type, packet, sender, offset)
+        elif target is None:
             self.count_drop(reason, sender, frame_type, packet)
         elif self.config.policy is not None and not self.config.policy.permits(
                 sender.device_id, target.device_id, destination_port(packet, offset)):
             self.count_drop("denied by policy", sender, frame_type, packet)
         else:
             target.send_packet(frame_type, packet)
+
+    def fan_out(self, frame_type, packet, sender, offset):
+        """A copy for every other member, as a LAN segment would: within the sender's budget and
+        the relay's, and past the policy of each receiver."""
+        if packet[offset + 9] == IGMP_PROTOCOL:
+            self.count_drop("IGMP (the relay copies groups to everyone: no membership needed)",
+                            sender, frame_type, packet)
+            return
+        now = time.monotonic()
+        rates = (self.config.multicast_packets_per_second, self.config.multicast_bytes_per_second)
+        if sender.multicast_budget is None or sender.multicast_budget.rates != rates:
+            sender.multicast_budget = MulticastBudget(rates, now)
+        if not sender.multicast_budget.take(len(packet), now):
+            self.count_drop("over its broadcast budget", sender, frame_type, packet)
+            return
+        receivers = [member for member in self.routes.by_address.values() if member is not sender]
+        if not self.multicast_copies.take(min(len(receivers), MULTICAST_COPIES_PER_S), now):
+            self.count_drop("over the relay's broadcast budget", sender, frame_type, packet)
+            return
+        self.multicast_packets += 1
+        policy = self.config.policy
+        port = destination_port(packet, offset) if policy is not None else None
+        for target in receivers:
+            if policy is not None and not policy.permits(sender.device_id, target.device_id, port):
+                self.count_drop("denied by policy", sender, frame_type, packet)
+            else:
+                self.multicast_copied += 1
+                target.send_copy(frame_type, packet)
 
     def count_drop(self, reason, member, frame_type, packet, direction="from"):
         """Count a dropped packet; log it, rate-limited per reason and member."""
@@ -4164,6 +4287,9 @@ class ServerConfig:
         self.max_streams_per_client = MAX_STREAMS_PER_SESSION
         self.max_new_leases_per_minute = MAX_NEW_LEASES_PER_MINUTE
         self.lease_trial = DEFAULT_LEASE_TRIAL_S
+        self.multicast_groups = ()              # packed groups relayed beside the link-local ones
+        self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
+        self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
         self.tls = True                         # the default: tls = no is the operator's explicit choice
         self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
         self.tls_cert = self.tls_key = self.tls_client_ca = None
@@ -4203,6 +4329,11 @@ SERVER_KEYS = {
     "max_new_leases_per_minute": lambda config, text: setattr(
         config, "max_new_leases_per_minute", parse_int(text, 1, 1000000)),
     "lease_trial": lambda config, text: setattr(config, "lease_trial", parse_int(text, 0, 7 * 24 * 3600)),
+    "multicast_groups": lambda config, text: setattr(config, "multicast_groups", parse_groups(text)),
+    "multicast_packets_per_second": lambda config, text: setattr(
+        config, "multicast_packets_per_second", parse_int(text, 0, 1000000)),
+    "multicast_bytes_per_second": lambda config, text: setattr(
+        config, "multicast_bytes_per_second", parse_int(text, 0, 1 << 30)),
     "tls": lambda config, text: setattr(config, "tls", parse_choice(text, ("yes", "no")) == "yes"),
     "allow_plaintext": lambda config, text: setattr(config, "allow_plaintext", parse_choice(text, ("yes", "no")) == "yes"),
     "tls_cert": lambda config, path: setattr(config, "tls_cert", path),
@@ -4213,8 +4344,19 @@ TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "t
 # SIGHUP applies every other key live
 RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
-              "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial")
+              "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial",
+              "multicast_packets_per_second", "multicast_bytes_per_second")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
+
+
+def parse_groups(text):
+    """Packed IPv4 multicast groups from "239.1.2.3, 239.4.5.6"."""
+    groups = []
+    for word in text.replace(",", " ").split():
+        if not is_ipv4_literal(word) or not is_ipv4_multicast(socket.inet_aton(word)):
+            raise ValueError("%r is not an IPv4 multicast group (224.0.0.0 to 239.255.255.255)" % word)
+        groups.append(socket.inet_aton(word))
+    return tuple(groups)
 
 
 def check_hook(text):
@@ -4631,6 +4773,8 @@ def format_status(status):
         rows += ["", "service names:", "%-24s %-24s %s" % ("NAME", "DEVICE", "OFFERED")]
         rows += ["%-24s %-24s %s" % (entry["name"], entry["device_id"], "yes" if entry["offered"] else "no")
                  for entry in status["service_names"]]
+    if totals.get("broadcasts"):
+        rows += ["", "broadcast and multicast: %d packets, %d copies" % (totals["broadcasts"], totals["broadcast_copies"])]
     if totals["drops"]:
         rows += ["", "drops: " + ", ".join("%s %d" % item for item in sorted(totals["drops"].items()))]
     return "\n".join(rows) + "\n"

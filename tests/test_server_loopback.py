@@ -269,6 +269,42 @@ def test_a_client_that_stops_reading_never_stalls_the_others(server):
     assert rss_kb < 64 * 1024, "server RSS %d kB after the flood" % rss_kb
 
 
+def test_broadcasts_fill_at_most_a_quarter_of_a_queue_and_unicast_keeps_the_rest(tmp_path):
+    """Issue #15: multicast never blocks unicast. Broadcasts at a member that reads nothing stop
+    at a quarter of max_queue_bytes (1 MiB); unicast to it is still queued past that."""
+    config = tmp_path / "server.ini"
+    config.write_text("[server]\nmulticast_packets_per_second = 10000\nmulticast_bytes_per_second = 100000000\n")
+    proc, port, secret = start_server(tmp_path / "state", "-c", str(config))
+    control = os.path.join(str(tmp_path), "server.sock")
+
+    def stalled_device():
+        status = json.loads(subprocess.run([sys.executable, SERVER, "--control", control, "status", "--json"],
+                                           capture_output=True, timeout=30, check=True).stdout)
+        return status["totals"], [d for d in status["devices"] if d["device_id"] == "stalled"][0]
+    try:
+        stalled = join(port, secret, "stalled", rcvbuf=4096)
+        sender = join(port, secret, "sender")
+        broadcast = ipv4_packet(sender.address, "198.18.0.255", bytes(60000))
+        for _ in range(200):                        # 12 MB of broadcasts at a reader that reads nothing
+            sender.send_packet(broadcast)
+        proc.wait_for(r"dropped packet for device stalled .*: queue too full for broadcasts")
+        deadline = time.monotonic() + 10
+        while stalled_device()[0]["broadcasts"] < 200:
+            assert time.monotonic() < deadline, "the relay did not take all 200 broadcasts"
+            time.sleep(0.1)
+        before = stalled_device()[1]
+        for _ in range(10):                         # 600 KB of unicast: more than a quarter
+            sender.send_packet(ipv4_packet(sender.address, stalled.address, bytes(60000)))
+        deadline = time.monotonic() + 10
+        while stalled_device()[1]["packets_out"] < before["packets_out"] + 10:
+            assert time.monotonic() < deadline, stalled_device()[1]
+            time.sleep(0.1)
+        after = stalled_device()[1]
+        assert after["drops"]["queue too full for broadcasts"] >= 100 and "queue full" not in after["drops"], after
+    finally:
+        proc.stop()
+
+
 def test_a_silent_peer_is_presumed_dead_after_keepalive(tmp_path):
     config = tmp_path / "server.ini"
     config.write_text("[server]\nkeepalive = 3\n")
