@@ -21,6 +21,8 @@
 #   /usr/local/sbin/mnedc-watchdog, run every minute     Debian: /etc/cron.d/mnedc;
 #                                                        OpenWrt: /etc/crontabs/root
 #   /etc/mnedc/install.manifest                          what to remove again (uninstall)
+#   /etc/avahi/avahi-daemon.conf, where avahi is there:  allow-point-to-point=yes, so that avahi
+#                                                        serves mDNS on the TUN (uninstall undoes it)
 #
 # The service runs the script as a module, python3 -u -m mnedc_server (or mnedc_client), with
 # PYTHONPATH=/usr/local/sbin for that process only, so that Python loads the bytecode instead of
@@ -196,7 +198,8 @@ set_service() {
 # ---- the manifest: what install added, so that uninstall removes exactly that ----------------
 # Lines: "service NAME INIT PREFIX", "file PATH", "dir PATH" (created by install, removed when
 # empty), "bytecode PATH" (the script's __pycache__/NAME.*.pyc, of any Python version), "state
-# PATH", "cron PATH", "sysupgrade PATH". PATH is relative to --root.
+# PATH", "cron PATH", "sysupgrade PATH", "avahi PATH" (our allow-point-to-point line). PATH is
+# relative to --root.
 
 # Record $1 ("file /etc/...", "dir ...", "temp ...") for uninstall, in memory and at once in the
 # manifest on disk: callers remember a path before they place it, so an install killed half-way
@@ -891,6 +894,61 @@ install_sysupgrade() {
 	done
 }
 
+# mDNS across the relay: avahi-daemon skips point-to-point interfaces, and a TUN is one, unless
+# its [server] section says allow-point-to-point=yes. Set it where avahi is installed, so that a
+# stock avahi sees the network; uninstall puts back exactly what was there (the marked lines).
+AVAHI_MARK='# MNEDC install.sh: mDNS on its TUN, which is point-to-point (uninstall removes these two lines)'
+AVAHI_SECTION='# MNEDC install.sh: a [server] section for the line below (uninstall removes both)'
+AVAHI_WAS='#mnedc-was# '
+
+configure_avahi() {
+	conf=$ROOT/etc/avahi/avahi-daemon.conf
+	[ -f "$conf" ] || return 0
+	remember "avahi $(rel "$conf")"
+	if grep -qxF "$AVAHI_MARK" "$conf"; then
+		return 0
+	fi
+	if awk '/^\[/ { server = ($0 ~ /^\[server\]/) } server && /^[ \t]*allow-point-to-point[ \t]*=[ \t]*yes[ \t]*$/ { found = 1 } END { exit !found }' "$conf"; then
+		note "avahi-daemon already allows point-to-point interfaces ($(rel "$conf"))"
+		return 0
+	fi
+	new_temp "$conf"
+	{
+		awk -v mark="$AVAHI_MARK" -v section="$AVAHI_SECTION" -v was="$AVAHI_WAS" '
+			/^[ \t]*allow-point-to-point[ \t]*=/ { print was $0; next }
+			{ print }
+			/^\[server\][ \t]*$/ && !done { print mark; print "allow-point-to-point=yes"; done = 1 }
+			END { if (!done) { print section; print "[server]"; print mark; print "allow-point-to-point=yes" } }' "$conf" >"$TEMP" &&
+			chmod 644 "$TEMP" && mv -f "$TEMP" "$conf"
+	} || die "cannot write $conf"
+	note "set allow-point-to-point=yes in $(rel "$conf"), so that avahi-daemon serves mDNS on the MNEDC interface"
+	restart_avahi
+}
+
+# Undo configure_avahi in the file $1: drop our two lines, give back the lines we disabled.
+restore_avahi() {
+	[ -f "$1" ] && grep -qxF "$AVAHI_MARK" "$1" || return 0
+	new_temp "$1"
+	{
+		awk -v mark="$AVAHI_MARK" -v section="$AVAHI_SECTION" -v was="$AVAHI_WAS" '
+			skip { skip = 0; next }
+			$0 == mark || $0 == section { skip = 1; next }
+			index($0, was) == 1 { print substr($0, length(was) + 1); next }
+			{ print }' "$1" >"$TEMP" && chmod 644 "$TEMP" && mv -f "$TEMP" "$1"
+	} || die "cannot write $1"
+	note "removed allow-point-to-point=yes from $(rel "$1")"
+	restart_avahi
+}
+
+restart_avahi() {
+	[ -z "$ROOT" ] || return 0
+	if [ -d /run/systemd/system ]; then
+		systemctl try-restart avahi-daemon 2>/dev/null
+	elif [ -x /etc/init.d/avahi-daemon ] && pidof avahi-daemon >/dev/null 2>&1; then
+		/etc/init.d/avahi-daemon restart >/dev/null 2>&1
+	fi || note "warning: could not restart avahi-daemon: restart it to apply the change"
+}
+
 # Tell the watchdog to leave the service alone (until it is started), unless it runs already.
 mark_stopped() {
 	daemon_pid "$PIDFILE" "$MODULE" "$SBIN_DIR" >/dev/null || : >"$RUN_DIR/$NAME.stopped"
@@ -1010,6 +1068,7 @@ cmd_install() {
 	put_generated watchdog_script "$WATCHDOG" 755
 	install_config
 	install_service
+	configure_avahi
 	[ "$INIT" = procd ] && install_sysupgrade
 
 	missing=''
@@ -1168,6 +1227,7 @@ EOF
 			remove_cron_line mnedc-client "$ROOT$path"
 			;;
 		sysupgrade) remove_sysupgrade_line "$ROOT$path" ;;
+		avahi) restore_avahi "$ROOT$path" ;;
 		file)
 			case $PURGE:$path in
 			no:*/server.ini | no:*/client-config.ini) configs="$configs $path" ;;   # kept with the state

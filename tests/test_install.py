@@ -623,6 +623,57 @@ def test_reinstall_changes_nothing_and_uninstall_removes_all_but_state(box):
     assert os.listdir(box.root) == []
 
 
+AVAHI_STOCK = """# See avahi-daemon.conf(5) for more information on this configuration file!
+
+[server]
+#host-name=foo
+use-ipv4=yes
+use-ipv6=yes
+allow-point-to-point=no
+ratelimit-burst=1000
+
+[publish]
+publish-hinfo=no
+"""
+
+
+@pytest.mark.parametrize("stock", [AVAHI_STOCK, "[publish]\npublish-hinfo=no\n"], ids=["server-section", "no-server-section"])
+def test_avahi_is_set_to_serve_the_tun_and_uninstall_gives_its_file_back(box, stock):
+    """Issue #15: avahi-daemon skips point-to-point interfaces (a TUN) unless allowed; install
+    allows it in the [server] section, a reinstall changes nothing, uninstall restores the file
+    byte for byte. tests/test_lan.py runs the real avahi-daemon on a file install.sh wrote."""
+    conf = box.path("/etc/avahi/avahi-daemon.conf")
+    os.makedirs(os.path.dirname(conf))
+    with open(conf, "w") as sink:
+        sink.write(stock)
+    result = box.install_server()
+    assert "set allow-point-to-point=yes in /etc/avahi/avahi-daemon.conf" in result.stdout
+    text = open(conf).read()
+    lines = text.splitlines()
+    server = lines.index("[server]")
+    following = lines[server + 1:]
+    section = following[:next((n for n, line in enumerate(following) if line.startswith("[")), len(following))]
+    active = [line for line in section if line.startswith("allow-point-to-point")]
+    assert active == ["allow-point-to-point=yes"], text
+    assert not [line for line in lines if line.startswith("allow-point-to-point") and line not in section], text
+    assert "avahi /etc/avahi/avahi-daemon.conf" in open(box.path("/etc/mnedc/install.manifest")).read()
+    box.install_server()
+    assert open(conf).read() == text, "a reinstall must not touch the file again"
+    box.install("uninstall", "--purge")
+    assert open(conf).read() == stock
+
+
+def test_avahi_already_allowing_point_to_point_is_left_alone(box):
+    conf = box.path("/etc/avahi/avahi-daemon.conf")
+    os.makedirs(os.path.dirname(conf))
+    stock = AVAHI_STOCK.replace("allow-point-to-point=no", "allow-point-to-point=yes")
+    with open(conf, "w") as sink:
+        sink.write(stock)
+    assert "already allows point-to-point" in box.install_server().stdout
+    box.install("uninstall", "--purge")
+    assert open(conf).read() == stock
+
+
 def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box):
     """Reinstalling after a plain uninstall gives every device its old address: the config (its
     subnet) comes back with the leases, instead of a default one that would re-address all."""

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -180,3 +181,70 @@ def test_a_device_over_its_broadcast_budget_is_cut_to_it_while_unicast_between_t
     assert dropped >= seconds * rate - got - BUDGET_PPS * 2, (dropped, got)
     assert got + dropped >= seconds * rate * 0.9, "the relay did not see the flood"
     assert during >= baseline * 0.5, (baseline, during)
+
+
+BUS_CONFIG = """<busconfig><type>system</type><listen>unix:path=%s</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/>
+<allow send_type="method_call"/><allow send_type="method_return"/><allow send_type="signal"/><allow send_type="error"/>
+<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="signal"/><allow receive_type="error"/>
+</policy></busconfig>
+"""
+AVAHI_STOCK = """[server]
+host-name=%s
+use-ipv4=yes
+use-ipv6=no
+allow-interfaces=mnedc0
+enable-dbus=yes
+
+[publish]
+publish-hinfo=no
+publish-workstation=no
+"""
+
+
+def avahi_on(net, name, workdir, stack):
+    """avahi-daemon in namespace name on its own D-Bus, with the configuration install.sh
+    made of a stock one (tests/test_install.py checks that edit; here the real daemon reads it).
+    Returns the environment that reaches its bus."""
+    root = os.path.join(workdir, "root-" + name)
+    conf = os.path.join(root, "etc", "avahi", "avahi-daemon.conf")
+    os.makedirs(os.path.dirname(conf))
+    with open(conf, "w") as sink:
+        sink.write(AVAHI_STOCK % ("mnedc-" + name))
+    client_ini = os.path.join(workdir, "client-%s-install.ini" % name)
+    with open(client_ini, "w") as sink:
+        sink.write("[client]\nserver = 192.0.2.1\n")
+    installed = subprocess.run(["sh", os.path.join(ROOT, "install.sh"), "client", "--init", "sysv", "--root", root,
+                                "--config", client_ini], capture_output=True, text=True, timeout=120)
+    assert "set allow-point-to-point=yes" in installed.stdout, installed.stdout + installed.stderr
+    bus = os.path.join(workdir, "bus-" + name)
+    with open(bus + ".conf", "w") as sink:
+        sink.write(BUS_CONFIG % bus)
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=" + bus)
+    stack.append(net.topo.spawn(name, ["dbus-daemon", "--config-file=" + bus + ".conf", "--nofork", "--nopidfile",
+                                       "--print-address"]))
+    stack[-1].wait_for(r"unix:path=")
+    # each `ip netns exec` has a mount namespace of its own: a tmpfs there gives this daemon its
+    # own /run/avahi-daemon (pid file, socket) without touching the host's
+    stack.append(net.topo.spawn(name, ["sh", "-c", "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && "
+                                       "exec avahi-daemon -f %s --no-drop-root --no-chroot --no-rlimits" % conf], env=env))
+    stack[-1].wait_for(r"Server startup complete", timeout=20)
+    return env
+
+
+def test_avahi_on_a_device_behind_one_nat_resolves_a_service_published_behind_two(net, tmp_path):
+    stack = []
+    try:
+        env_c = avahi_on(net, "c", str(tmp_path), stack)
+        env_a = avahi_on(net, "a", str(tmp_path), stack)
+        stack.append(net.topo.spawn("c", ["avahi-publish", "-s", "kitchen-web", "_http._tcp", "8080", "path=/status"], env=env_c))
+        stack[-1].wait_for(r"Established under name 'kitchen-web'", timeout=20)
+        browse = net.topo.spawn("a", ["avahi-browse", "-r", "-p", "_http._tcp"], env=env_a)
+        stack.append(browse)
+        found = browse.wait_for(r"^=;mnedc0;IPv4;kitchen-web;.*", timeout=20).group(0)
+        assert found.split(";")[6:10] == ["mnedc-c.local", net.vip["c"], "8080", '"path=/status"'], found
+        resolved = net.topo.run("a", ["avahi-resolve", "-4", "-n", "mnedc-c.local"], env=env_a, timeout=20).stdout
+        assert resolved.split() == ["mnedc-c.local", net.vip["c"]], resolved
+    finally:
+        for proc in reversed(stack):
+            proc.stop()

@@ -16,6 +16,8 @@ package_for() {
         sshd) echo openssh-server ;;
         ssh) echo openssh-client ;;
         setpriv|unshare) echo util-linux ;;
+        avahi-browse|avahi-publish|avahi-resolve) echo avahi-utils ;;
+        dbus-daemon) echo dbus ;;
         *) echo "$1" ;;
     esac
 }
