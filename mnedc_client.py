@@ -23,6 +23,8 @@ else ./client-config.ini), then command-line flags.
               them is required); tls_cert and tls_key for a client certificate (mutual TLS);
               tls_server_name if it differs. no (or --no-tls): plaintext, to a tls = no relay
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
+  dns, domain auto (default): where systemd-resolved runs, send names in DOMAIN (default mnedc)
+              to the relay's DNS on the TUN (per link, undone at stop); no: leave the resolver be
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
 in order: server = 192.0.2.10:3334, relay.example.org:3334.
@@ -78,6 +80,9 @@ OPEN_TIMEOUT_S = 15             # a stream the peer neither accepts nor refuses 
 LINK_LINGER_S = 2               # at a planned stop: let the server take our last frames
 ACCEPT_PAUSE_S = 0.2            # out of fds: stop accepting local connections this long
 DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
+DEFAULT_DOMAIN = "mnedc"        # the relay's DNS calls devices DEVICE_ID.mnedc
+RESOLVED_DIR = "/run/systemd/resolve"     # there while systemd-resolved runs
+RESOLVECTL_TIMEOUT_S = 5
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -1858,6 +1863,7 @@ class TunClient(RelayClient):
         self.broadcast = None           # and its packed broadcast address
         self.mtu = None                 # and its MTU
         self.server_address = None
+        self.resolver_set = None        # (DNS address, domain) systemd-resolved has for our link
         self.control = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
@@ -1929,6 +1935,28 @@ class TunClient(RelayClient):
         self.log.info("connected to relay %s as %s/%d on %s (device %s); the server is %s"
                       % (link.server_label, wanted[0], prefix_length, self.tun.interface,
                          self.config.device_id, ipv4_text(server_address)))
+        if self.config.dns == "auto" and self.resolver_set != (self.server_address, self.config.domain):
+            self.set_link_dns()
+
+    def set_link_dns(self):
+        """Where systemd-resolved runs: names in the domain go to the relay's DNS over this
+        link, and only those (a ~domain is a routing domain, not a search domain)."""
+        import shutil
+        resolvectl = shutil.which("resolvectl")
+        if resolvectl is None or not os.path.isdir(RESOLVED_DIR):
+            return
+        commands = ([resolvectl, "dns", self.tun.interface, self.server_address],
+                    [resolvectl, "domain", self.tun.interface, "~" + self.config.domain])
+        if run_quietly(commands, self.log):
+            self.resolver_set = (self.server_address, self.config.domain)
+            self.log.info("systemd-resolved sends *.%s to %s on %s" % (self.config.domain, self.server_address,
+                                                                    self.tun.interface))
+
+    def revert_link_dns(self):
+        if self.resolver_set is not None:
+            import shutil
+            run_quietly([[shutil.which("resolvectl") or "resolvectl", "revert", self.tun.interface]], self.log)
+            self.resolver_set = None
 
     def welcome_problem(self, address, prefix_length):
         """Why this client takes no address from this WELCOME, or None. A relay (or whoever
@@ -2034,6 +2062,7 @@ class TunClient(RelayClient):
         if self.control is not None:
             self.control.close(reason)
         if self.tun is not None:
+            self.revert_link_dns()
             self.tun.close(reason)
 
 
@@ -2098,7 +2127,7 @@ class StreamClient(RelayClient):
         if self.command != "listen":
             self.failures = 0           # listen: only once its port is confirmed (LISTENING)
         self.log.debug("stream session with relay %s" % link.server_label)
-        if self.command == "services":
+        if self.command in ("services", "hosts"):
             self.send_frame(FRAME_SERVICES, b"")
         elif self.command == "listen":
             self.cancel_listen_retry()
@@ -2150,8 +2179,11 @@ class StreamClient(RelayClient):
             listing = json.loads(payload.decode("utf-8"))
         except ValueError as error:
             raise ProtocolError("SERVICE_LIST is not JSON: %s" % error)
-        sys.stdout.write(json.dumps(listing, indent=1, sort_keys=True) + "\n" if self.as_json
-                         else format_services(listing))
+        if self.command == "hosts":
+            sys.stdout.write(format_hosts(listing, self.config.domain))
+        else:
+            sys.stdout.write(json.dumps(listing, indent=1, sort_keys=True) + "\n" if self.as_json
+                             else format_services(listing))
         sys.stdout.flush()
         self.stop("done", linger=True)
 
@@ -2310,6 +2342,21 @@ STREAM_CLIENT_HANDLERS = {
 }
 
 
+def run_quietly(commands, log):
+    """Run each command, bounded in time; False (logged) at the first that fails."""
+    import subprocess
+    for command in commands:
+        try:
+            subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=RESOLVECTL_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", None)
+            log.warning("%s failed: %s" % (" ".join(command), (detail or b"").decode("utf-8", "replace").strip()
+                                           or describe_error(error) if isinstance(error, OSError) else str(error)))
+            return False
+    return True
+
+
 def prefix_of(address, prefix_length):
     """(packed network, prefix length) of a packed IPv4 address."""
     mask = (0xFFFFFFFF << (32 - prefix_length)) & 0xFFFFFFFF
@@ -2339,6 +2386,17 @@ def routes_other_than(interface, path=ROUTES_FILE, byteorder=sys.byteorder):
         if prefix_length:
             routes.append((row[0], (network, prefix_length)))
     return routes
+
+
+def format_hosts(listing, domain):
+    """/etc/hosts lines for every device with a virtual address: "ADDRESS ID.DOMAIN ID"."""
+    domain = listing.get("relay", {}).get("domain") or domain
+    rows = ["# MNEDC devices (mnedc_client.py hosts)%s" % (": more than fit in one listing, some are missing"
+                                                            if listing.get("truncated") else "")]
+    for device in sorted(listing.get("devices", []), key=lambda device: device["device_id"]):
+        if device["address"]:
+            rows.append("%-15s %s.%s %s" % (device["address"], device["device_id"], domain, device["device_id"]))
+    return "\n".join(rows) + "\n"
 
 
 def format_services(listing):
@@ -3273,6 +3331,17 @@ def check_interface_name(text):
     return name
 
 
+def check_domain(text):
+    """A lowercase DNS domain of letters, digits and hyphens, as "mnedc" or "home.arpa"."""
+    domain = text.strip().lower().rstrip(".")
+    labels = domain.split(".")
+    if not domain or len(domain) > 200 or not all(
+            0 < len(label) <= 63 and not label.startswith("-") and set(label) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+            for label in labels):
+        raise ValueError("%r is not a domain name (letters, digits and hyphens, labels of 1 to 63)" % text)
+    return domain
+
+
 def read_ini(path, section, known_keys):
     """{key: (value, where)} of section in path; unknown keys and a missing file are errors."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -3315,6 +3384,8 @@ class ClientConfig:
         self.tls_ca = self.tls_cert = self.tls_key = self.tls_server_name = None
         self.server_pins = []                   # ["sha256:HEX", ...]: certificates we accept
         self.tls_context = None                 # built from those when tls = yes
+        self.dns = "auto"                       # auto: per-link DNS through systemd-resolved
+        self.domain = DEFAULT_DOMAIN
 
 
 CLIENT_KEYS = {
@@ -3334,6 +3405,8 @@ CLIENT_KEYS = {
     "tls_key": lambda config, path: setattr(config, "tls_key", path),
     "tls_server_name": lambda config, text: setattr(config, "tls_server_name", check_server_name(text)),
     "server_pin": lambda config, text: setattr(config, "server_pins", parse_pins(text)),
+    "dns": lambda config, text: setattr(config, "dns", parse_choice(text, ("auto", "no"))),
+    "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 
@@ -3564,6 +3637,10 @@ def build_parser():
     connect.add_argument("port", metavar="PORT", type=port_number, nargs="?", default=0, help="the peer's virtual port")
     services = commands.add_parser("services", parents=[common], help="list devices and named services")
     services.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("hosts", parents=[common], help="print /etc/hosts lines for every device (ID.DOMAIN)",
+                        description="Print one /etc/hosts line per device with a virtual address: "
+                                    "ADDRESS DEVICE_ID.DOMAIN DEVICE_ID, from the relay's listing. "
+                                    "For scripts, and for hosts whose resolver cannot ask the relay.")
     status = commands.add_parser("status", parents=[common], help="show the running TUN client's state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -3659,7 +3736,7 @@ def run_client(client, args, log):
 
 
 def cmd_streams(args, log):
-    """listen, connect and services."""
+    """listen, connect, services and hosts."""
     config = load_or_exit(args, log)
     if config is None:
         return 2
@@ -3702,7 +3779,7 @@ def cmd_status(args, log):
     return 0
 
 
-COMMANDS = {"tun": cmd_tun, "check": cmd_check, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams,
+COMMANDS = {"tun": cmd_tun, "check": cmd_check, "listen": cmd_streams, "connect": cmd_streams, "services": cmd_streams, "hosts": cmd_streams,
             "status": cmd_status}
 
 

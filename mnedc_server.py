@@ -28,6 +28,7 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   multicast_packets_per_second, multicast_bytes_per_second  what one member may broadcast:
               broadcasts, 224.0.0.0/24 (mDNS) and SSDP go to every other member (default 100, 131072)
   multicast_groups  more IPv4 groups to relay to everyone, e.g. 239.1.2.3 (default none)
+  dns, domain yes (default): answer DNS on the TUN's address for DEVICE_ID.DOMAIN (default mnedc)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
               server_pin); tls_client_ca requires client certificates whose commonName is the
@@ -39,7 +40,7 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   restart_window  seconds over which clients spread their return after a restart (default 10)
   log_level   debug, info, warning or error                  (default info)
 SIGHUP re-reads the file and applies every key live except listen, subnet, tun, interface, mtu,
-offload, state_dir and control_socket, and turning tls on or off, which take a restart. --check tests this Python and the
+offload, state_dir, control_socket and dns, and turning tls on or off, which take a restart. --check tests this Python and the
 configuration without starting. Needs root for the TUN interface (tun = no does without).
 """
 
@@ -115,6 +116,16 @@ MULTICAST_BYTES_PER_S = 128 * 1024  # and ARP-less discovery are a few); a secon
 MULTICAST_COPIES_PER_S = 20000  # copies the relay makes of them a second, all senders together
 MULTICAST_QUEUE_SHARE = 4       # a copy joins a send queue only below 1/4 of max_queue_bytes:
                                 # broadcasts can never crowd out a member's unicast
+DEFAULT_DOMAIN = "mnedc"        # devices are DEVICE_ID.mnedc in the relay's DNS
+DNS_PORT = 53
+DNS_TTL_S = 60                  # addresses are sticky: a minute of caching is safe
+DNS_NEGATIVE_TTL_S = 10         # a device that joins is found within seconds
+DNS_QUERIES_PER_S = 20          # per member address (as many in a burst) ...
+DNS_QUERIES_ALL_PER_S = 500     # ... and in all: the rest go unanswered and are counted
+DNS_QUERIES_PER_WAKEUP = 64
+DNS_TCP_CONNECTIONS = 16        # DNS over TCP at once; past it a new one is closed at once
+DNS_TCP_IDLE_S = 10             # and one quiet this long is closed
+MAX_DNS_MESSAGE_BYTES = 512     # a query larger than this is no question for us
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -2519,6 +2530,304 @@ class ServerTun:
             self.server.fatal("interface %s failed: %s" % (self.interface, reason))
 
 
+# ==== NAMES: DNS FOR THE VIRTUAL NETWORK ====
+# The relay answers for its own domain only, from the lease table (RFC 1035): A for
+# DEVICE_ID.DOMAIN, PTR for the network's addresses, NXDOMAIN for other names in the domain,
+# REFUSED for the rest of the world. It is no recursive resolver: answers are one record, and
+# nothing it sends is larger than the query by more than that record and an SOA.
+
+DNS_HEADER = struct.Struct("!HHHHHH")   # id, flags, questions, answers, authority, additional
+DNS_QUESTION_TAIL = struct.Struct("!HH")    # type, class
+DNS_RECORD = struct.Struct("!HHIH")     # type, class, TTL, data length (after the owner name)
+DNS_SOA_NUMBERS = struct.Struct("!IIIII")   # serial, refresh, retry, expire, minimum
+TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_AAAA, TYPE_ANY = 1, 2, 6, 12, 28, 255
+CLASS_IN = 1
+RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 3, 4, 5
+DNS_FLAG_RESPONSE, DNS_FLAG_AUTHORITATIVE, DNS_FLAG_RECURSION_WANTED = 0x8000, 0x0400, 0x0100
+NAME_POINTER_TO_QUESTION = b"\xc0\x0c"     # the question's name starts at offset 12
+
+
+def parse_dns_question(message):
+    """(id, flags, labels in lower case, type, class, where the question ends); ValueError
+    when message is no query with one question we can read."""
+    if len(message) < DNS_HEADER.size + 5:
+        raise ValueError("too short")
+    ident, flags, questions = DNS_HEADER.unpack_from(message)[:3]
+    if questions != 1:
+        raise ValueError("%d questions" % questions)
+    labels, at = [], DNS_HEADER.size
+    while True:
+        length = message[at]
+        if length == 0:
+            at += 1
+            break
+        if length > 63 or at + 1 + length > len(message):    # a pointer, or past the end
+            raise ValueError("bad name")
+        labels.append(bytes(message[at + 1:at + 1 + length]).lower())
+        at += 1 + length
+    if at + DNS_QUESTION_TAIL.size > len(message):
+        raise ValueError("no type and class")
+    qtype, qclass = DNS_QUESTION_TAIL.unpack_from(message, at)
+    return ident, flags, labels, qtype, qclass, at + DNS_QUESTION_TAIL.size
+
+
+def encode_dns_name(labels):
+    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
+
+
+class NameService:
+    """The answers: DEVICE_ID.DOMAIN -> its leased address and back, whether it is online or
+    not (its address is sticky)."""
+
+    def __init__(self, server, domain):
+        self.server = server
+        self.set_domain(domain)
+        self.queries = self.unanswered = 0
+        self.per_source = {}            # member address -> RateBudget
+        self.all_sources = RateBudget(DNS_QUERIES_ALL_PER_S, time.monotonic())
+
+    def set_domain(self, domain):
+        self.domain = domain
+        self.domain_labels = [label.encode("ascii") for label in domain.split(".")]
+        leases = self.server.leases
+        network = packed_address(leases.network)
+        # the in-addr.arpa names of the network: whole octets only (a /24 has three)
+        whole = leases.prefix_length // 8
+        self.reverse_zone = [str(octet).encode() for octet in reversed(network[:whole])] + [b"in-addr", b"arpa"]
+
+    def allowed(self, source, now):
+        """Within this source's budget and everyone's: a flood gets no answers, and no loop."""
+        budget = self.per_source.get(source)
+        if budget is None:
+            if len(self.per_source) >= 4096:
+                self.per_source.clear()
+            budget = self.per_source[source] = RateBudget(DNS_QUERIES_PER_S, now)
+        if budget.take(1, now) and self.all_sources.take(1, now):
+            return True
+        self.unanswered += 1
+        self.server.log.limited(("dns", source), "info", "not answering DNS queries from %s: more than %d a second"
+                                % (source, DNS_QUERIES_PER_S))
+        return False
+
+    def answer(self, message):
+        """The response to message, or None for one we must not answer (a response itself)."""
+        try:
+            ident, flags, labels, qtype, qclass, end = parse_dns_question(message)
+        except (ValueError, IndexError):
+            if len(message) >= DNS_HEADER.size and not message[2] & 0x80:
+                ident, flags = DNS_HEADER.unpack_from(message)[:2]
+                return DNS_HEADER.pack(ident, DNS_FLAG_RESPONSE | (flags & 0x7900) | RCODE_FORMERR, 0, 0, 0, 0)
+            return None
+        if flags & DNS_FLAG_RESPONSE:
+            return None
+        self.queries += 1
+        question = bytes(message[DNS_HEADER.size:end])
+        if (flags >> 11) & 0xF:                 # an opcode other than QUERY
+            return self.response(ident, flags, question, RCODE_NOTIMP)
+        if qclass not in (CLASS_IN, TYPE_ANY):
+            return self.response(ident, flags, question, RCODE_REFUSED)
+        suffix = len(self.domain_labels)
+        if labels[-suffix:] == self.domain_labels:
+            return self.answer_name(ident, flags, question, labels[:-suffix], qtype)
+        if labels[len(labels) - len(self.reverse_zone):] == self.reverse_zone and len(labels) == 6:
+            return self.answer_address(ident, flags, question, labels, qtype)
+        return self.response(ident, flags, question, RCODE_REFUSED)
+
+    def answer_name(self, ident, flags, question, host, qtype):
+        if not host:                            # the domain itself: it exists, and has an SOA
+            if qtype in (TYPE_SOA, TYPE_ANY):
+                return self.response(ident, flags, question, RCODE_NOERROR, self.soa_record(NAME_POINTER_TO_QUESTION))
+            return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
+        address = self.address_of(b".".join(host).decode("ascii", "replace"))
+        if address is None:
+            return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
+        if qtype in (TYPE_A, TYPE_ANY):
+            record = NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_A, CLASS_IN, DNS_TTL_S, 4) + address
+            return self.response(ident, flags, question, RCODE_NOERROR, record)
+        return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
+
+    def answer_address(self, ident, flags, question, labels, qtype):
+        if not all(label.isdigit() and int(label) < 256 for label in labels[:4]):
+            return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
+        device_id = self.server.leases.owner_of.get(bytes(int(label) for label in reversed(labels[:4])))
+        if device_id is None:
+            return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
+        if qtype not in (TYPE_PTR, TYPE_ANY):
+            return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
+        target = encode_dns_name(device_id.encode("ascii").split(b".") + self.domain_labels)
+        record = NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_PTR, CLASS_IN, DNS_TTL_S, len(target)) + target
+        return self.response(ident, flags, question, RCODE_NOERROR, record)
+
+    def address_of(self, name):
+        """The packed leased address of device_id name, matched without regard to case."""
+        leases = self.server.leases.leases
+        lease = leases.get(name)
+        if lease is None:
+            folded = name.lower()
+            lease = next((entry for device_id, entry in leases.items() if device_id.lower() == folded), None)
+        return socket.inet_aton(lease["address"]) if lease else None
+
+    def soa_record(self, owner=None):
+        apex = encode_dns_name(self.domain_labels)
+        body = apex + encode_dns_name([b"hostmaster"] + self.domain_labels) + DNS_SOA_NUMBERS.pack(
+            int(self.server.started) & 0xFFFFFFFF, 3600, 600, 86400, DNS_NEGATIVE_TTL_S)
+        return (owner or apex) + DNS_RECORD.pack(TYPE_SOA, CLASS_IN, DNS_NEGATIVE_TTL_S, len(body)) + body
+
+    def response(self, ident, flags, question, rcode, answer=b"", authority=b""):
+        flags = DNS_FLAG_RESPONSE | DNS_FLAG_AUTHORITATIVE | (flags & DNS_FLAG_RECURSION_WANTED) | rcode
+        return DNS_HEADER.pack(ident, flags, 1, 1 if answer else 0, 1 if authority else 0, 0) + question + answer + authority
+
+
+def dns_socket(kind, address, interface):
+    """A socket on address:53 that hears only what arrives on interface: the virtual network's
+    members reach it, the underlay cannot, even with a route to the address (SO_BINDTODEVICE)."""
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_BINDTODEVICE", 25), interface.encode("ascii"))
+        sock.bind((address, DNS_PORT))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(DNS_TCP_CONNECTIONS)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class DnsUdpResponder:
+    """DNS over UDP on the relay's virtual address."""
+
+    def __init__(self, server, sock):
+        self.server = server
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "DnsUdpResponder(%s:%d)" % self.sock.getsockname()[:2]
+
+    def on_readable(self):
+        names = self.server.dns
+        for _ in range(DNS_QUERIES_PER_WAKEUP):
+            try:
+                message, source = self.sock.recvfrom(MAX_DNS_MESSAGE_BYTES + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(message) > MAX_DNS_MESSAGE_BYTES or not names.allowed(source[0], time.monotonic()):
+                continue
+            reply = names.answer(message)
+            if reply is not None:
+                try:
+                    self.sock.sendto(reply, source)
+                except (BlockingIOError, InterruptedError):
+                    names.unanswered += 1       # the socket's buffer is full: as a lost datagram
+
+    def on_writable(self):
+        pass
+
+    def close(self, reason):
+        self.server.loop.forget(self)
+        self.sock.close()
+
+
+class DnsTcpListener:
+    """DNS over TCP on the relay's virtual address (RFC 7766): a few connections, each short."""
+
+    def __init__(self, server, sock):
+        self.server = server
+        self.sock = sock
+        self.connections = set()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def __repr__(self):
+        return "DnsTcpListener(%s:%d)" % self.sock.getsockname()[:2]
+
+    def on_readable(self):
+        try:
+            sock, remote = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.connections) >= DNS_TCP_CONNECTIONS:
+            self.server.dns.unanswered += 1
+            sock.close()
+            return
+        sock.setblocking(False)
+        connection = DnsTcpConnection(self, sock, remote[0])
+        self.connections.add(connection)
+        self.server.loop.set_interest(connection, selectors.EVENT_READ)
+
+    def on_writable(self):
+        pass
+
+    def close_idle(self, now):
+        for connection in list(self.connections):
+            if now - connection.last_active > DNS_TCP_IDLE_S:
+                connection.close("idle")
+
+    def close(self, reason):
+        for connection in list(self.connections):
+            connection.close(reason)
+        self.server.loop.forget(self)
+        self.sock.close()
+
+
+class DnsTcpConnection:
+    """One DNS-over-TCP peer: two-byte length, then the message; answered in order."""
+
+    def __init__(self, listener, sock, source):
+        self.listener = listener
+        self.server = listener.server
+        self.sock = sock
+        self.source = source
+        self.inbox = bytearray()
+        self.out = bytearray()
+        self.last_active = time.monotonic()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def on_readable(self):
+        data = self.sock.recv(4096)
+        if not data:
+            self.close("closed by peer")
+            return
+        self.last_active = time.monotonic()
+        self.inbox += data
+        while len(self.inbox) >= 2:
+            length = (self.inbox[0] << 8) | self.inbox[1]
+            if length > MAX_DNS_MESSAGE_BYTES:
+                self.close("a DNS message of %d bytes" % length)
+                return
+            if len(self.inbox) < 2 + length:
+                break
+            message, self.inbox = bytes(self.inbox[2:2 + length]), self.inbox[2 + length:]
+            if not self.server.dns.allowed(self.source, self.last_active):
+                continue
+            reply = self.server.dns.answer(message)
+            if reply is not None:
+                self.out += struct.pack("!H", len(reply)) + reply
+        if len(self.out) > 8 * MAX_DNS_MESSAGE_BYTES:
+            self.close("not reading its answers")       # pipelined queries, answers never read
+            return
+        self.server.loop.set_interest(self, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0))
+
+    def on_writable(self):
+        sent = self.sock.send(self.out)
+        del self.out[:sent]
+        if not self.out:
+            self.server.loop.set_interest(self, selectors.EVENT_READ)
+
+    def close(self, reason):
+        if self in self.listener.connections:
+            self.listener.connections.discard(self)
+            self.server.loop.forget(self)
+            self.sock.close()
+
+
 # ==== THE RELAY ====
 
 class RelayServer:
@@ -2543,6 +2852,8 @@ class RelayServer:
                                  config.multicast_groups)
         self.multicast_copies = RateBudget(MULTICAST_COPIES_PER_S, time.monotonic())
         self.multicast_packets = self.multicast_copied = 0
+        self.dns = NameService(self, config.domain)
+        self.dns_responders = []        # DnsUdpResponder and DnsTcpListener, with the TUN
         self.stream_sessions = {}       # device_id -> its connected stream sessions
         self.names = ServiceNames(os.path.join(config.state_dir, "names.json"), log)
         self.switch = StreamSwitch(log, MAX_STREAM_WINDOW_BYTES, config.max_streams_per_client,
@@ -2628,6 +2939,24 @@ class RelayServer:
         self.loop.set_interest(self.tun, selectors.EVENT_READ)
         self.log.info("this host is %s/%d on interface %s (%s)" % (
             address, self.leases.prefix_length, interface, "offloads on" if offload else "no offloads"))
+        if self.config.dns:
+            self._open_dns(address, interface)
+
+    def _open_dns(self, address, interface):
+        try:
+            self.dns_responders = [DnsUdpResponder(self, dns_socket(socket.SOCK_DGRAM, address, interface)),
+                                   DnsTcpListener(self, dns_socket(socket.SOCK_STREAM, address, interface))]
+        except OSError as error:
+            for responder in self.dns_responders:
+                responder.close("DNS failed")
+            self.dns_responders = []
+            self.log.warning("no DNS on %s:%d (%s): devices are not known by name; set dns = no to say "
+                             "nothing" % (address, DNS_PORT, describe_error(error)))
+            return
+        for responder in self.dns_responders:
+            self.loop.set_interest(responder, selectors.EVENT_READ)
+        self.log.info("answering DNS for %s on %s:%d (UDP and TCP, from interface %s only)"
+                      % (self.config.domain, address, DNS_PORT, interface))
 
     def run(self):
         self.loop.run()
@@ -2851,7 +3180,8 @@ class RelayServer:
                   "stream_sessions": sum(len(s) for s in self.stream_sessions.values()),
                   "handshakes_in_progress": len(self.handshaking), "streams": len(self.switch.streams) // 2,
                   "leases": len(self.leases.leases), "drops": dict(self.drops),
-                  "broadcasts": self.multicast_packets, "broadcast_copies": self.multicast_copied}
+                  "broadcasts": self.multicast_packets, "broadcast_copies": self.multicast_copied,
+                  "dns_queries": self.dns.queries, "dns_unanswered": self.dns.unanswered}
         for counter in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
             totals[counter] = sum(device[counter] for device in devices)
         return {"server": {
@@ -2944,6 +3274,7 @@ class RelayServer:
         self.switch.max_streams = fresh.max_streams_per_client
         self.leases.trial_s = fresh.lease_trial
         self.routes.groups = set(fresh.multicast_groups)
+        self.dns.set_domain(fresh.domain)
         warn_of_unauthenticated_policy(fresh, self.log)
         self.log.info("reloaded the configuration (secret from %s, log level %s, keepalive %d s, %s, %s)"
                       % (fresh.secret_source or "config", fresh.log_level, fresh.keepalive,
@@ -3028,7 +3359,8 @@ class RelayServer:
                      "port": port} for name, (session, port) in sorted(self.switch.services.items())]
         relay = {"buffered_bytes": self.queued_bytes, "max_buffered_bytes": TOTAL_QUEUE_BYTES,
                  "streams": len(self.switch.streams) // 2, "max_window_bytes": MAX_STREAM_WINDOW_BYTES,
-                 "max_streams_per_session": self.switch.max_streams}
+                 "max_streams_per_session": self.switch.max_streams, "domain": self.config.domain,
+                 "dns": ipv4_text(self.leases.server_address) if self.dns_responders else None}
         while True:
             listing = json.dumps({"devices": devices, "services": services, "relay": relay,
                                   "truncated": len(devices) < len(known) or
@@ -3117,6 +3449,9 @@ class RelayServer:
                 self.leases.save_failed = True
                 self.log.error("cannot save leases to %s: %s; retrying" % (self.leases.path, describe_error(error)))
         self.names.save_if_dirty()
+        for responder in self.dns_responders:
+            if isinstance(responder, DnsTcpListener):
+                responder.close_idle(now)
 
     def expire_trial_leases(self):
         dropped = self.leases.expire_trials(self.routes.by_device, time.time())
@@ -3153,6 +3488,8 @@ class RelayServer:
             connection.close("server shutting down")
         if self.control is not None:
             self.control.close("server shutting down")
+        for responder in self.dns_responders:
+            responder.close("server shutting down")
         if self.tun is not None:
             self.tun.close("server shutting down")
         self.listener.close("server shutting down")
@@ -4078,6 +4415,17 @@ def check_interface_name(text):
     return name
 
 
+def check_domain(text):
+    """A lowercase DNS domain of letters, digits and hyphens, as "mnedc" or "home.arpa"."""
+    domain = text.strip().lower().rstrip(".")
+    labels = domain.split(".")
+    if not domain or len(domain) > 200 or not all(
+            0 < len(label) <= 63 and not label.startswith("-") and set(label) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+            for label in labels):
+        raise ValueError("%r is not a domain name (letters, digits and hyphens, labels of 1 to 63)" % text)
+    return domain
+
+
 def read_ini(path, section, known_keys):
     """{key: (value, where)} of section in path; unknown keys and a missing file are errors."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -4290,6 +4638,8 @@ class ServerConfig:
         self.multicast_groups = ()              # packed groups relayed beside the link-local ones
         self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
         self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
+        self.dns = True                         # answer DNS on the TUN's address
+        self.domain = DEFAULT_DOMAIN
         self.tls = True                         # the default: tls = no is the operator's explicit choice
         self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
         self.tls_cert = self.tls_key = self.tls_client_ca = None
@@ -4329,6 +4679,8 @@ SERVER_KEYS = {
     "max_new_leases_per_minute": lambda config, text: setattr(
         config, "max_new_leases_per_minute", parse_int(text, 1, 1000000)),
     "lease_trial": lambda config, text: setattr(config, "lease_trial", parse_int(text, 0, 7 * 24 * 3600)),
+    "dns": lambda config, text: setattr(config, "dns", parse_choice(text, ("yes", "no")) == "yes"),
+    "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
     "multicast_groups": lambda config, text: setattr(config, "multicast_groups", parse_groups(text)),
     "multicast_packets_per_second": lambda config, text: setattr(
         config, "multicast_packets_per_second", parse_int(text, 0, 1000000)),
@@ -4342,7 +4694,7 @@ SERVER_KEYS = {
 }
 TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "tls_pin", "tls_generate")
 # SIGHUP applies every other key live
-RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket")
+RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket", "dns")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
               "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial",
               "multicast_packets_per_second", "multicast_bytes_per_second")

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.nettopo import Topology, have_netns_support
-from tests.relaynet import SERVER, RelayNetwork
+from tests.relaynet import CLIENT, SERVER, RelayNetwork
 
 SUPPORTED, WHY_NOT = have_netns_support()
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
@@ -80,6 +80,14 @@ def heard(proc, source, destination=None):
     return found
 
 
+def wait_heard(proc, source, destination, count, timeout=10):
+    """Whether proc prints count datagrams from source to destination within timeout."""
+    deadline = time.monotonic() + timeout
+    while len(heard(proc, source, destination)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(heard(proc, source, destination)) >= count
+
+
 def send(net, name, address, port, text, *extra, timeout=30):
     return net.topo.run(name, [sys.executable, PEER, "send", address, str(port), text] + list(extra), timeout=timeout).stdout
 
@@ -91,8 +99,9 @@ def test_a_broadcast_reaches_every_other_device_and_the_relay_host_but_not_its_s
         send(net, "c", BROADCAST, 40001, "subnet-broadcast", "--count", "3", "--rate", "20")
         send(net, "c", "255.255.255.255", 40001, "limited-broadcast", "--count", "3", "--rate", "20", "--device", "mnedc0")
         for name, proc in procs.items():
-            proc.wait_for(r"got %s \d+ 255.255.255.255 .*limited-broadcast" % re.escape(net.vip["c"]))
+            assert wait_heard(proc, net.vip["c"], "255.255.255.255", 3), (name, proc.tail())
             assert len(heard(proc, net.vip["c"], BROADCAST)) == 3, (name, proc.tail())
+            time.sleep(0.2)     # nothing more arrives
             assert len(heard(proc, net.vip["c"], "255.255.255.255")) == 3, (name, proc.tail())
     finally:
         for proc in procs.values():
@@ -248,3 +257,83 @@ def test_avahi_on_a_device_behind_one_nat_resolves_a_service_published_behind_tw
     finally:
         for proc in reversed(stack):
             proc.stop()
+
+
+def dig(net, name, *query, check=True):
+    return net.topo.run(name, ["dig", "+time=2", "+tries=1", "@" + net.server_vip] + list(query), timeout=20, check=check).stdout
+
+
+def test_the_relay_answers_dns_for_its_devices_over_udp_and_tcp(net):
+    assert dig(net, "c", "device-a.mnedc", "A", "+short").split() == [net.vip["a"]]
+    assert dig(net, "c", "DEVICE-B.Mnedc", "A", "+short", "+tcp").split() == [net.vip["b"]]
+    assert dig(net, "a", "-x", net.vip["c"], "+short").split() == ["device-c.mnedc."]
+    full = dig(net, "a", "device-c.mnedc", "A")
+    assert "status: NOERROR" in full and " aa" in full.split("flags:")[1].split(";")[0], full
+    assert "status: NXDOMAIN" in dig(net, "a", "nobody.mnedc", "A")
+    assert "status: REFUSED" in dig(net, "a", "example.com", "A"), "the relay is no recursive resolver"
+    nodata = dig(net, "a", "device-c.mnedc", "MX")
+    assert "status: NOERROR" in nodata and "ANSWER: 0" in nodata and "SOA" in nodata, nodata
+    assert server_status(net)["totals"]["dns_queries"] >= 7
+
+
+def test_ping_by_name_works_with_the_one_resolv_conf_line_and_the_underlay_gets_no_answer(net):
+    net.topo.etc_file("c", "resolv.conf", "nameserver %s\n" % net.server_vip)
+    assert net.topo.ping("c", "device-a.mnedc", count=1, timeout_s=5), "ping device-a.mnedc from c"
+    # natA routes 198.18.0.1 to the relay host over the underlay: the kernel would take it there
+    # (any local address on any interface), the responder does not
+    underlay = net.topo.run("natA", ["dig", "+time=1", "+tries=1", "@" + net.server_vip, "device-a.mnedc"],
+                            check=False, timeout=20)
+    assert underlay.returncode == 9 and "ANSWER SECTION" not in underlay.stdout, underlay.stdout   # 9: no reply
+
+
+def test_a_member_flooding_the_dns_is_cut_to_its_rate(net):
+    flood = ("import socket, struct, time\n"
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
+             "query = lambda n: struct.pack('!HHHHHH', n, 0x0100, 1, 0, 0, 0) + b'\\x08device-a\\x05mnedc\\x00' + struct.pack('!HH', 1, 1)\n"
+             "for n in range(300): s.sendto(query(n), ('%s', 53))\n"
+             "got = 0\n"
+             "try:\n"
+             "    while True: s.recv(512); got += 1\n"
+             "except socket.timeout: pass\n"
+             "print(got)\n" % net.server_vip)
+    before = server_status(net)["totals"]["dns_unanswered"]
+    answered = int(net.topo.run("b", [sys.executable, "-c", flood], timeout=30).stdout)
+    unanswered = server_status(net)["totals"]["dns_unanswered"] - before
+    assert 20 <= answered <= 60 and unanswered >= 240, (answered, unanswered)
+    assert dig(net, "a", "device-b.mnedc", "+short").split() == [net.vip["b"]], "others are still answered"
+
+
+def test_hosts_prints_a_line_per_device_for_scripts(net):
+    result = net.topo.run("c", [net.python, CLIENT, "-c", os.path.join(net.workdir, "client-c.ini"), "hosts"], timeout=30)
+    lines = [line.split() for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert sorted(lines) == sorted([[net.vip[name], "device-%s.mnedc" % name, "device-" + name] for name in ("a", "b", "c")]), result.stdout
+
+
+RESOLVECTL = """#!/bin/sh
+printf '%%s\\n' "$*" >> %s
+"""
+
+
+def test_where_systemd_resolved_runs_the_client_routes_the_domain_to_the_relay_and_reverts_at_stop(net, tmp_path):
+    """systemd-resolved cannot run in a namespace here: a resolvectl on PATH records what the
+    client asks of it, in a mount namespace where /run/systemd/resolve exists (as it does
+    while resolved runs)."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "resolvectl").write_text(RESOLVECTL % calls)
+    (fake / "resolvectl").chmod(0o755)
+    config = net.write_config("client-d", "client", {
+        "server": net.relay_host, "secret_file": net.secret_path, "device_id": "device-d", "interface": "mnedc1",
+        "server_pin": net.pin, "domain": "Home.Example", "control_socket": os.path.join(net.workdir, "client-d.sock")})
+    # natA: a namespace with no MNEDC client of its own (the test's own route to the network)
+    proc = net.topo.spawn("natA", ["sh", "-c", "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/resolve && "
+                                "PATH=%s:$PATH exec %s -u %s -c %s" % (fake, net.python, CLIENT, config)])
+    try:
+        address = proc.wait_for(r"connected to relay \S+ as (\S+)/", timeout=30).group(1)
+        proc.wait_for(r"systemd-resolved sends \*\.home\.example to %s on mnedc1" % re.escape(net.server_vip))
+        assert calls.read_text().splitlines() == ["dns mnedc1 %s" % net.server_vip, "domain mnedc1 ~home.example"]
+        assert address
+    finally:
+        proc.stop()
+    assert calls.read_text().splitlines()[-1] == "revert mnedc1"

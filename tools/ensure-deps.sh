@@ -18,6 +18,7 @@ package_for() {
         setpriv|unshare) echo util-linux ;;
         avahi-browse|avahi-publish|avahi-resolve) echo avahi-utils ;;
         dbus-daemon) echo dbus ;;
+        dig) echo dnsutils ;;
         *) echo "$1" ;;
     esac
 }
