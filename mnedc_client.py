@@ -25,6 +25,7 @@ else ./client-config.ini), then command-line flags.
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
   dns, domain auto (default): where systemd-resolved runs, send names in DOMAIN (default mnedc)
               to the relay's DNS on the TUN (per link, undone at stop); no: leave the resolver be
+  ipv6        yes (default): take the network's IPv6 addresses on the TUN, when it has them
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
 in order: server = 192.0.2.10:3334, relay.example.org:3334.
@@ -68,6 +69,7 @@ RESOLVE_TIMEOUT_S = 10          # a host name lookup that takes longer fails thi
 MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH = 16, 29   # the subnets a relay may offer (its subnet key)
 IPV4_SOURCE_AT, IPV4_DESTINATION_AT = 12, 16    # offsets in the IPv4 header (RFC 791)
 ROUTES_FILE = "/proc/net/route"
+IPV6_ROUTES_FILE = "/proc/net/ipv6_route"
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
 LISTEN_RETRY_S = 10             # a taken virtual port may be a stale session: ask again this late
 RECV_BYTES = 256 * 1024
@@ -102,14 +104,17 @@ RESOLVECTL_TIMEOUT_S = 5
 #     S -> C  CHALLENGE  version, Ns, the network's salt (K = PBKDF2(secret, label | salt))
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
-#                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
+#                        frame, the network's IPv6 /64 (zeros: no IPv6), then
+#                        HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
 # The client proves first: the server proves itself (WELCOME's MAC) only to a client that did,
 # so a stranger who sends HELLO gets nothing to test guesses of the secret against, and every
 # refusal before that proof reads the same, whatever the keys file lists or revokes.
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
-# After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# After WELCOME: PACKET (one IPv4 or IPv6 packet) both ways; PING, answered by PONG with the same
+# payload. A device's IPv6 addresses are the network's /64 and fe80::/64, each with the device's
+# host number in the IPv4 network as interface id (198.18.0.7/24: PREFIX::7 and fe80::7).
 # VNET_PACKET is a PACKET with the kernel's 10-byte virtio_net_hdr in front (little-endian on the
 # wire): a TCP segment of up to 64 KB whose checksum is still to finish, as a TUN with
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
@@ -152,8 +157,8 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 5             # 5: LISTEN_REFUSED, ACCEPT names who answered; 4: the client
-                                 # proves first, WELCOME's MAC proves the server
+PROTOCOL_VERSION = 6             # 6: WELCOME carries the IPv6 /64; 5: LISTEN_REFUSED, ACCEPT
+                                 # names who answered; 4: the client proves first
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -243,7 +248,7 @@ MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s16s")    # version, server nonce, the network's salt
 AUTH = struct.Struct("!32s")             # client proof
-WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
+WELCOME = struct.Struct("!4sB4sH8s")     # virtual address, prefix length, server's, largest frame, IPv6 /64
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
@@ -255,7 +260,7 @@ WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
-VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
+VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_ECN = 1, 4, 0x80     # segmentation offload types
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -513,27 +518,29 @@ def welcome_mac(session, body):
     return hmac_sha256(key, b"mnedc welcome" + client_nonce + server_nonce + bytes(body))
 
 
-def encode_welcome(session, address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
+def encode_welcome(session, address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES,
+                   ipv6_prefix=None):
     """Addresses are 4 packed bytes (socket.inet_aton); max_frame_bytes is the largest payload
-    the server takes from this client (its max_frame_bytes)."""
-    body = WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
+    the server takes from this client (its max_frame_bytes); ipv6_prefix the network's /64
+    (8 packed bytes), or None."""
+    body = WELCOME.pack(address, prefix_length, server_address, max_frame_bytes, ipv6_prefix or bytes(8))
     return body + welcome_mac(session, body)
 
 
 def decode_welcome(session, payload):
-    """(address, prefix length, server address, largest frame payload the server takes), once
-    its MAC under session proves that the server sent it as it is."""
+    """(address, prefix length, server address, largest frame payload the server takes, IPv6
+    /64 or None), once its MAC under session proves that the server sent it as it is."""
     if len(payload) != WELCOME.size + WELCOME_MAC_BYTES:
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size + WELCOME_MAC_BYTES))
     body = payload[:WELCOME.size]
     if not equal_digests(bytes(payload[WELCOME.size:]), welcome_mac(session, body)):
         raise WelcomeForged("WELCOME's MAC is wrong: it was changed on the way to this client")
-    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(body)
+    address, prefix_length, server_address, max_frame_bytes, ipv6_prefix = WELCOME.unpack(body)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
     if max_frame_bytes < MIN_FRAME_BYTES:
         raise ProtocolError("WELCOME frame limit %d is below %d" % (max_frame_bytes, MIN_FRAME_BYTES))
-    return address, prefix_length, server_address, max_frame_bytes
+    return address, prefix_length, server_address, max_frame_bytes, (ipv6_prefix if any(ipv6_prefix) else None)
 
 
 def encode_error(code, text):
@@ -704,6 +711,46 @@ def ipv4_problem(packet, offset=0):
     return None
 
 
+IPV6_HEADER_BYTES = 40
+LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)      # fe80::/64
+
+
+def ip_problem(packet, offset=0):
+    """Why packet[offset:] is not a well-formed IPv4 or IPv6 packet, or None when it is."""
+    length = len(packet) - offset
+    if length < 1 or packet[offset] >> 4 != 6:
+        problem = ipv4_problem(packet, offset)
+        return problem and problem.replace("not an IPv4 packet", "not an IP packet")
+    if length < IPV6_HEADER_BYTES:
+        return "packet of %d bytes is too short for IPv6" % length
+    payload_length = (packet[offset + 4] << 8) | packet[offset + 5]
+    if payload_length + IPV6_HEADER_BYTES != length:
+        return "IPv6 payload length %d but %d bytes arrived" % (payload_length, length)
+    return None
+
+
+def is_ipv6(packet, offset=0):
+    return packet[offset] >> 4 == 6
+
+
+def ip_addresses(packet, offset=0):
+    """(source, destination) of a well-formed IPv4 or IPv6 packet, packed."""
+    if packet[offset] >> 4 == 6:
+        return bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
+    return bytes(packet[offset + 12:offset + 16]), bytes(packet[offset + 16:offset + 20])
+
+
+def ipv6_addresses(ipv6_prefix, host_number):
+    """(address in the network's /64, link-local address) of the device with host_number."""
+    interface_id = host_number.to_bytes(8, "big")
+    return ipv6_prefix + interface_id, LINK_LOCAL_PREFIX + interface_id
+
+
+def is_link_local_group6(address):
+    """ff02::/16 (mDNS ff02::fb, SSDP ff02::c, all nodes ff02::1 ...), transient ones too."""
+    return address[0] == 0xFF and address[1] & 0x0F == 2
+
+
 # Destinations every member of the virtual network hears, as on one LAN segment: the limited
 # and the subnet's broadcast, the link-local groups (224.0.0.0/24: mDNS 224.0.0.251, LLMNR ...)
 # and SSDP's. The relay copies them to every other member; a client takes any multicast
@@ -728,12 +775,12 @@ def subnet_broadcast(network, prefix_length):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet, then its offload fields."""
-    return ipv4_problem(payload, VNET_HEADER.size) or offload_problem(payload)
+    """Why a VNET_PACKET payload is malformed, or None: its IP packet, then its offload fields."""
+    return ip_problem(payload, VNET_HEADER.size) or offload_problem(payload)
 
 
 def offload_problem(payload):
-    """Why the offload fields of a VNET_PACKET with a well-formed IPv4 packet are unusable.
+    """Why the offload fields of a VNET_PACKET with a well-formed IP packet are unusable.
 
     The checksum the sender left open must lie past the IP header (it may sit deeper, e.g. the
     inner TCP checksum of a VXLAN tunnel carried over the network), and segmentation is for TCP
@@ -741,12 +788,14 @@ def offload_problem(payload):
     the source address the relay checked.
     """
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
-    header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
-    protocol = payload[VNET_HEADER.size + 9]
+    if is_ipv6(payload, VNET_HEADER.size):
+        header_length, protocol, tcp_gso = IPV6_HEADER_BYTES, payload[VNET_HEADER.size + 6], VNET_GSO_TCPV6
+    else:
+        header_length, protocol, tcp_gso = (payload[VNET_HEADER.size] & 0x0F) * 4, payload[VNET_HEADER.size + 9], VNET_GSO_TCPV4
     if flags & ~VNET_NEEDS_CSUM:
         return "offload flags 0x%02x are not allowed" % flags
-    if gso_type not in VNET_GSO_TYPES:
-        return "segmentation offload type %d is not TCP over IPv4" % gso_type
+    if gso_type and gso_type & ~VNET_GSO_ECN != tcp_gso:
+        return "segmentation offload type %d is not TCP over this packet's IP version" % gso_type
     if gso_type and protocol != 6:
         return "TCP segmentation offload on protocol %d" % protocol
     if flags & VNET_NEEDS_CSUM:
@@ -758,7 +807,7 @@ def offload_problem(payload):
 
 
 def finished_packet(payload):
-    """The bare IPv4 packet of a VNET_PACKET, with the checksum the sender left to the NIC done.
+    """The bare IP packet of a VNET_PACKET, with the checksum the sender left to the NIC done.
 
     A segment larger than the MTU stays whole: the receiving stack takes it as it takes a GRO'd
     one. The one's-complement sum of 16-bit words is the number modulo 0xFFFF (2**16 = 1 mod 0xFFFF).
@@ -1016,7 +1065,7 @@ class RelayLink(FrameTransport):
 
     def on_welcome(self, frame_type, payload):
         try:
-            address, prefix_length, server_address, max_frame_bytes = decode_welcome(self.session, payload)
+            address, prefix_length, server_address, max_frame_bytes, ipv6_prefix = decode_welcome(self.session, payload)
         except WelcomeForged as error:
             self.send_frame(FRAME_ERROR, encode_error(ERROR_AUTH, "the server's proof is wrong"))
             self.client.fatal("authentication failed: %s: the server at %s does not know this network's "
@@ -1027,7 +1076,7 @@ class RelayLink(FrameTransport):
         self.stage = "established"
         self.established_at = time.monotonic()
         self.client.max_frame_bytes = max_frame_bytes       # what we send stays within it
-        self.client.on_welcome(self, address, prefix_length, server_address)
+        self.client.on_welcome(self, address, prefix_length, server_address, ipv6_prefix)
 
     def on_error(self, frame_type, payload):
         code, text = decode_error(payload)
@@ -1857,10 +1906,12 @@ class TunClient(RelayClient):
     def __init__(self, config, log):
         RelayClient.__init__(self, config, log)
         self.tun = None
-        self.configured = None          # (address, prefix length) the interface has
+        self.configured = None          # (address, prefix length, IPv6 /64) the interface has
         self.own_address = None         # the same address, packed: what packets to us carry
         self.network = None             # (packed network, prefix length) of the virtual network
         self.broadcast = None           # and its packed broadcast address
+        self.ipv6_prefix = None         # the network's IPv6 /64 (8 bytes), when it has one
+        self.own_addresses6 = ()        # ours in it and our link-local one, packed
         self.mtu = None                 # and its MTU
         self.server_address = None
         self.resolver_set = None        # (DNS address, domain) systemd-resolved has for our link
@@ -1901,7 +1952,8 @@ class TunClient(RelayClient):
         return {"device_id": self.config.device_id, "server": self.server_label(),
                 "servers": format_servers(self.config.servers),
                 "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload, "tso": self.tun.tso,
-                "address": "%s/%d" % self.configured if self.configured else None,
+                "address": "%s/%d" % self.configured[:2] if self.configured else None,
+                "ipv6": ["%s/64" % ip_text(address) for address in self.own_addresses6],
                 "server_address": self.server_address, "state": self.state, "since": self.state_since,
                 "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
                 "tls": link.sock.summary() if link and isinstance(link.sock, TlsTransport) else None,
@@ -1909,32 +1961,39 @@ class TunClient(RelayClient):
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "drops": dict(self.drops),
                 "pid": os.getpid()}
 
-    def on_welcome(self, link, address, prefix_length, server_address):
-        problem = self.welcome_problem(address, prefix_length)
+    def on_welcome(self, link, address, prefix_length, server_address, ipv6_prefix):
+        if not self.config.ipv6:
+            ipv6_prefix = None
+        problem = self.welcome_problem(address, prefix_length) or self.ipv6_problem(ipv6_prefix)
         if problem:
             raise ProtocolError(problem)
-        wanted = (ipv4_text(address), prefix_length)
+        wanted = (ipv4_text(address), prefix_length, ipv6_prefix)
         self.own_address = bytes(address)
         self.network = prefix_of(address, prefix_length)
         self.broadcast = subnet_broadcast(self.network[0], prefix_length)
+        host_number = int.from_bytes(address, "big") - int.from_bytes(self.network[0], "big")
         mtu = self.fit_frame_limit()
         if wanted != self.configured or mtu != self.mtu:
-            if self.configured not in (None, wanted):
-                self.log.warning("the server moved this device from %s/%d to %s/%d" % (self.configured + wanted))
+            if self.configured and self.configured[:2] != wanted[:2]:
+                self.log.warning("the server moved this device from %s/%d to %s/%d" % (self.configured[:2] + wanted[:2]))
+            addresses6 = ipv6_addresses(ipv6_prefix, host_number) if ipv6_prefix else ()
             try:
-                configure_interface(self.tun.interface, wanted[0], prefix_length, mtu, self.log)
+                configure_interface(self.tun.interface, wanted[0], prefix_length, mtu, self.log, addresses6)
             except OSError as error:
                 self.fatal(str(error))
                 return
             self.configured, self.mtu = wanted, mtu
+            self.ipv6_prefix = ipv6_prefix
+            self.own_addresses6 = addresses6 if mtu >= IPV6_MIN_MTU else ()
         self.failures = 0
         if self.state == "reconnecting":
             self.reconnects += 1
         self.set_state("connected")
         self.server_address = ipv4_text(server_address)
-        self.log.info("connected to relay %s as %s/%d on %s (device %s); the server is %s"
-                      % (link.server_label, wanted[0], prefix_length, self.tun.interface,
-                         self.config.device_id, ipv4_text(server_address)))
+        self.log.info("connected to relay %s as %s/%d%s on %s (device %s); the server is %s"
+                      % (link.server_label, wanted[0], prefix_length,
+                         " and %s/64" % ip_text(self.own_addresses6[0]) if self.own_addresses6 else "",
+                         self.tun.interface, self.config.device_id, ipv4_text(server_address)))
         if self.config.dns == "auto" and self.resolver_set != (self.server_address, self.config.domain):
             self.set_link_dns()
 
@@ -1982,6 +2041,26 @@ class TunClient(RelayClient):
                             % (ipv4_text(offered[0]), offered[1], ipv4_text(route[0]), route[1], interface))
         return None
 
+    def ipv6_problem(self, prefix):
+        """Why this client takes no IPv6 addresses from this WELCOME's /64, or None: only a
+        unique-local one (fc00::/7, never a public prefix), the same on every connection, and
+        none that overlaps a route of this host's."""
+        if prefix is None:
+            return None
+        text = "%s/64" % ip_text(bytes(prefix) + bytes(8))
+        if prefix[0] & 0xFE != 0xFC:
+            return "WELCOME offers the IPv6 network %s, which is not unique-local (fc00::/7): refused" % text
+        if self.ipv6_prefix is not None and prefix != self.ipv6_prefix:
+            return ("the relay moved this device to another IPv6 network, %s (it was %s/64): restart the "
+                    "client if that is right" % (text, ip_text(self.ipv6_prefix + bytes(8))))
+        if self.ipv6_prefix is None:
+            for interface, route, length in ipv6_routes_other_than(self.tun.interface):
+                shorter = min(length, 64)
+                if int.from_bytes(route[:8], "big") >> (64 - shorter) == int.from_bytes(prefix, "big") >> (64 - shorter):
+                    return ("WELCOME offers the IPv6 network %s, which overlaps %s/%d on %s: refused"
+                            % (text, ip_text(route), length, interface))
+        return None
+
     def fit_frame_limit(self):
         """The MTU to use under the server's frame limit. Below 64 KB TSO goes off as well, since
         it hands over segments of 64 KB whatever the MTU; a later server without the limit gets
@@ -2009,7 +2088,7 @@ class TunClient(RelayClient):
         if frame_type not in (FRAME_PACKET, FRAME_VNET_PACKET):
             raise ProtocolError("%s is not for a TUN member" % FRAME_NAMES.get(frame_type, frame_type))
         offloaded = frame_type == FRAME_VNET_PACKET
-        problem = ipv4_problem(payload, VNET_HEADER.size if offloaded else 0)
+        problem = ip_problem(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             raise ProtocolError(problem)
         problem = offloaded and offload_problem(payload) or \
@@ -2025,6 +2104,8 @@ class TunClient(RelayClient):
         """Why a packet from the relay must not reach this host, or None: only packets to this
         device (or to everyone: a broadcast or a group) from inside the virtual network go to the
         TUN, whatever the relay says."""
+        if payload[offset] >> 4 == 6:
+            return self.foreign_packet6(payload, offset)
         destination = payload[offset + IPV4_DESTINATION_AT:offset + IPV4_DESTINATION_AT + 4]
         if destination != self.own_address and destination != self.broadcast and \
                 destination != LIMITED_BROADCAST and not is_ipv4_multicast(destination):
@@ -2034,9 +2115,19 @@ class TunClient(RelayClient):
             return "source outside the virtual network"
         return None
 
+    def foreign_packet6(self, payload, offset):
+        """foreign_packet for IPv6: to one of our two addresses or a group, from the network's
+        /64 or a link-local address (the relay lets each member use only its own)."""
+        source, destination = ip_addresses(payload, offset)
+        if destination not in self.own_addresses6 and (destination[0] != 0xFF or not self.own_addresses6):
+            return "not addressed to this device"
+        if source[:8] != self.ipv6_prefix and source[:8] != LINK_LOCAL_PREFIX:
+            return "source outside the virtual network"
+        return None
+
     def forward_from_tun(self, frame_type, packet):
         """Send one packet the kernel routed into the TUN; False asks the TUN to pause."""
-        problem = ipv4_problem(packet, VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0)
+        problem = ip_problem(packet, VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0)
         if problem or len(packet) > self.max_frame_bytes:
             self.count_drop(problem or "larger than a frame")
             return True
@@ -2123,7 +2214,7 @@ class StreamClient(RelayClient):
 
     # -- the relay link --
 
-    def on_welcome(self, link, address, prefix_length, server_address):
+    def on_welcome(self, link, address, prefix_length, server_address, ipv6_prefix):
         if self.command != "listen":
             self.failures = 0           # listen: only once its port is confirmed (LISTENING)
         self.log.debug("stream session with relay %s" % link.server_label)
@@ -2385,6 +2476,23 @@ def routes_other_than(interface, path=ROUTES_FILE, byteorder=sys.byteorder):
         prefix_length = bin(int.from_bytes(mask, "big")).count("1")
         if prefix_length:
             routes.append((row[0], (network, prefix_length)))
+    return routes
+
+
+def ipv6_routes_other_than(interface, path=IPV6_ROUTES_FILE):
+    """[(interface, packed network, prefix length)] of this host's unique-local IPv6 routes
+    (fc00::/7) on other interfaces, from /proc/net/ipv6_route."""
+    try:
+        with open(path) as source:
+            rows = [line.split() for line in source]
+    except OSError:
+        return []
+    routes = []
+    for row in rows:
+        if len(row) >= 10 and row[9] != interface and row[9] != "lo":
+            network, length = bytes.fromhex(row[0]), int(row[1], 16)
+            if length and network[0] & 0xFE == 0xFC:
+                routes.append((row[9], network, length))
     return routes
 
 
@@ -3051,6 +3159,10 @@ SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCSIFMTU = 0x8922
+SIOCDIFADDR = 0x8936
+IN6_IFREQ = struct.Struct("16sIi")      # struct in6_ifreq: address, prefix length, ifindex
+IPV6_PREFIX_LENGTH = 64
+IPV6_MIN_MTU = 1280
 TUNSETIFF_WRITE_HIGH = 0x800454CA    # _IOW where the "write" direction bit is the high one
 TUNSETIFF_WRITE_LOW = 0x400454CA     # _IOW on x86, arm, aarch64, riscv64, s390x
 TUNSETOFFLOAD_OFFSET = 0xD0 - 0xCA   # TUNSETOFFLOAD is _IOW('T', 208), TUNSETIFF _IOW('T', 202)
@@ -3149,23 +3261,34 @@ def write_tun_packet(fd, offload, frame_type, payload):
         os.write(fd, payload)
 
 
-def configure_interface(name, address, prefix_length, mtu, log):
-    """Give interface name address/prefix_length and mtu, and bring it up.
+def configure_interface(name, address, prefix_length, mtu, log, ipv6=()):
+    """Give interface name address/prefix_length and mtu, bring it up, and give it the packed
+    IPv6 addresses in ipv6 (each a /64; none: IPv6 stays off on it). A kernel without IPv6, or
+    an MTU below IPv6's 1280, leaves it IPv4 only, logged.
 
     ioctls first (no tools needed); `ip` where the ioctls are refused, as in some containers.
     """
-    disable_ipv6(name)
+    if ipv6 and mtu < IPV6_MIN_MTU:
+        log.warning("no IPv6 on %s: its MTU %d is below IPv6's %d" % (name, mtu, IPV6_MIN_MTU))
+        ipv6 = ()
+    prepare_ipv6(name, bool(ipv6))
     try:
         configure_with_ioctls(name, address, prefix_length, mtu)
-        return "ioctl"
+        how = "ioctl"
     except OSError as ioctl_error:
         log.debug("interface ioctls failed (%s); trying ip" % describe_error(ioctl_error))
         try:
             configure_with_ip(name, address, prefix_length, mtu)
-            return "ip"
+            how = "ip"
         except OSError as ip_error:
             raise OSError(errno.EPERM, "cannot configure %s: ioctl: %s; ip: %s" % (
                 name, describe_error(ioctl_error), ip_error))
+    if ipv6:
+        try:
+            set_ipv6_addresses(name, ipv6, log)
+        except OSError as error:
+            log.warning("no IPv6 on %s: %s" % (name, describe_error(error)))
+    return how
 
 
 def configure_with_ioctls(name, address, prefix_length, mtu):
@@ -3200,13 +3323,65 @@ def configure_with_ip(name, address, prefix_length, mtu):
             raise OSError(errno.EIO, str(error))
 
 
-def disable_ipv6(name):
-    """The relay carries IPv4 only: stop the kernel sending IPv6 chatter into the tunnel."""
+def prepare_ipv6(name, enabled):
+    """IPv6 on the TUN only as the network gives it: no address the kernel makes up (the relay
+    knows each device's by its host number), and none of the router solicitation and duplicate
+    address detection a point-to-point link does without. Off when the network has no IPv6."""
+    settings = (("addr_gen_mode", "1"), ("accept_dad", "0"), ("accept_ra", "0"), ("router_solicitations", "0"),
+                ("disable_ipv6", "0")) if enabled else (("disable_ipv6", "1"),)
+    for key, value in settings:
+        try:
+            with open("/proc/sys/net/ipv6/conf/%s/%s" % (name, key), "w") as switch:
+                switch.write(value)
+        except OSError:
+            pass                        # a kernel without IPv6: set_ipv6_addresses says so
+
+
+def interface_ipv6_addresses(name, path="/proc/net/if_inet6"):
+    """{packed address: prefix length} of interface name."""
+    found = {}
+    with open(path) as rows:
+        for row in rows:
+            fields = row.split()
+            if len(fields) >= 6 and fields[5] == name:
+                found[bytes.fromhex(fields[0])] = int(fields[2], 16)
+    return found
+
+
+def set_ipv6_addresses(name, wanted, log):
+    """Make the IPv6 addresses of interface name exactly wanted (packed, each a /64):
+    SIOCSIFADDR/SIOCDIFADDR on an AF_INET6 socket (struct in6_ifreq), else `ip -6`."""
+    have = interface_ipv6_addresses(name)
+    changes = [(SIOCDIFADDR, address, length) for address, length in have.items() if address not in wanted]
+    changes += [(SIOCSIFADDR, address, IPV6_PREFIX_LENGTH) for address in wanted if address not in have]
+    if not changes:
+        return
+    index = socket.if_nametoindex(name)
     try:
-        with open("/proc/sys/net/ipv6/conf/%s/disable_ipv6" % name, "w") as switch:
-            switch.write("1")
-    except OSError:
-        pass
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as control:
+            for request, address, length in changes:
+                fcntl.ioctl(control.fileno(), request, IN6_IFREQ.pack(address, length, index))
+        return
+    except OSError as error:
+        log.debug("IPv6 address ioctls failed (%s); trying ip" % describe_error(error))
+    import shutil
+    import subprocess
+    ip = shutil.which("ip") or "/sbin/ip"
+    for request, address, length in changes:
+        verb = ["del"] if request == SIOCDIFADDR else ["add"]
+        command = [ip, "-6", "addr"] + verb + ["%s/%d" % (socket.inet_ntop(socket.AF_INET6, address), length),
+                                               "dev", name] + (["nodad"] if verb == ["add"] else [])
+        try:
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+        except subprocess.CalledProcessError as error:
+            raise OSError(errno.EIO, "%s: %s" % (" ".join(command), error.stderr.decode("utf-8", "replace").strip()))
+        except subprocess.SubprocessError as error:
+            raise OSError(errno.EIO, str(error))
+
+
+def ip_text(packed):
+    """A packed IPv4 or IPv6 address as text."""
+    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, bytes(packed))
 
 
 def ipv4_text(packed):
@@ -3386,6 +3561,7 @@ class ClientConfig:
         self.tls_context = None                 # built from those when tls = yes
         self.dns = "auto"                       # auto: per-link DNS through systemd-resolved
         self.domain = DEFAULT_DOMAIN
+        self.ipv6 = True                        # take the network's IPv6 addresses, if it has some
 
 
 CLIENT_KEYS = {
@@ -3407,6 +3583,7 @@ CLIENT_KEYS = {
     "server_pin": lambda config, text: setattr(config, "server_pins", parse_pins(text)),
     "dns": lambda config, text: setattr(config, "dns", parse_choice(text, ("auto", "no"))),
     "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
+    "ipv6": lambda config, text: setattr(config, "ipv6", parse_choice(text, ("yes", "no")) == "yes"),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 

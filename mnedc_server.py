@@ -3,8 +3,8 @@
 
 Each client keeps one TCP connection here, proves it knows the network secret, and gets a
 sticky virtual IP from the subnet (the same one on every reconnect, also after a restart).
-The server routes every IP packet it receives to the client that owns the destination
-address. With a TUN interface of its own the server's host joins as the subnet's .1.
+The server routes every IP packet (IPv4 and IPv6) it receives to the client that owns the
+destination address. With a TUN interface of its own the server's host joins as the subnet's .1.
 
 Configuration: an INI file with a [server] section (-c), then command-line flags.
   listen      HOST:PORT to accept clients on            (default 0.0.0.0:3334)
@@ -27,7 +27,9 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
               one that leaves sooner loses it this long after it left (default 300)
   multicast_packets_per_second, multicast_bytes_per_second  what one member may broadcast:
               broadcasts, 224.0.0.0/24 (mDNS) and SSDP go to every other member (default 100, 131072)
-  multicast_groups  more IPv4 groups to relay to everyone, e.g. 239.1.2.3 (default none)
+  multicast_groups  more groups to relay to everyone, e.g. 239.1.2.3, ff05::1:3 (default none)
+  ipv6        yes (default): the network also has a unique-local IPv6 /64 (state_dir/ipv6_prefix,
+              drawn at the first start); each device's host number is its interface id
   dns, domain yes (default): answer DNS on the TUN's address for DEVICE_ID.DOMAIN (default mnedc)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
@@ -40,7 +42,7 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   restart_window  seconds over which clients spread their return after a restart (default 10)
   log_level   debug, info, warning or error                  (default info)
 SIGHUP re-reads the file and applies every key live except listen, subnet, tun, interface, mtu,
-offload, state_dir, control_socket and dns, and turning tls on or off, which take a restart. --check tests this Python and the
+offload, state_dir, control_socket, dns and ipv6, and turning tls on or off, which take a restart. --check tests this Python and the
 configuration without starting. Needs root for the TUN interface (tun = no does without).
 """
 
@@ -145,14 +147,17 @@ MAX_DNS_MESSAGE_BYTES = 512     # a query larger than this is no question for us
 #     S -> C  CHALLENGE  version, Ns, the network's salt (K = PBKDF2(secret, label | salt))
 #     C -> S  AUTH       HMAC-SHA256(K, "mnedc client" | Ns | Nc | device_id)
 #     S -> C  WELCOME    virtual address, prefix length, the server's virtual address, largest
-#                        frame, then HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
+#                        frame, the network's IPv6 /64 (zeros: no IPv6), then
+#                        HMAC-SHA256(K, "mnedc welcome" | Nc | Ns | those fields)
 # Each side proves it knows K without sending it; fresh nonces make a recorded proof useless.
 # The client proves first: the server proves itself (WELCOME's MAC) only to a client that did,
 # so a stranger who sends HELLO gets nothing to test guesses of the secret against, and every
 # refusal before that proof reads the same, whatever the keys file lists or revokes.
 # K is PBKDF2 of the configured secret (network_key), so guessing a secret offline is slow.
 # Instead of the next step either side may send ERROR (code, text) and close.
-# After WELCOME: PACKET (one IPv4 packet) both ways; PING, answered by PONG with the same payload.
+# After WELCOME: PACKET (one IPv4 or IPv6 packet) both ways; PING, answered by PONG with the same
+# payload. A device's IPv6 addresses are the network's /64 and fe80::/64, each with the device's
+# host number in the IPv4 network as interface id (198.18.0.7/24: PREFIX::7 and fe80::7).
 # VNET_PACKET is a PACKET with the kernel's 10-byte virtio_net_hdr in front (little-endian on the
 # wire): a TCP segment of up to 64 KB whose checksum is still to finish, as a TUN with
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
@@ -195,8 +200,8 @@ except ImportError:
     def equal_digests(a, b):
         return len(a) == len(b) and not sum(x ^ y for x, y in zip(a, b))
 
-PROTOCOL_VERSION = 5             # 5: LISTEN_REFUSED, ACCEPT names who answered; 4: the client
-                                 # proves first, WELCOME's MAC proves the server
+PROTOCOL_VERSION = 6             # 6: WELCOME carries the IPv6 /64; 5: LISTEN_REFUSED, ACCEPT
+                                 # names who answered; 4: the client proves first
 HELLO_MAGIC = b"MNEDC"
 
 FRAME_HEADER = struct.Struct("!HBB")
@@ -286,7 +291,7 @@ MAX_DATA_BYTES = MAX_PAYLOAD_BYTES - 4
 HELLO = struct.Struct("!5sHH16sB")       # magic, version, flags, nonce, device_id length
 CHALLENGE = struct.Struct("!H16s16s")    # version, server nonce, the network's salt
 AUTH = struct.Struct("!32s")             # client proof
-WELCOME = struct.Struct("!4sB4sH")       # virtual address, prefix length, server's, largest frame
+WELCOME = struct.Struct("!4sB4sH8s")     # virtual address, prefix length, server's, largest frame, IPv6 /64
 WELCOME_MAC_BYTES = 32                   # then HMAC-SHA256 of it under the key, bound to both nonces
 ERROR = struct.Struct("!B")              # code, then UTF-8 text
 LISTEN = struct.Struct("!H")             # port, then service name (may be empty)
@@ -298,7 +303,7 @@ WINDOW = struct.Struct("!II")            # stream id, increment
 RESET = struct.Struct("!IB")             # stream id, code, then UTF-8 text
 VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso size, csum start, offset
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
-VNET_GSO_TYPES = (0, 1, 0x81)            # none, TCPv4, TCPv4 with ECN (the relay carries IPv4)
+VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_ECN = 1, 4, 0x80     # segmentation offload types
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
 
 
@@ -556,27 +561,29 @@ def welcome_mac(session, body):
     return hmac_sha256(key, b"mnedc welcome" + client_nonce + server_nonce + bytes(body))
 
 
-def encode_welcome(session, address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES):
+def encode_welcome(session, address, prefix_length, server_address, max_frame_bytes=MAX_PAYLOAD_BYTES,
+                   ipv6_prefix=None):
     """Addresses are 4 packed bytes (socket.inet_aton); max_frame_bytes is the largest payload
-    the server takes from this client (its max_frame_bytes)."""
-    body = WELCOME.pack(address, prefix_length, server_address, max_frame_bytes)
+    the server takes from this client (its max_frame_bytes); ipv6_prefix the network's /64
+    (8 packed bytes), or None."""
+    body = WELCOME.pack(address, prefix_length, server_address, max_frame_bytes, ipv6_prefix or bytes(8))
     return body + welcome_mac(session, body)
 
 
 def decode_welcome(session, payload):
-    """(address, prefix length, server address, largest frame payload the server takes), once
-    its MAC under session proves that the server sent it as it is."""
+    """(address, prefix length, server address, largest frame payload the server takes, IPv6
+    /64 or None), once its MAC under session proves that the server sent it as it is."""
     if len(payload) != WELCOME.size + WELCOME_MAC_BYTES:
         raise ProtocolError("WELCOME of %d bytes, expected %d" % (len(payload), WELCOME.size + WELCOME_MAC_BYTES))
     body = payload[:WELCOME.size]
     if not equal_digests(bytes(payload[WELCOME.size:]), welcome_mac(session, body)):
         raise WelcomeForged("WELCOME's MAC is wrong: it was changed on the way to this client")
-    address, prefix_length, server_address, max_frame_bytes = WELCOME.unpack(body)
+    address, prefix_length, server_address, max_frame_bytes, ipv6_prefix = WELCOME.unpack(body)
     if not 1 <= prefix_length <= 30:
         raise ProtocolError("WELCOME prefix length /%d is not usable" % prefix_length)
     if max_frame_bytes < MIN_FRAME_BYTES:
         raise ProtocolError("WELCOME frame limit %d is below %d" % (max_frame_bytes, MIN_FRAME_BYTES))
-    return address, prefix_length, server_address, max_frame_bytes
+    return address, prefix_length, server_address, max_frame_bytes, (ipv6_prefix if any(ipv6_prefix) else None)
 
 
 def encode_error(code, text):
@@ -747,6 +754,46 @@ def ipv4_problem(packet, offset=0):
     return None
 
 
+IPV6_HEADER_BYTES = 40
+LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)      # fe80::/64
+
+
+def ip_problem(packet, offset=0):
+    """Why packet[offset:] is not a well-formed IPv4 or IPv6 packet, or None when it is."""
+    length = len(packet) - offset
+    if length < 1 or packet[offset] >> 4 != 6:
+        problem = ipv4_problem(packet, offset)
+        return problem and problem.replace("not an IPv4 packet", "not an IP packet")
+    if length < IPV6_HEADER_BYTES:
+        return "packet of %d bytes is too short for IPv6" % length
+    payload_length = (packet[offset + 4] << 8) | packet[offset + 5]
+    if payload_length + IPV6_HEADER_BYTES != length:
+        return "IPv6 payload length %d but %d bytes arrived" % (payload_length, length)
+    return None
+
+
+def is_ipv6(packet, offset=0):
+    return packet[offset] >> 4 == 6
+
+
+def ip_addresses(packet, offset=0):
+    """(source, destination) of a well-formed IPv4 or IPv6 packet, packed."""
+    if packet[offset] >> 4 == 6:
+        return bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
+    return bytes(packet[offset + 12:offset + 16]), bytes(packet[offset + 16:offset + 20])
+
+
+def ipv6_addresses(ipv6_prefix, host_number):
+    """(address in the network's /64, link-local address) of the device with host_number."""
+    interface_id = host_number.to_bytes(8, "big")
+    return ipv6_prefix + interface_id, LINK_LOCAL_PREFIX + interface_id
+
+
+def is_link_local_group6(address):
+    """ff02::/16 (mDNS ff02::fb, SSDP ff02::c, all nodes ff02::1 ...), transient ones too."""
+    return address[0] == 0xFF and address[1] & 0x0F == 2
+
+
 # Destinations every member of the virtual network hears, as on one LAN segment: the limited
 # and the subnet's broadcast, the link-local groups (224.0.0.0/24: mDNS 224.0.0.251, LLMNR ...)
 # and SSDP's. The relay copies them to every other member; a client takes any multicast
@@ -771,12 +818,12 @@ def subnet_broadcast(network, prefix_length):
 
 
 def vnet_packet_problem(payload):
-    """Why a VNET_PACKET payload is malformed, or None: its IPv4 packet, then its offload fields."""
-    return ipv4_problem(payload, VNET_HEADER.size) or offload_problem(payload)
+    """Why a VNET_PACKET payload is malformed, or None: its IP packet, then its offload fields."""
+    return ip_problem(payload, VNET_HEADER.size) or offload_problem(payload)
 
 
 def offload_problem(payload):
-    """Why the offload fields of a VNET_PACKET with a well-formed IPv4 packet are unusable.
+    """Why the offload fields of a VNET_PACKET with a well-formed IP packet are unusable.
 
     The checksum the sender left open must lie past the IP header (it may sit deeper, e.g. the
     inner TCP checksum of a VXLAN tunnel carried over the network), and segmentation is for TCP
@@ -784,12 +831,14 @@ def offload_problem(payload):
     the source address the relay checked.
     """
     flags, gso_type, _, _, csum_start, csum_offset = VNET_HEADER.unpack_from(payload)
-    header_length = (payload[VNET_HEADER.size] & 0x0F) * 4
-    protocol = payload[VNET_HEADER.size + 9]
+    if is_ipv6(payload, VNET_HEADER.size):
+        header_length, protocol, tcp_gso = IPV6_HEADER_BYTES, payload[VNET_HEADER.size + 6], VNET_GSO_TCPV6
+    else:
+        header_length, protocol, tcp_gso = (payload[VNET_HEADER.size] & 0x0F) * 4, payload[VNET_HEADER.size + 9], VNET_GSO_TCPV4
     if flags & ~VNET_NEEDS_CSUM:
         return "offload flags 0x%02x are not allowed" % flags
-    if gso_type not in VNET_GSO_TYPES:
-        return "segmentation offload type %d is not TCP over IPv4" % gso_type
+    if gso_type and gso_type & ~VNET_GSO_ECN != tcp_gso:
+        return "segmentation offload type %d is not TCP over this packet's IP version" % gso_type
     if gso_type and protocol != 6:
         return "TCP segmentation offload on protocol %d" % protocol
     if flags & VNET_NEEDS_CSUM:
@@ -801,7 +850,7 @@ def offload_problem(payload):
 
 
 def finished_packet(payload):
-    """The bare IPv4 packet of a VNET_PACKET, with the checksum the sender left to the NIC done.
+    """The bare IP packet of a VNET_PACKET, with the checksum the sender left to the NIC done.
 
     A segment larger than the MTU stays whole: the receiving stack takes it as it takes a GRO'd
     one. The one's-complement sum of 16-bit words is the number modulo 0xFFFF (2**16 = 1 mod 0xFFFF).
@@ -1451,19 +1500,26 @@ class RouteTable:
         self.groups = set(groups)   # operator's multicast_groups, beside the link-local ones
 
     def add(self, member):
-        self.by_address[member.address] = member
+        for address in (member.address,) + member.addresses6:
+            self.by_address[address] = member
         self.by_device[member.device_id] = member
 
     def remove(self, member):
         """Forget member, unless a newer member already took its address or device_id."""
-        if self.by_address.get(member.address) is member:
-            del self.by_address[member.address]
+        for address in (member.address,) + member.addresses6:
+            if self.by_address.get(address) is member:
+                del self.by_address[address]
         if self.by_device.get(member.device_id) is member:
             del self.by_device[member.device_id]
 
+    def members(self):
+        return self.by_device.values()
+
     def decide(self, packet, sender, offset=0):
-        """(member to deliver to, None) or (None, drop reason) for a well-formed IPv4 packet
+        """(member to deliver to, None) or (None, drop reason) for a well-formed IP packet
         that starts at packet[offset]."""
+        if packet[offset] >> 4 == 6:
+            return self.decide6(packet, sender, offset)
         source, destination = packet[offset + 12:offset + 16], bytes(packet[offset + 16:offset + 20])
         if source != sender.address:
             return None, "spoofed source"
@@ -1472,6 +1528,22 @@ class RouteTable:
             if destination in self.broadcasts or is_local_group(destination) or destination in self.groups:
                 return EVERYONE, None
             if is_ipv4_multicast(destination):
+                return None, "multicast group not relayed (multicast_groups)"
+            return None, "unknown destination"
+        return target, None
+
+    def decide6(self, packet, sender, offset):
+        """decide for IPv6: the sender's own two addresses only; to a member's, or to everyone."""
+        if not sender.addresses6:
+            return None, "IPv6 is off in this network (ipv6 = no)"
+        source, destination = bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
+        if source not in sender.addresses6:
+            return None, "spoofed source"
+        target = self.by_address.get(destination)
+        if target is None:
+            if is_link_local_group6(destination) or destination in self.groups:
+                return EVERYONE, None
+            if destination[0] == 0xFF:
                 return None, "multicast group not relayed (multicast_groups)"
             return None, "unknown destination"
         return target, None
@@ -1761,8 +1833,13 @@ class DeviceKeys:
 
 
 def destination_port(packet, offset):
-    """The TCP or UDP destination port of an IPv4 packet, for port rules; None for other
-    protocols and for fragments after the first, which carry no port header."""
+    """The TCP or UDP destination port of an IP packet, for port rules; None for other
+    protocols and for fragments after the first, which carry no port header (IPv6: also when
+    an extension header comes first)."""
+    if packet[offset] >> 4 == 6:
+        if packet[offset + 6] not in (6, 17) or len(packet) < offset + IPV6_HEADER_BYTES + 4:
+            return None
+        return struct.unpack_from("!H", packet, offset + IPV6_HEADER_BYTES + 2)[0]
     if len(packet) < offset + 20 or packet[offset + 9] not in (6, 17):
         return None
     if struct.unpack_from("!H", packet, offset + 6)[0] & 0x1FFF:
@@ -1771,6 +1848,31 @@ def destination_port(packet, offset):
     if len(packet) < start + 4:
         return None
     return struct.unpack_from("!H", packet, start + 2)[0]
+
+
+ICMPV6 = 58
+MLD_TYPES = (130, 131, 132, 143)        # listener query, report, done; MLDv2 report
+NEIGHBOUR_DISCOVERY_TYPES = range(133, 138)     # router solicitation ... redirect
+
+
+def link_chatter(packet, offset):
+    """Why a packet to everyone is the link's own business, not the members', or None: IGMP
+    and MLD (the relay copies every group to everyone, so nobody need join one), and IPv6
+    neighbour discovery, which a point-to-point TUN does without (no link-layer addresses to
+    resolve, no router to find: each device's address comes in WELCOME)."""
+    if packet[offset] >> 4 != 6:
+        if packet[offset + 9] == IGMP_PROTOCOL:
+            return "IGMP (the relay copies groups to everyone: no membership needed)"
+        return None
+    next_header, at = packet[offset + 6], offset + IPV6_HEADER_BYTES
+    if next_header == 0 and len(packet) >= at + 8:      # hop-by-hop options: MLD's router alert
+        next_header, at = packet[at], at + (packet[at + 1] + 1) * 8
+    if next_header == ICMPV6 and len(packet) > at:
+        if packet[at] in MLD_TYPES:
+            return "MLD (the relay copies groups to everyone: no membership needed)"
+        if packet[at] in NEIGHBOUR_DISCOVERY_TYPES:
+            return "neighbour discovery (not needed on a point-to-point link)"
+    return None
 
 
 class Policy:
@@ -2019,6 +2121,7 @@ class ClientConnection(FrameTransport):
             self.stage = "tls"              # wrapped once the first bytes say it is TLS
         self.device_id = None
         self.address = None
+        self.addresses6 = ()                # a TUN member's IPv6 addresses (network /64, link-local)
         self.streams_session = False        # a listen/connect session rather than a TUN member
         self.reader = FrameReader(receive_bytes=RECV_BYTES)
         self.frames_waiting = False         # more than FRAMES_PER_WAKEUP came: the rest next turn
@@ -2239,11 +2342,11 @@ class ClientConnection(FrameTransport):
         self.keepalive_timer = self.server.loop.call_later(0.0, self.keep_alive)
         self.send_frame(FRAME_WELCOME, encode_welcome(
             (self.key, self.client_nonce, self.server_nonce), self.address, self.server.leases.prefix_length, self.server.leases.server_address,
-            self.server.config.max_frame_bytes))
+            self.server.config.max_frame_bytes, self.server.ipv6_prefix))
 
     def on_packet(self, frame_type, payload):
         offloaded = frame_type == FRAME_VNET_PACKET
-        problem = ipv4_problem(payload, VNET_HEADER.size if offloaded else 0)
+        problem = ip_problem(payload, VNET_HEADER.size if offloaded else 0)
         if problem:
             raise ProtocolError(problem)
         problem = offloaded and offload_problem(payload)
@@ -2471,6 +2574,7 @@ class ServerTun:
         self.offload = offload
         self.device_id = "(server)"
         self.address = server.leases.server_address
+        self.addresses6 = server.ipv6_of(self.address)
         self.closed = False
         self.drops = {}
         self.multicast_budget = None
@@ -2493,8 +2597,8 @@ class ServerTun:
                 except (BlockingIOError, InterruptedError):
                     return
                 offset = VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0
-                if ipv4_problem(packet, offset):
-                    self.server.count_drop("not IPv4", self, frame_type, packet)
+                if ip_problem(packet, offset):
+                    self.server.count_drop("not IP", self, frame_type, packet)
                 elif len(packet) > MAX_PAYLOAD_BYTES:
                     self.server.count_drop("larger than a frame", self, frame_type, packet)
                 else:
@@ -2594,6 +2698,9 @@ class NameService:
         # the in-addr.arpa names of the network: whole octets only (a /24 has three)
         whole = leases.prefix_length // 8
         self.reverse_zone = [str(octet).encode() for octet in reversed(network[:whole])] + [b"in-addr", b"arpa"]
+        prefix = self.server.ipv6_prefix
+        self.reverse_zone6 = [b"%x" % nibble for byte in reversed(prefix) for nibble in (byte & 0xF, byte >> 4)] \
+            + [b"ip6", b"arpa"] if prefix else None
 
     def allowed(self, source, now):
         """Within this source's budget and everyone's: a flood gets no answers, and no loop."""
@@ -2631,32 +2738,53 @@ class NameService:
             return self.answer_name(ident, flags, question, labels[:-suffix], qtype)
         if labels[len(labels) - len(self.reverse_zone):] == self.reverse_zone and len(labels) == 6:
             return self.answer_address(ident, flags, question, labels, qtype)
+        if self.reverse_zone6 and len(labels) == 34 and labels[16:] == self.reverse_zone6:
+            return self.answer_address6(ident, flags, question, labels, qtype)
         return self.response(ident, flags, question, RCODE_REFUSED)
 
     def answer_name(self, ident, flags, question, host, qtype):
         if not host:                            # the domain itself: it exists, and has an SOA
             if qtype in (TYPE_SOA, TYPE_ANY):
-                return self.response(ident, flags, question, RCODE_NOERROR, self.soa_record(NAME_POINTER_TO_QUESTION))
+                return self.response(ident, flags, question, RCODE_NOERROR, [self.soa_record(NAME_POINTER_TO_QUESTION)])
             return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
         address = self.address_of(b".".join(host).decode("ascii", "replace"))
         if address is None:
             return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
+        records = []
         if qtype in (TYPE_A, TYPE_ANY):
-            record = NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_A, CLASS_IN, DNS_TTL_S, 4) + address
-            return self.response(ident, flags, question, RCODE_NOERROR, record)
+            records.append(NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_A, CLASS_IN, DNS_TTL_S, 4) + address)
+        if qtype in (TYPE_AAAA, TYPE_ANY) and self.server.ipv6_prefix:
+            address6 = self.server.ipv6_of(address)[0]
+            records.append(NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_AAAA, CLASS_IN, DNS_TTL_S, 16) + address6)
+        if records:
+            return self.response(ident, flags, question, RCODE_NOERROR, records)
         return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
 
     def answer_address(self, ident, flags, question, labels, qtype):
         if not all(label.isdigit() and int(label) < 256 for label in labels[:4]):
             return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
-        device_id = self.server.leases.owner_of.get(bytes(int(label) for label in reversed(labels[:4])))
+        return self.answer_owner(ident, flags, question, bytes(int(label) for label in reversed(labels[:4])), qtype)
+
+    def answer_address6(self, ident, flags, question, labels, qtype):
+        """PTR for PREFIX::N: the device whose IPv4 host number is N."""
+        try:
+            host = int(b"".join(reversed(labels[:16])), 16)
+        except ValueError:
+            host = -1
+        leases = self.server.leases
+        if not 0 < host < (1 << (32 - leases.prefix_length)) or any(len(label) != 1 for label in labels[:16]):
+            return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
+        return self.answer_owner(ident, flags, question, packed_address(leases.network + host), qtype)
+
+    def answer_owner(self, ident, flags, question, address, qtype):
+        device_id = self.server.leases.owner_of.get(address)
         if device_id is None:
             return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
         if qtype not in (TYPE_PTR, TYPE_ANY):
             return self.response(ident, flags, question, RCODE_NOERROR, authority=self.soa_record())
         target = encode_dns_name(device_id.encode("ascii").split(b".") + self.domain_labels)
         record = NAME_POINTER_TO_QUESTION + DNS_RECORD.pack(TYPE_PTR, CLASS_IN, DNS_TTL_S, len(target)) + target
-        return self.response(ident, flags, question, RCODE_NOERROR, record)
+        return self.response(ident, flags, question, RCODE_NOERROR, [record])
 
     def address_of(self, name):
         """The packed leased address of device_id name, matched without regard to case."""
@@ -2673,9 +2801,10 @@ class NameService:
             int(self.server.started) & 0xFFFFFFFF, 3600, 600, 86400, DNS_NEGATIVE_TTL_S)
         return (owner or apex) + DNS_RECORD.pack(TYPE_SOA, CLASS_IN, DNS_NEGATIVE_TTL_S, len(body)) + body
 
-    def response(self, ident, flags, question, rcode, answer=b"", authority=b""):
+    def response(self, ident, flags, question, rcode, answers=(), authority=b""):
         flags = DNS_FLAG_RESPONSE | DNS_FLAG_AUTHORITATIVE | (flags & DNS_FLAG_RECURSION_WANTED) | rcode
-        return DNS_HEADER.pack(ident, flags, 1, 1 if answer else 0, 1 if authority else 0, 0) + question + answer + authority
+        return DNS_HEADER.pack(ident, flags, 1, len(answers), 1 if authority else 0, 0) + question \
+            + b"".join(answers) + authority
 
 
 def dns_socket(kind, address, interface):
@@ -2852,6 +2981,7 @@ class RelayServer:
                                  config.multicast_groups)
         self.multicast_copies = RateBudget(MULTICAST_COPIES_PER_S, time.monotonic())
         self.multicast_packets = self.multicast_copied = 0
+        self.ipv6_prefix = config.ipv6_prefix  # the network's /64 (8 bytes), or None: no IPv6
         self.dns = NameService(self, config.domain)
         self.dns_responders = []        # DnsUdpResponder and DnsTcpListener, with the TUN
         self.stream_sessions = {}       # device_id -> its connected stream sessions
@@ -2931,14 +3061,17 @@ class RelayServer:
             return
         self.tun = ServerTun(self, fd, interface, offload)
         try:
-            configure_interface(interface, address, self.leases.prefix_length, self.config.mtu, self.log)
+            configure_interface(interface, address, self.leases.prefix_length, self.config.mtu, self.log,
+                                self.tun.addresses6)
         except OSError:
             self.tun.close("configuration failed")
             raise
         self.routes.add(self.tun)
         self.loop.set_interest(self.tun, selectors.EVENT_READ)
-        self.log.info("this host is %s/%d on interface %s (%s)" % (
-            address, self.leases.prefix_length, interface, "offloads on" if offload else "no offloads"))
+        self.log.info("this host is %s/%d%s on interface %s (%s)" % (
+            address, self.leases.prefix_length,
+            " and %s/64" % ip_text(self.tun.addresses6[0]) if self.tun.addresses6 else "",
+            interface, "offloads on" if offload else "no offloads"))
         if self.config.dns:
             self._open_dns(address, interface)
 
@@ -3089,6 +3222,7 @@ class RelayServer:
                             % (device_id, connection.remote, previous.remote))
             previous.refuse(ERROR_REPLACED, "replaced by a new connection for %s from %s"
                             % (device_id, connection.remote))
+        connection.addresses6 = self.ipv6_of(address)
         self.routes.add(connection)
         self.log_member(device_id, "device %s joined as %s from %s" % (device_id, ipv4_text(address), connection.remote))
         self.hooks.run("join", connection)
@@ -3166,7 +3300,7 @@ class RelayServer:
                          key=lambda c: (c.device_id, c.streams_session, c.remote))
         devices = [{
             "device_id": c.device_id, "address": None if c.address == NO_ADDRESS else ipv4_text(c.address),
-            "remote": c.remote,
+            "ipv6": [ip_text(address) for address in c.addresses6], "remote": c.remote,
             "kind": "streams" if c.streams_session else "tun", "connected_since": c.connected_since,
             "bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "packets_in": c.packets_in,
             "packets_out": c.packets_out, "drops": c.drops, "open_streams": self.switch.open_counts.get(c, 0),
@@ -3187,6 +3321,7 @@ class RelayServer:
         return {"server": {
             "listen": "%s:%d" % self.listener.sock.getsockname()[:2], "subnet": self.leases.subnet_text(),
             "address": ipv4_text(self.leases.server_address), "protocol": PROTOCOL_VERSION,
+            "ipv6_prefix": "%s/64" % ip_text(self.ipv6_prefix + bytes(8)) if self.ipv6_prefix else None,
             "interface": self.tun.interface if self.tun else None, "started": self.started,
             "uptime_s": int(time.time() - self.started), "pid": os.getpid(),
             "tls": "client certificates" if config.tls_client_ca else "yes" if config.tls else "no",
@@ -3332,6 +3467,12 @@ class RelayServer:
             return "the relay holds %d service names, its most; the operator frees some with forget-name" % MAX_CLAIMED_NAMES
         return None
 
+    def ipv6_of(self, address):
+        """The IPv6 addresses that go with a packed virtual IPv4 address: the same host number."""
+        if not self.ipv6_prefix:
+            return ()
+        return ipv6_addresses(self.ipv6_prefix, int.from_bytes(address, "big") - self.leases.network)
+
     def online(self, device_id):
         return device_id in self.routes.by_device or device_id in self.stream_sessions
 
@@ -3392,9 +3533,9 @@ class RelayServer:
     def fan_out(self, frame_type, packet, sender, offset):
         """A copy for every other member, as a LAN segment would: within the sender's budget and
         the relay's, and past the policy of each receiver."""
-        if packet[offset + 9] == IGMP_PROTOCOL:
-            self.count_drop("IGMP (the relay copies groups to everyone: no membership needed)",
-                            sender, frame_type, packet)
+        chatter = link_chatter(packet, offset)
+        if chatter:
+            self.count_drop(chatter, sender, frame_type, packet)
             return
         now = time.monotonic()
         rates = (self.config.multicast_packets_per_second, self.config.multicast_bytes_per_second)
@@ -3403,7 +3544,7 @@ class RelayServer:
         if not sender.multicast_budget.take(len(packet), now):
             self.count_drop("over its broadcast budget", sender, frame_type, packet)
             return
-        receivers = [member for member in self.routes.by_address.values() if member is not sender]
+        receivers = [member for member in self.routes.members() if member is not sender]
         if not self.multicast_copies.take(min(len(receivers), MULTICAST_COPIES_PER_S), now):
             self.count_drop("over the relay's broadcast budget", sender, frame_type, packet)
             return
@@ -3423,9 +3564,8 @@ class RelayServer:
         member.drops[reason] = member.drops.get(reason, 0) + 1
         offset = VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0
         detail = ""
-        if len(packet) >= offset + 20:
-            detail = " %s -> %s" % (ipv4_text(packet[offset + 12:offset + 16]),
-                                    ipv4_text(packet[offset + 16:offset + 20]))
+        if not ip_problem(packet, offset):
+            detail = " %s -> %s" % tuple(ip_text(address) for address in ip_addresses(packet, offset))
         self.log.limited(("drop", reason, member.device_id), "info",
                          "dropped packet %s %s: %s%s (%d dropped for this reason so far)"
                          % (direction, member.name(), reason, detail, self.drops[reason]))
@@ -4135,6 +4275,10 @@ SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCSIFMTU = 0x8922
+SIOCDIFADDR = 0x8936
+IN6_IFREQ = struct.Struct("16sIi")      # struct in6_ifreq: address, prefix length, ifindex
+IPV6_PREFIX_LENGTH = 64
+IPV6_MIN_MTU = 1280
 TUNSETIFF_WRITE_HIGH = 0x800454CA    # _IOW where the "write" direction bit is the high one
 TUNSETIFF_WRITE_LOW = 0x400454CA     # _IOW on x86, arm, aarch64, riscv64, s390x
 TUNSETOFFLOAD_OFFSET = 0xD0 - 0xCA   # TUNSETOFFLOAD is _IOW('T', 208), TUNSETIFF _IOW('T', 202)
@@ -4233,23 +4377,34 @@ def write_tun_packet(fd, offload, frame_type, payload):
         os.write(fd, payload)
 
 
-def configure_interface(name, address, prefix_length, mtu, log):
-    """Give interface name address/prefix_length and mtu, and bring it up.
+def configure_interface(name, address, prefix_length, mtu, log, ipv6=()):
+    """Give interface name address/prefix_length and mtu, bring it up, and give it the packed
+    IPv6 addresses in ipv6 (each a /64; none: IPv6 stays off on it). A kernel without IPv6, or
+    an MTU below IPv6's 1280, leaves it IPv4 only, logged.
 
     ioctls first (no tools needed); `ip` where the ioctls are refused, as in some containers.
     """
-    disable_ipv6(name)
+    if ipv6 and mtu < IPV6_MIN_MTU:
+        log.warning("no IPv6 on %s: its MTU %d is below IPv6's %d" % (name, mtu, IPV6_MIN_MTU))
+        ipv6 = ()
+    prepare_ipv6(name, bool(ipv6))
     try:
         configure_with_ioctls(name, address, prefix_length, mtu)
-        return "ioctl"
+        how = "ioctl"
     except OSError as ioctl_error:
         log.debug("interface ioctls failed (%s); trying ip" % describe_error(ioctl_error))
         try:
             configure_with_ip(name, address, prefix_length, mtu)
-            return "ip"
+            how = "ip"
         except OSError as ip_error:
             raise OSError(errno.EPERM, "cannot configure %s: ioctl: %s; ip: %s" % (
                 name, describe_error(ioctl_error), ip_error))
+    if ipv6:
+        try:
+            set_ipv6_addresses(name, ipv6, log)
+        except OSError as error:
+            log.warning("no IPv6 on %s: %s" % (name, describe_error(error)))
+    return how
 
 
 def configure_with_ioctls(name, address, prefix_length, mtu):
@@ -4284,13 +4439,65 @@ def configure_with_ip(name, address, prefix_length, mtu):
             raise OSError(errno.EIO, str(error))
 
 
-def disable_ipv6(name):
-    """The relay carries IPv4 only: stop the kernel sending IPv6 chatter into the tunnel."""
+def prepare_ipv6(name, enabled):
+    """IPv6 on the TUN only as the network gives it: no address the kernel makes up (the relay
+    knows each device's by its host number), and none of the router solicitation and duplicate
+    address detection a point-to-point link does without. Off when the network has no IPv6."""
+    settings = (("addr_gen_mode", "1"), ("accept_dad", "0"), ("accept_ra", "0"), ("router_solicitations", "0"),
+                ("disable_ipv6", "0")) if enabled else (("disable_ipv6", "1"),)
+    for key, value in settings:
+        try:
+            with open("/proc/sys/net/ipv6/conf/%s/%s" % (name, key), "w") as switch:
+                switch.write(value)
+        except OSError:
+            pass                        # a kernel without IPv6: set_ipv6_addresses says so
+
+
+def interface_ipv6_addresses(name, path="/proc/net/if_inet6"):
+    """{packed address: prefix length} of interface name."""
+    found = {}
+    with open(path) as rows:
+        for row in rows:
+            fields = row.split()
+            if len(fields) >= 6 and fields[5] == name:
+                found[bytes.fromhex(fields[0])] = int(fields[2], 16)
+    return found
+
+
+def set_ipv6_addresses(name, wanted, log):
+    """Make the IPv6 addresses of interface name exactly wanted (packed, each a /64):
+    SIOCSIFADDR/SIOCDIFADDR on an AF_INET6 socket (struct in6_ifreq), else `ip -6`."""
+    have = interface_ipv6_addresses(name)
+    changes = [(SIOCDIFADDR, address, length) for address, length in have.items() if address not in wanted]
+    changes += [(SIOCSIFADDR, address, IPV6_PREFIX_LENGTH) for address in wanted if address not in have]
+    if not changes:
+        return
+    index = socket.if_nametoindex(name)
     try:
-        with open("/proc/sys/net/ipv6/conf/%s/disable_ipv6" % name, "w") as switch:
-            switch.write("1")
-    except OSError:
-        pass
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as control:
+            for request, address, length in changes:
+                fcntl.ioctl(control.fileno(), request, IN6_IFREQ.pack(address, length, index))
+        return
+    except OSError as error:
+        log.debug("IPv6 address ioctls failed (%s); trying ip" % describe_error(error))
+    import shutil
+    import subprocess
+    ip = shutil.which("ip") or "/sbin/ip"
+    for request, address, length in changes:
+        verb = ["del"] if request == SIOCDIFADDR else ["add"]
+        command = [ip, "-6", "addr"] + verb + ["%s/%d" % (socket.inet_ntop(socket.AF_INET6, address), length),
+                                               "dev", name] + (["nodad"] if verb == ["add"] else [])
+        try:
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+        except subprocess.CalledProcessError as error:
+            raise OSError(errno.EIO, "%s: %s" % (" ".join(command), error.stderr.decode("utf-8", "replace").strip()))
+        except subprocess.SubprocessError as error:
+            raise OSError(errno.EIO, str(error))
+
+
+def ip_text(packed):
+    """A packed IPv4 or IPv6 address as text."""
+    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, bytes(packed))
 
 
 def ipv4_text(packed):
@@ -4466,6 +4673,7 @@ DER_UTF8, DER_UTC_TIME, DER_GENERALIZED_TIME, DER_EXPLICIT_0 = 0x0C, 0x17, 0x18,
 NO_EXPIRY = b"99991231235959Z"              # RFC 5280 4.1.2.5: a certificate without an end
 TLS_CERT_NAME, TLS_KEY_NAME = "tls.pem", "tls.key"
 NETWORK_SALT_NAME, NETWORK_SALT_BYTES = "salt", 16
+IPV6_PREFIX_NAME = "ipv6_prefix"
 
 
 def sha512(data):
@@ -4639,6 +4847,8 @@ class ServerConfig:
         self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
         self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
         self.dns = True                         # answer DNS on the TUN's address
+        self.ipv6 = True                        # the network has a unique-local IPv6 /64
+        self.ipv6_prefix = None                 # ... which cmd_run reads from state_dir (8 bytes)
         self.domain = DEFAULT_DOMAIN
         self.tls = True                         # the default: tls = no is the operator's explicit choice
         self.allow_plaintext = False            # yes: a TLS relay also takes plaintext clients
@@ -4682,6 +4892,7 @@ SERVER_KEYS = {
     "dns": lambda config, text: setattr(config, "dns", parse_choice(text, ("yes", "no")) == "yes"),
     "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
     "multicast_groups": lambda config, text: setattr(config, "multicast_groups", parse_groups(text)),
+    "ipv6": lambda config, text: setattr(config, "ipv6", parse_choice(text, ("yes", "no")) == "yes"),
     "multicast_packets_per_second": lambda config, text: setattr(
         config, "multicast_packets_per_second", parse_int(text, 0, 1000000)),
     "multicast_bytes_per_second": lambda config, text: setattr(
@@ -4694,7 +4905,8 @@ SERVER_KEYS = {
 }
 TLS_SETTINGS = ("tls", "tls_cert", "tls_key", "tls_client_ca", "tls_context", "tls_pin", "tls_generate")
 # SIGHUP applies every other key live
-RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket", "dns")
+RESTART_KEYS = ("listen", "subnet", "tun", "interface", "mtu", "offload", "state_dir", "control_socket", "dns",
+                "ipv6")
 LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "max_frame_bytes",
               "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial",
               "multicast_packets_per_second", "multicast_bytes_per_second")
@@ -4702,13 +4914,48 @@ PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "
 
 
 def parse_groups(text):
-    """Packed IPv4 multicast groups from "239.1.2.3, 239.4.5.6"."""
+    """Packed multicast groups from "239.1.2.3, ff05::1:3"."""
     groups = []
     for word in text.replace(",", " ").split():
-        if not is_ipv4_literal(word) or not is_ipv4_multicast(socket.inet_aton(word)):
-            raise ValueError("%r is not an IPv4 multicast group (224.0.0.0 to 239.255.255.255)" % word)
-        groups.append(socket.inet_aton(word))
+        if is_ipv4_literal(word) and is_ipv4_multicast(socket.inet_aton(word)):
+            groups.append(socket.inet_aton(word))
+            continue
+        try:
+            group = socket.inet_pton(socket.AF_INET6, word)
+        except (OSError, ValueError):
+            group = b""
+        if group[:1] != b"\xff":
+            raise ValueError("%r is not a multicast group (224.0.0.0 to 239.255.255.255, or ff00::/8)" % word)
+        groups.append(group)
     return tuple(groups)
+
+
+def ensure_ipv6_prefix(state_dir):
+    """The network's unique-local /64 (8 packed bytes) from state_dir/ipv6_prefix; at the first
+    start a random one (RFC 4193: fd, 40 random bits, subnet 0) is drawn and written there.
+    An operator may write another /64 in fc00::/7 there before the first start."""
+    path = os.path.join(state_dir, IPV6_PREFIX_NAME)
+    try:
+        with open(path) as source:
+            text = source.read().strip()
+    except FileNotFoundError:
+        prefix = b"\xfd" + os.urandom(5) + bytes(2)
+        temporary = path + ".tmp"
+        with open(temporary, "w") as sink:
+            sink.write("%s/64\n" % ip_text(prefix + bytes(8)))
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, path)
+        return prefix
+    address, _, length = text.partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        packed = b""
+    if length != "64" or not packed or packed[0] & 0xFE != 0xFC or any(packed[8:]):
+        raise ValueError("%s holds %r, not a unique-local /64 such as fd12:3456:789a::/64: fix it, or "
+                         "remove it to draw a new one (every device's IPv6 address changes)" % (path, text))
+    return packed[:8]
 
 
 def check_hook(text):
@@ -4997,6 +5244,8 @@ def cmd_run(args):
         secret_made = ensure_secret(config)
         if config.salt_generate:
             write_network_salt(config)
+        if config.ipv6:
+            config.ipv6_prefix = ensure_ipv6_prefix(config.state_dir)
         certificate_made = config.tls_generate and ensure_tls_identity(config.state_dir, "mnedc-relay")[2]
         if config.tls_generate:
             build_tls_context(config, "%s: [server] " % args.config)

@@ -1,10 +1,11 @@
 """A relay that knows the secret and lies: what a compromised relay, or one impersonated by
 someone with the secret, can send a TUN client. Run as a script inside a test's namespace:
 
-    hostile_relay.py PORT SECRET_FILE WELCOME_CIDR SERVER_ADDRESS PACKETS_FILE
+    hostile_relay.py PORT SECRET_FILE WELCOME_CIDR SERVER_ADDRESS PACKETS_FILE [IPV6_PREFIX]
 
 It accepts one client at a time, completes the real handshake, sends WELCOME with WELCOME_CIDR
-(the client's address and prefix, whatever they are), then every packet in PACKETS_FILE (one hex
+(the client's address and prefix, whatever they are; IPV6_PREFIX, e.g. fd00:0:0:1::, as the
+network's IPv6 /64), then every packet in PACKETS_FILE (one hex
 string a line; "vnet:" before it sends it as a VNET_PACKET, with a header asking for nothing), answers pings, and prints what it did, for the test to wait on.
 Bounded: it serves at most 5 clients and exits after 60 s.
 """
@@ -32,7 +33,7 @@ def next_frame(sock, reader, pending):
     return pending.pop(0)
 
 
-def serve(sock, key, salt, welcome, server_address, packets, deadline):
+def serve(sock, key, salt, welcome, server_address, packets, deadline, ipv6_prefix=None):
     reader, pending = wire.FrameReader(max_payload=wire.MAX_PAYLOAD_BYTES), []
     frame_type, payload = next_frame(sock, reader, pending)
     client_nonce, device_id, _ = wire.decode_hello(payload)
@@ -41,7 +42,8 @@ def serve(sock, key, salt, welcome, server_address, packets, deadline):
     next_frame(sock, reader, pending)                   # AUTH: a liar need not check it
     address, prefix = welcome.split("/")
     sock.sendall(wire.encode_frame(wire.FRAME_WELCOME, wire.encode_welcome(
-        (key, client_nonce, server_nonce), socket.inet_aton(address), int(prefix), socket.inet_aton(server_address))))
+        (key, client_nonce, server_nonce), socket.inet_aton(address), int(prefix), socket.inet_aton(server_address),
+        wire.MAX_PAYLOAD_BYTES, ipv6_prefix)))
     print("welcomed %s as %s" % (device_id, welcome), flush=True)
     time.sleep(0.5)                                     # the client configures its interface
     for packet in packets:
@@ -59,6 +61,7 @@ def serve(sock, key, salt, welcome, server_address, packets, deadline):
 
 def main():
     port, secret_file, welcome, server_address, packets_file = sys.argv[1:6]
+    ipv6_prefix = socket.inet_pton(socket.AF_INET6, sys.argv[6])[:8] if len(sys.argv) > 6 else None
     salt = os.urandom(16)                               # a liar picks its own
     key = wire.network_key(open(secret_file).read().strip().encode(), salt)
     packets = [b"vnet:" + bytes.fromhex(line[5:]) if line.startswith("vnet:") else bytes.fromhex(line)
@@ -73,7 +76,7 @@ def main():
     for _ in range(5):
         sock, _ = listener.accept()
         try:
-            serve(sock, key, salt, welcome, server_address, packets, deadline)
+            serve(sock, key, salt, welcome, server_address, packets, deadline, ipv6_prefix)
         except (OSError, EOFError, wire.ProtocolError) as error:
             print("client ended: %s" % error, flush=True)
         finally:

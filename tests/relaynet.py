@@ -3,10 +3,12 @@
 Shared by the end-to-end tests and the demo, so the demo shows exactly what the tests prove.
 """
 
+import contextlib
 import json
 import os
 import py_compile
 import re
+import signal
 import subprocess
 import sys
 
@@ -85,6 +87,24 @@ class RelayNetwork:
         pin = re.search(r"certificate pin (sha256:[0-9a-f]{64})", ready.string)
         self.pin = pin.group(1) if pin else None
         return self.server
+
+    @contextlib.contextmanager
+    def reloaded(self, extra_lines):
+        """The relay's configuration with extra_lines added, applied by SIGHUP; put back after."""
+        config = os.path.join(self.workdir, "server.ini")
+        original = open(config).read()
+
+        def apply(text):
+            with open(config, "w") as sink:
+                sink.write(text)
+            mark = len(self.server.lines())
+            self.server.send_signal(signal.SIGHUP)
+            self.server.wait_for(r"reloaded the configuration", start=mark)
+        apply(original + extra_lines)
+        try:
+            yield
+        finally:
+            apply(original)
 
     def start_client(self, name, device_id=None, secret_path=None, interface=None, wait=True, extra=(),
                      label=None, options=None):

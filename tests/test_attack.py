@@ -125,7 +125,7 @@ def tolerated_frame(rng, address, streams):
     if rng.random() < 0.3:                              # with an offload header that adds up
         needs_checksum = rng.choice([0, wire.VNET_NEEDS_CSUM]) if size >= 20 else 0
         return frame(wire.FRAME_VNET_PACKET, wire.VNET_HEADER.pack(
-            needs_checksum, rng.choice(wire.VNET_GSO_TYPES), 40, 1400, 20, 16) + packet)
+            needs_checksum, rng.choice((0, wire.VNET_GSO_TCPV4, wire.VNET_GSO_TCPV4 | wire.VNET_GSO_ECN)), 40, 1400, 20, 16) + packet)
     return frame(wire.FRAME_PACKET, packet)
 
 

@@ -43,12 +43,39 @@ def udp_packet(source, destination, payload):
     return header[:10] + struct.pack("!H", ~total & 0xFFFF) + header[12:] + udp
 
 
-def hostile_relay(topo, net, welcome, packets):
+def udp6_packet(source, destination, payload):
+    """An IPv6/UDP packet with its checksum (IPv6 requires one: RFC 8200 8.1)."""
+    source, destination = (socket.inet_pton(socket.AF_INET6, address) for address in (source, destination))
+    length = 8 + len(payload)
+    pseudo = source + destination + struct.pack("!IxxxB", length, 17)
+    udp = struct.pack("!HHHH", 40000, 9999, length, 0) + payload
+    data = pseudo + udp + b"\0" * (len(udp) & 1)
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    udp = udp[:6] + struct.pack("!H", ~total & 0xFFFF or 0xFFFF) + udp[8:]
+    return struct.pack("!IHBB", 6 << 28, length, 17, 64) + source + destination + udp
+
+
+UDP6_SINK = UDP_SINK.replace("socket.AF_INET,", "socket.AF_INET6,").replace('"0.0.0.0"', '"::"')
+
+
+def client_drops(net, at_least):
+    """The client's drop counters, once they add up to at_least (read while it runs: 50 reads at most)."""
+    drops = {}
+    for _ in range(50):
+        drops = net.client_status("c1")["drops"]
+        if sum(drops.values()) >= at_least:
+            break
+    return drops
+
+
+def hostile_relay(topo, net, welcome, packets, ipv6_prefix=None):
     packets_file = os.path.join(net.workdir, "packets.txt")
     with open(packets_file, "w") as sink:
         sink.write("\n".join(packet if isinstance(packet, str) else packet.hex() for packet in packets) + "\n")
     relay = topo.spawn("srv", [sys.executable, "-u", HOSTILE, "3334", net.secret_path, welcome,
-                               "198.18.0.1", packets_file])
+                               "198.18.0.1", packets_file] + ([ipv6_prefix] if ipv6_prefix else []))
     relay.wait_for("hostile relay ready", timeout=15)
     return relay
 
@@ -69,23 +96,43 @@ def test_the_client_writes_to_its_tun_only_packets_for_it_from_the_virtual_netwo
         net.start_client("c1")
         relay.wait_for("sent 5 packets", timeout=15)
         sink.wait_for(r"got 'legit' from 198\.18\.0\.1", timeout=10)
-        drops = {}
-        for _ in range(50):             # the counters are read while the client runs: 5 s at most
-            drops = net.client_status("c1")["drops"]
-            if sum(drops.values()) >= 4:
-                break
+        drops = client_drops(net, 4)
         assert drops == {"not addressed to this device": 3, "source outside the virtual network": 1}
         assert [line for line in sink.lines() if line.startswith("got")] == ["got 'legit' from 198.18.0.1"]
 
 
-@pytest.mark.parametrize("welcome, complaint", [
-    ("192.0.2.77/24", r"WELCOME offers 192\.0\.2\.0/24, which overlaps 192\.0\.2\.\d+/30 on up0: refused"),
-    ("198.18.0.5/8", r"WELCOME offers a /8; an MNEDC network is /16 to /29"),
-])
-def test_a_welcome_that_would_take_over_a_network_is_refused(tmp_path, welcome, complaint):
+def test_the_client_writes_to_its_tun_only_ipv6_packets_for_it_from_the_virtual_network(tmp_path):
     with Topology(layout="flat", clients=1) as topo:
         net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
-        hostile_relay(topo, net, welcome, [])
+        sink = topo.spawn("c1", [sys.executable, "-u", "-c", UDP6_SINK])
+        sink.wait_for("sink ready", timeout=10)
+        relay = hostile_relay(topo, net, CLIENT_ADDRESS + "/24", [
+            udp6_packet("fd00:0:0:1::9", "fd00:0:0:1::77", b"to another device's address"),
+            udp6_packet("fd00:0:0:1::9", "2001:db8::5", b"to an address beyond the client"),
+            udp6_packet("2001:db8::66", "fd00:0:0:1::5", b"from outside the network"),
+            udp6_packet("2001:db8::66", "ff02::1", b"to everyone from outside"),
+            udp6_packet("fd00:0:0:1::1", "fd00:0:0:1::5", b"legit"),
+            udp6_packet("fe80::1", "fe80::5", b"legit link-local"),
+        ], ipv6_prefix="fd00:0:0:1::")
+        net.start_client("c1")
+        relay.wait_for("sent 6 packets", timeout=15)
+        sink.wait_for(r"got 'legit link-local' from fe80::1", timeout=10)
+        drops = client_drops(net, 4)
+        assert drops == {"not addressed to this device": 2, "source outside the virtual network": 2}
+        assert [line for line in sink.lines() if line.startswith("got")] == [
+            "got 'legit' from fd00:0:0:1::1", "got 'legit link-local' from fe80::1"]
+
+
+@pytest.mark.parametrize("welcome, ipv6_prefix, complaint", [
+    ("192.0.2.77/24", None, r"WELCOME offers 192\.0\.2\.0/24, which overlaps 192\.0\.2\.\d+/30 on up0: refused"),
+    ("198.18.0.5/8", None, r"WELCOME offers a /8; an MNEDC network is /16 to /29"),
+    ("198.18.0.5/24", "2001:db8::", r"WELCOME offers the IPv6 network 2001:db8::/64, which is not unique-local "
+                                    r"\(fc00::/7\): refused"),
+])
+def test_a_welcome_that_would_take_over_a_network_is_refused(tmp_path, welcome, ipv6_prefix, complaint):
+    with Topology(layout="flat", clients=1) as topo:
+        net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
+        hostile_relay(topo, net, welcome, [], ipv6_prefix)
         client = net.start_client("c1", wait=False)
         client.wait_for(complaint, timeout=15)
         links = topo.run("c1", ["ip", "-o", "-4", "addr", "show", "dev", "mnedc0"]).stdout

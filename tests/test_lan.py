@@ -7,11 +7,9 @@ budget and policy in force.
                                       <-  natC  <-  c      (c is behind two NATs)
 """
 
-import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -41,25 +39,6 @@ def net(tmp_path_factory):
 
 def server_status(net):
     return json.loads(net.topo.run("srv", [net.python, SERVER, "--control", net.control_socket, "status", "--json"]).stdout)
-
-
-@contextlib.contextmanager
-def reloaded(net, extra_lines):
-    """The relay's configuration with extra_lines added, applied by SIGHUP; put back after."""
-    config = os.path.join(net.workdir, "server.ini")
-    original = open(config).read()
-
-    def apply(text):
-        with open(config, "w") as sink:
-            sink.write(text)
-        mark = len(net.server.lines())
-        net.server.send_signal(signal.SIGHUP)
-        net.server.wait_for(r"reloaded the configuration", start=mark)
-    apply(original + extra_lines)
-    try:
-        yield
-    finally:
-        apply(original)
 
 
 def listeners(net, names, port, *extra):
@@ -127,7 +106,7 @@ def test_an_ssdp_search_finds_a_responder_behind_another_nat_and_other_groups_ne
         mark = len(net.server.lines())
         send(net, "c", "239.1.2.3", 40002, "unlisted-group", "--on", net.vip["c"], "--count", "2")
         net.server.wait_for(r"dropped packet from device device-c .*multicast group not relayed", start=mark)
-        with reloaded(net, "multicast_groups = 239.1.2.3\n"):
+        with net.reloaded("multicast_groups = 239.1.2.3\n"):
             send(net, "c", "239.1.2.3", 40002, "listed-group", "--on", net.vip["c"], "--count", "2")
             group.wait_for(r"got %s \d+ 239.1.2.3 .*listed-group" % re.escape(net.vip["c"]))
         assert not [line for line in heard(group, net.vip["c"]) if "unlisted" in line[1]], group.tail()
@@ -140,7 +119,7 @@ def test_the_policy_of_each_receiver_applies_to_broadcasts(net, tmp_path):
     policy.write_text("deny device-c -> device-b\nallow * -> *\n")
     procs = listeners(net, ("a", "b"), 40003)
     try:
-        with reloaded(net, "policy_file = %s\n" % policy):
+        with net.reloaded("policy_file = %s\n" % policy):
             send(net, "c", BROADCAST, 40003, "judged-per-receiver", "--count", "3", "--rate", "20")
             procs["a"].wait_for(r"judged-per-receiver")
             send(net, "a", BROADCAST, 40003, "from-a-still-reaches-b", "--count", "1")

@@ -110,7 +110,7 @@ def test_hello_with_lying_id_length_is_a_protocol_error():
 def test_proofs_bind_secret_nonces_device_and_direction():
     secret, nc, ns = b"s" * 16, os.urandom(16), os.urandom(16)
     client = wire.client_proof(secret, nc, ns, "dev")
-    body = wire.WELCOME.pack(bytes(4), 24, bytes(4), 1500)
+    body = wire.WELCOME.pack(bytes(4), 24, bytes(4), 1500, bytes(8))
     server = wire.welcome_mac((secret, nc, ns), body)     # the server's proof: WELCOME's MAC
     assert server != client                         # a proof from one side never fits the other
     assert wire.client_proof(b"t" * 16, nc, ns, "dev") != client
@@ -162,8 +162,11 @@ def test_challenge_welcome_error_round_trips():
     assert wire.decode_challenge(wire.encode_challenge(ns, salt)) == (ns, salt)
     assert len(wire.encode_challenge(ns, salt)) == 2 + 16 + 16     # no proof to guess against
     session = (os.urandom(32), os.urandom(16), os.urandom(16))
-    welcome = wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))
-    assert wire.decode_welcome(session, welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES)
+    assert wire.decode_welcome(session, wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]))) \
+        == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), wire.MAX_PAYLOAD_BYTES, None), "no IPv6: no prefix"
+    ula = bytes.fromhex("fd00000000000001")
+    welcome = wire.encode_welcome(session, bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), 4096, ula)
+    assert wire.decode_welcome(session, welcome) == (bytes([198, 18, 0, 7]), 24, bytes([198, 18, 0, 1]), 4096, ula)
     for changed in (session[:2] + (os.urandom(16),), (os.urandom(32),) + session[1:]):   # another handshake, another key
         with pytest.raises(wire.ProtocolError, match="MAC is wrong"):
             wire.decode_welcome(changed, welcome)
@@ -184,6 +187,29 @@ def test_ipv4_problem_accepts_real_packets_only():
     assert "too short" in wire.ipv4_problem(b"\x45" * 10)
     assert "version 6" in wire.ipv4_problem(b"\x60" + bytes(39))
     assert "total length" in wire.ipv4_problem(bytes(header) + b"extra")
+
+
+def test_ip_problem_takes_ipv6_and_ipv4_and_offload_matches_the_version():
+    header6 = bytearray(40 + 20)
+    header6[0], header6[4:6], header6[6] = 0x60, struct.pack("!H", 20), 6      # TCP
+    assert wire.ip_problem(bytes(header6)) is None
+    assert "payload length" in wire.ip_problem(bytes(header6) + b"x")
+    assert "too short for IPv6" in wire.ip_problem(b"\x60" + bytes(30))
+    header4 = bytearray(40)
+    header4[0], header4[2:4], header4[9] = 0x45, struct.pack("!H", 40), 6
+    assert wire.ip_problem(bytes(header4)) is None and "too short" in wire.ip_problem(b"\x45" * 10)
+    for packet, good, bad in ((header6, wire.VNET_GSO_TCPV6, wire.VNET_GSO_TCPV4), (header4, wire.VNET_GSO_TCPV4, wire.VNET_GSO_TCPV6)):
+        offset = 40 if packet is header6 else 20
+        for gso in (good, good | wire.VNET_GSO_ECN):
+            assert wire.vnet_packet_problem(wire.VNET_HEADER.pack(1, gso, offset + 20, 1400, offset, 16) + packet) is None
+        assert "not TCP over this packet's IP version" in wire.vnet_packet_problem(
+            wire.VNET_HEADER.pack(1, bad, offset + 20, 1400, offset, 16) + packet)
+        assert "would cover the IP header" in wire.vnet_packet_problem(
+            wire.VNET_HEADER.pack(1, 0, 0, 0, offset - 4, 2) + packet)
+    assert wire.ipv6_addresses(bytes.fromhex("fd00000000000001"), 7) == (
+        bytes.fromhex("fd000000000000010000000000000007"), bytes.fromhex("fe800000000000000000000000000007"))
+    assert wire.is_link_local_group6(bytes.fromhex("ff0200000000000000000000000000fb"))
+    assert not wire.is_link_local_group6(bytes.fromhex("ff0500000000000000000000000000fb"))
 
 
 FUZZ_SESSION = (bytes(32), bytes(16), bytes(16))

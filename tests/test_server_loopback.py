@@ -179,7 +179,8 @@ def test_truncated_frame_then_hangup_is_logged(server):
 
 @pytest.mark.parametrize("frame, logged", [
     (wire.encode_frame(99, b"?"), r"unknown frame type 99"),
-    (wire.encode_frame(wire.FRAME_PACKET, b"\x60" + bytes(39)), r"not an IPv4 packet"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"\x50" + bytes(39)), r"not an IP packet \(version 5\)"),
+    (wire.encode_frame(wire.FRAME_PACKET, b"\x60" + bytes(40)), r"IPv6 payload length 0 but 41 bytes arrived"),
     (wire.encode_frame(wire.FRAME_PACKET, b"tiny"), r"too short"),
     (wire.encode_frame(wire.FRAME_PACKET, b"\x45\x00\x00\x64" + bytes(36)), r"total length 100 but 40"),
     (wire.encode_frame(wire.FRAME_HELLO, wire.encode_hello(bytes(16), "again")), r"HELLO is not allowed"),

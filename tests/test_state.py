@@ -105,7 +105,7 @@ def test_leases_outside_a_changed_subnet_are_dropped(tmp_path):
 
 class Member:
     def __init__(self, address, device_id):
-        self.address, self.device_id = socket.inet_aton(address), device_id
+        self.address, self.device_id, self.addresses6 = socket.inet_aton(address), device_id, ()
 
 
 def test_route_decisions():
