@@ -23,6 +23,8 @@
 #   /etc/mnedc/install.manifest                          what to remove again (uninstall)
 #   /etc/avahi/avahi-daemon.conf, where avahi is there:  allow-point-to-point=yes, so that avahi
 #                                                        serves mDNS on the TUN (uninstall undoes it)
+#   client, where dnsmasq is there: OpenWrt's uci        its servers file, where the client names
+#   dhcp.@dnsmasq[0].serversfile, else /etc/dnsmasq.d/mnedc   the relay for the domain (undone too)
 #
 # The service runs the script as a module, python3 -u -m mnedc_server (or mnedc_client), with
 # PYTHONPATH=/usr/local/sbin for that process only, so that Python loads the bytecode instead of
@@ -949,6 +951,59 @@ restart_avahi() {
 	fi || note "warning: could not restart avahi-daemon: restart it to apply the change"
 }
 
+# Names across the relay where dnsmasq resolves for this host (OpenWrt always; Debian with the
+# dnsmasq package): dnsmasq reads DNSMASQ_SERVERS as its servers file, in which the client writes
+# server=/DOMAIN/RELAY once it knows the relay's address, and SIGHUPs dnsmasq (emptied at stop).
+DNSMASQ_SERVERS=/var/run/mnedc/dnsmasq.servers
+DNSMASQ_DROPIN='# MNEDC install.sh: mnedc_client.py names its relay for the domain here (uninstall removes this file)'
+
+configure_dnsmasq() {
+	[ "$NAME" = mnedc-client ] || return 0
+	if [ -f "$ROOT/etc/config/dhcp" ] && command -v uci >/dev/null 2>&1; then
+		current=$(uci -q -c "$ROOT/etc/config" get 'dhcp.@dnsmasq[0].serversfile')
+		if [ "$current" = "$DNSMASQ_SERVERS" ]; then
+			remember "uci-serversfile $DNSMASQ_SERVERS"
+		elif [ -n "$current" ]; then
+			note "dnsmasq already reads its servers from $current: add server=/mnedc/RELAY_VIRTUAL_IP there for names across the relay"
+		else
+			remember "uci-serversfile $DNSMASQ_SERVERS"
+			{ uci -c "$ROOT/etc/config" set "dhcp.@dnsmasq[0].serversfile=$DNSMASQ_SERVERS" &&
+				uci -c "$ROOT/etc/config" commit dhcp; } || die "uci cannot set dhcp.@dnsmasq[0].serversfile"
+			note "dnsmasq reads $DNSMASQ_SERVERS, where the client names its relay for the domain (uci dhcp.@dnsmasq[0].serversfile)"
+			restart_dnsmasq
+		fi
+	elif [ -d "$ROOT/etc/dnsmasq.d" ]; then
+		dropin=$ROOT/etc/dnsmasq.d/mnedc
+		remember "file $(rel "$dropin")"
+		[ -f "$dropin" ] && grep -qxF "$DNSMASQ_DROPIN" "$dropin" && return 0
+		{ printf '%s\nservers-file=%s\n' "$DNSMASQ_DROPIN" "$DNSMASQ_SERVERS" >"$dropin" && chmod 644 "$dropin"; } ||
+			die "cannot write $dropin"
+		note "dnsmasq reads $DNSMASQ_SERVERS ($(rel "$dropin")), where the client names its relay for the domain"
+		restart_dnsmasq
+	fi
+}
+
+# Undo configure_dnsmasq's uci option $1, unless someone changed it since.
+restore_dnsmasq_uci() {
+	command -v uci >/dev/null 2>&1 || return 0
+	[ "$(uci -q -c "$ROOT/etc/config" get 'dhcp.@dnsmasq[0].serversfile')" = "$1" ] || return 0
+	if uci -c "$ROOT/etc/config" delete 'dhcp.@dnsmasq[0].serversfile' && uci -c "$ROOT/etc/config" commit dhcp; then
+		note "removed dhcp.@dnsmasq[0].serversfile"
+	else
+		note "warning: uci cannot remove dhcp.@dnsmasq[0].serversfile"
+	fi
+	restart_dnsmasq
+}
+
+restart_dnsmasq() {
+	[ -z "$ROOT" ] || return 0
+	if [ -d /run/systemd/system ]; then
+		systemctl try-restart dnsmasq 2>/dev/null
+	elif [ -x /etc/init.d/dnsmasq ] && pidof dnsmasq >/dev/null 2>&1; then
+		/etc/init.d/dnsmasq restart >/dev/null 2>&1
+	fi || note "warning: could not restart dnsmasq: restart it to apply the change"
+}
+
 # Tell the watchdog to leave the service alone (until it is started), unless it runs already.
 mark_stopped() {
 	daemon_pid "$PIDFILE" "$MODULE" "$SBIN_DIR" >/dev/null || : >"$RUN_DIR/$NAME.stopped"
@@ -1069,6 +1124,7 @@ cmd_install() {
 	install_config
 	install_service
 	configure_avahi
+	configure_dnsmasq
 	[ "$INIT" = procd ] && install_sysupgrade
 
 	missing=''
@@ -1228,6 +1284,7 @@ EOF
 			;;
 		sysupgrade) remove_sysupgrade_line "$ROOT$path" ;;
 		avahi) restore_avahi "$ROOT$path" ;;
+		uci-serversfile) restore_dnsmasq_uci "$path" ;;
 		file)
 			case $PURGE:$path in
 			no:*/server.ini | no:*/client-config.ini) configs="$configs $path" ;;   # kept with the state

@@ -24,7 +24,9 @@ else ./client-config.ini), then command-line flags.
               tls_server_name if it differs. no (or --no-tls): plaintext, to a tls = no relay
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
   dns, domain auto (default): where systemd-resolved runs, send names in DOMAIN (default mnedc)
-              to the relay's DNS on the TUN (per link, undone at stop); no: leave the resolver be
+              to the relay's DNS on the TUN (per link, undone at stop); where a dnsmasq reads
+              dnsmasq_servers (default /var/run/mnedc/dnsmasq.servers, its --servers-file), write
+              server=/DOMAIN/RELAY there and SIGHUP it (emptied at stop); no: leave the resolver be
   ipv6        yes (default): take the network's IPv6 addresses on the TUN, when it has them
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
@@ -85,6 +87,7 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 DEFAULT_DOMAIN = "mnedc"        # the relay's DNS calls devices DEVICE_ID.mnedc
 RESOLVED_DIR = "/run/systemd/resolve"     # there while systemd-resolved runs
 RESOLVECTL_TIMEOUT_S = 5
+DEFAULT_DNSMASQ_SERVERS = "/var/run/mnedc/dnsmasq.servers"   # a dnsmasq --servers-file (install.sh)
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -1915,6 +1918,7 @@ class TunClient(RelayClient):
         self.mtu = None                 # and its MTU
         self.server_address = None
         self.resolver_set = None        # (DNS address, domain) systemd-resolved has for our link
+        self.dnsmasq_set = None         # (DNS address, domain) in the dnsmasq servers file
         self.control = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
@@ -1996,6 +2000,8 @@ class TunClient(RelayClient):
                          self.tun.interface, self.config.device_id, ipv4_text(server_address)))
         if self.config.dns == "auto" and self.resolver_set != (self.server_address, self.config.domain):
             self.set_link_dns()
+        if self.config.dns == "auto" and self.dnsmasq_set != (self.server_address, self.config.domain):
+            self.set_dnsmasq_servers("server=/%s/%s\n" % (self.config.domain, self.server_address))
 
     def set_link_dns(self):
         """Where systemd-resolved runs: names in the domain go to the relay's DNS over this
@@ -2010,6 +2016,29 @@ class TunClient(RelayClient):
             self.resolver_set = (self.server_address, self.config.domain)
             self.log.info("systemd-resolved sends *.%s to %s on %s" % (self.config.domain, self.server_address,
                                                                     self.tun.interface))
+
+    def set_dnsmasq_servers(self, text):
+        """Where a dnsmasq takes dnsmasq_servers as its --servers-file (OpenWrt, or any host
+        with dnsmasq: install.sh sets it), names in the domain go to the relay: dnsmasq re-reads
+        that file, and only that file, at SIGHUP."""
+        path = self.config.dnsmasq_servers
+        readers = dnsmasq_readers(path)
+        if not readers:
+            return
+        try:
+            temporary = path + ".tmp"
+            with open(temporary, "w") as sink:
+                sink.write(text)
+            os.replace(temporary, path)
+            for pid in readers:
+                os.kill(pid, signal.SIGHUP)
+        except OSError as error:
+            self.log.warning("cannot update %s for dnsmasq: %s" % (path, describe_error(error)))
+            return
+        self.dnsmasq_set = (self.server_address, self.config.domain) if text else None
+        self.log.info("dnsmasq (pid %s) %s" % (", ".join(str(pid) for pid in readers),
+                                               "sends *.%s to %s" % self.dnsmasq_set[::-1] if text
+                                               else "no longer asks the relay (%s emptied)" % path))
 
     def revert_link_dns(self):
         if self.resolver_set is not None:
@@ -2154,6 +2183,8 @@ class TunClient(RelayClient):
             self.control.close(reason)
         if self.tun is not None:
             self.revert_link_dns()
+            if self.dnsmasq_set is not None:
+                self.set_dnsmasq_servers("")
             self.tun.close(reason)
 
 
@@ -2431,6 +2462,40 @@ STREAM_CLIENT_HANDLERS = {
     FRAME_RESET: StreamClient.on_reset, FRAME_SERVICE_LIST: StreamClient.on_service_list,
     FRAME_LISTEN_REFUSED: StreamClient.on_listen_refused,
 }
+
+
+def dnsmasq_readers(path, proc="/proc"):
+    """PIDs of the dnsmasq processes whose command line or configuration files (-C, --conf-file,
+    else /etc/dnsmasq.conf) name path: those that take it as their servers file."""
+    readers = []
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        return readers
+    for pid in pids:
+        try:
+            with open(os.path.join(proc, pid, "comm")) as source:
+                if source.read().strip() != "dnsmasq":
+                    continue
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as source:
+                words = source.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        configs = [word[len("--conf-file="):] for word in words if word.startswith("--conf-file=")]
+        configs += [word[2:] for word in words if word.startswith("-C") and len(word) > 2]
+        configs += [after for before, after in zip(words, words[1:]) if before in ("-C", "--conf-file")]
+        if any(path in word for word in words) or any(file_names(config, path) for config in configs or ["/etc/dnsmasq.conf"]):
+            readers.append(int(pid))
+    return readers
+
+
+def file_names(config, text):
+    """Whether the file config (its first 64 KB) mentions text."""
+    try:
+        with open(config, errors="replace") as source:
+            return text in source.read(65536)
+    except OSError:
+        return False
 
 
 def run_quietly(commands, log):
@@ -3562,6 +3627,7 @@ class ClientConfig:
         self.dns = "auto"                       # auto: per-link DNS through systemd-resolved
         self.domain = DEFAULT_DOMAIN
         self.ipv6 = True                        # take the network's IPv6 addresses, if it has some
+        self.dnsmasq_servers = DEFAULT_DNSMASQ_SERVERS
 
 
 CLIENT_KEYS = {
@@ -3582,6 +3648,7 @@ CLIENT_KEYS = {
     "tls_server_name": lambda config, text: setattr(config, "tls_server_name", check_server_name(text)),
     "server_pin": lambda config, text: setattr(config, "server_pins", parse_pins(text)),
     "dns": lambda config, text: setattr(config, "dns", parse_choice(text, ("auto", "no"))),
+    "dnsmasq_servers": lambda config, path: setattr(config, "dnsmasq_servers", path),
     "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
     "ipv6": lambda config, text: setattr(config, "ipv6", parse_choice(text, ("yes", "no")) == "yes"),
 }

@@ -159,6 +159,14 @@ def bench_raw(topo, args):
     return raw
 
 
+def bench_ipv6(topo, net, args, pids):
+    """The same tunnel, a -> b over the network's IPv6 (b's ULA), beside IPv4."""
+    ipv6 = Measurement("mnedc-ipv6", "MNEDC TUN a -> relay -> b over IPv6 (ULA), default settings (TLS)")
+    target = net.client_status("b")["ipv6"][0].split("/")[0]
+    measure_tunnel(topo, ipv6, target, args.duration, args.runs, pids)
+    return ipv6
+
+
 def bench_mnedc(topo, workdir, args, tls=True):
     name = "mnedc" if tls else "mnedc-plaintext"
     label = "MNEDC TUN a -> relay -> b, %s" % ("default settings (TLS)" if tls else "tls = no")
@@ -174,14 +182,15 @@ def bench_mnedc(topo, workdir, args, tls=True):
         measure_tunnel(topo, measurement, net.vip["b"], args.duration, args.runs, pids)
         if tls:
             stream = bench_stream(topo, net, args)
+            ipv6 = bench_ipv6(topo, net, args, pids)
         else:
-            stream = None
+            stream = ipv6 = None
         measurement.add("peak_rss_server_kb", peak_rss_kb(net.server.pid))
         measurement.add("peak_rss_client_kb", max(peak_rss_kb(net.clients[c].pid) for c in ("a", "b")))
     finally:
         for proc in [net.server] + list(net.clients.values()):
             proc.stop()
-    return measurement, stream
+    return measurement, stream, ipv6
 
 
 def bench_stream(topo, net, args):
@@ -309,7 +318,7 @@ def ratio(value, base):
 
 # Like with like: each MNEDC row is set beside the OpenVPN row that protects its data as much
 # (TLS beside OpenVPN's default cipher and HMAC; tls = no beside no cipher and no auth).
-PEER_OF = {"mnedc": "openvpn-default", "stream": "openvpn-default", "mnedc-plaintext": "openvpn-plaintext",
+PEER_OF = {"mnedc": "openvpn-default", "stream": "openvpn-default", "mnedc-ipv6": "openvpn-default", "mnedc-plaintext": "openvpn-plaintext",
            "openvpn-default": "openvpn-default", "openvpn-plaintext": "openvpn-plaintext"}
 
 
@@ -353,6 +362,10 @@ def report(measurements, args):
                       ratio(plain.median("rtt_ms"), openvpn_plain.median("rtt_ms")), ("<=", 1.0)))
     if stream:
         goals.append(("stream mode (TLS) >= 50 % of raw", ratio(stream.median("gbps"), raw), 0.5))
+    ipv6 = by_name.get("mnedc-ipv6")
+    if mnedc and ipv6:                      # context: IPv6 costs the relay what IPv4 does
+        goals.append(("MNEDC over IPv6 / over IPv4 (TLS), throughput", ratio(ipv6.median("gbps"), mnedc.median("gbps")), None))
+        goals.append(("MNEDC over IPv6 / over IPv4 (TLS), RTT", ratio(ipv6.median("rtt_ms"), mnedc.median("rtt_ms")), None))
     floor = by_name.get("floor")
     if floor:                               # context, not goals: what a least-work Python relay reaches
         goals.append(("(floor) least-work Python stream chain / raw", ratio(floor.median("gbps"), raw), None))
@@ -435,8 +448,8 @@ def main():
     measurements = []
     with tempfile.TemporaryDirectory(prefix="mnedc-bench-") as workdir, Topology() as topo:
         measurements.append(bench_raw(topo, args))
-        mnedc, stream = bench_mnedc(topo, workdir, args)
-        measurements += [mnedc, stream]
+        mnedc, stream, ipv6 = bench_mnedc(topo, workdir, args)
+        measurements += [mnedc, stream, ipv6]
         measurements.append(bench_mnedc(topo, workdir, args, tls=False)[0])
         measurements.append(bench_floor(topo, args))
         if not args.no_openvpn:

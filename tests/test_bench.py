@@ -21,17 +21,19 @@ def test_bench_quick_measures_raw_mnedc_stream_mode_floor_and_scale(tmp_path):
     table = (tmp_path / "latest.md").read_text()
     for label in ("raw underlay", "MNEDC TUN a -> relay -> b, default settings (TLS)",
                   "MNEDC stream mode, forwarded port a -> b, default settings (TLS)",
-                  "MNEDC TUN a -> relay -> b, tls = no"):
+                  "MNEDC TUN a -> relay -> b, tls = no",
+                  "MNEDC TUN a -> relay -> b over IPv6 (ULA), default settings (TLS)",
+                  "MNEDC over IPv6 / over IPv4 (TLS), throughput"):
         assert label in table
     figures = {m["name"]: m["median"] for m in json.loads((tmp_path / "latest.json").read_text())["measurements"]}
-    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-plaintext", "floor", "scale", "scale-tun-50"}
+    assert set(figures) == {"raw", "mnedc", "stream", "mnedc-ipv6", "mnedc-plaintext", "floor", "scale", "scale-tun-50"}
     fleet = figures["scale-tun-50"]
     assert fleet["clients"] == 50 and fleet["tun"] and 0 < fleet["join_s"] < 10
     assert 0 < fleet["stall_join_ms"] < 5000 and 0 < fleet["stall_idle_ms"] < 5000
     assert figures["scale"]["clients"] == 50 and 0 < figures["scale"]["join_s"] < 10
     assert 0 < figures["scale"]["server_rss_mb"] < 200
     assert "seconds for 50 clients to join" in table
-    for name in ("raw", "mnedc", "stream", "mnedc-plaintext"):
+    for name in ("raw", "mnedc", "stream", "mnedc-ipv6", "mnedc-plaintext"):
         assert figures[name]["gbps"] > 0.01, (name, figures[name])
     assert figures["mnedc"]["rtt_ms"] > 0 and figures["mnedc"]["cpu_s_per_gb"] > 0
     assert figures["mnedc"]["peak_rss_client_kb"] > 1000

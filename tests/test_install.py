@@ -674,6 +674,69 @@ def test_avahi_already_allowing_point_to_point_is_left_alone(box):
     assert open(conf).read() == stock
 
 
+def client_ini(box):
+    path = os.path.join(box.tmp, "client.ini")
+    with open(path, "w") as sink:
+        sink.write("[client]\nserver = 127.0.0.1:%d\nsecret = %s\nserver_pin = sha256:%s\n" % (box.port, SECRET, "0" * 64))
+    return path
+
+
+def test_dnsmasq_reads_the_clients_servers_file_and_uninstall_takes_the_dropin_away(box):
+    """Issue #15: where dnsmasq keeps /etc/dnsmasq.d (Debian's package), a client install makes it
+    read the file the client names its relay in (tests/test_lan.py runs dnsmasq and the client on
+    such a file); the real dnsmasq accepts the drop-in; uninstall removes it."""
+    os.makedirs(box.path("/etc/dnsmasq.d"))
+    env = dict(os.environ, MNEDC_TUN_DEV="/dev/null")
+    result = box.install("client", "--init", "sysv", "--config", client_ini(box), env=env)
+    assert "dnsmasq reads /var/run/mnedc/dnsmasq.servers (/etc/dnsmasq.d/mnedc)" in result.stdout, result.stdout
+    dropin = box.path("/etc/dnsmasq.d/mnedc")
+    assert read_text(dropin).splitlines()[1:] == ["servers-file=/var/run/mnedc/dnsmasq.servers"]
+    checked = run(["dnsmasq", "--test", "-C", "/dev/null", "--conf-dir=" + box.path("/etc/dnsmasq.d")])
+    assert "syntax check OK" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    box.install("uninstall", "--purge")
+    assert not os.path.exists(dropin) and os.path.isdir(box.path("/etc/dnsmasq.d"))
+
+
+UCI = """#!/bin/sh
+# A stand-in for OpenWrt's uci (not packaged off OpenWrt): one option, kept in a file; every call recorded.
+printf '%%s\\n' "$*" >>'%(calls)s'
+while [ "${1#-}" != "$1" ]; do [ "$1" = -c ] && shift; shift; done
+case $1 in
+get) [ -s '%(value)s' ] && cat '%(value)s' || exit 1 ;;
+set) printf '%%s\\n' "${2#*=}" >'%(value)s' ;;
+delete) : >'%(value)s' ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("before", ["", "/tmp/someone-elses.servers"], ids=["unset", "set-by-the-owner"])
+def test_on_openwrt_uci_points_dnsmasq_at_the_servers_file_and_uninstall_takes_it_back(box, before):
+    """OpenWrt's dnsmasq takes its servers file from uci (dhcp.@dnsmasq[0].serversfile); uci is
+    OpenWrt's own, so a stand-in on PATH records what install.sh asks of it. One set by the owner
+    is left alone, with the line to add instead."""
+    calls, value = os.path.join(box.tmp, "uci.calls"), os.path.join(box.tmp, "uci.value")
+    with open(value, "w") as sink:
+        sink.write(before + "\n" if before else "")
+    box.write_script("uci", UCI % {"calls": calls, "value": value})
+    os.makedirs(box.path("/etc/config"))
+    with open(box.path("/etc/config/dhcp"), "w") as sink:
+        sink.write("config dnsmasq\n")
+    env = dict(os.environ, MNEDC_TUN_DEV="/dev/null", PATH=box.bin + os.pathsep + os.environ["PATH"])
+    result = box.install("client", "--init", "sysv", "--config", client_ini(box), env=env)
+    box.install("client", "--init", "sysv", "--config", client_ini(box), env=env)     # again: no second set
+    config_dir = "-c %s " % box.path("/etc/config")
+    sets = [line for line in read_text(calls).splitlines() if " set " in line]
+    if before:
+        assert "dnsmasq already reads its servers from %s: add server=/mnedc/RELAY_VIRTUAL_IP there" % before in result.stdout
+        assert sets == [] and read_text(value).strip() == before
+    else:
+        assert sets == [config_dir + "set dhcp.@dnsmasq[0].serversfile=/var/run/mnedc/dnsmasq.servers"], read_text(calls)
+        assert config_dir + "commit dhcp" in read_text(calls).splitlines()
+        assert read_text(value).strip() == "/var/run/mnedc/dnsmasq.servers"
+    box.install("uninstall", "--purge", env=env)
+    assert read_text(value).strip() == before, "uninstall gives back what was there"
+
+
 def test_a_plain_uninstall_keeps_the_config_and_the_next_install_restores_it(box):
     """Reinstalling after a plain uninstall gives every device its old address: the config (its
     subnet) comes back with the leases, instead of a default one that would re-address all."""

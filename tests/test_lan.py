@@ -180,7 +180,7 @@ BUS_CONFIG = """<busconfig><type>system</type><listen>unix:path=%s</listen><auth
 AVAHI_STOCK = """[server]
 host-name=%s
 use-ipv4=yes
-use-ipv6=no
+use-ipv6=yes
 allow-interfaces=mnedc0
 enable-dbus=yes
 
@@ -231,8 +231,13 @@ def test_avahi_on_a_device_behind_one_nat_resolves_a_service_published_behind_tw
         stack.append(browse)
         found = browse.wait_for(r"^=;mnedc0;IPv4;kitchen-web;.*", timeout=20).group(0)
         assert found.split(";")[6:10] == ["mnedc-c.local", net.vip["c"], "8080", '"path=/status"'], found
+        ipv6_of_c = [address.split("/")[0] for address in net.client_status("c")["ipv6"]]
+        found = browse.wait_for(r"^=;mnedc0;IPv6;kitchen-web;.*", timeout=20).group(0)      # over IPv6: ff02::fb
+        assert found.split(";")[7] in ipv6_of_c and found.split(";")[8:10] == ["8080", '"path=/status"'], found
         resolved = net.topo.run("a", ["avahi-resolve", "-4", "-n", "mnedc-c.local"], env=env_a, timeout=20).stdout
         assert resolved.split() == ["mnedc-c.local", net.vip["c"]], resolved
+        resolved = net.topo.run("a", ["avahi-resolve", "-6", "-n", "mnedc-c.local"], env=env_a, timeout=20).stdout
+        assert resolved.split()[0] == "mnedc-c.local" and resolved.split()[1] in ipv6_of_c, resolved
     finally:
         for proc in reversed(stack):
             proc.stop()
@@ -316,3 +321,35 @@ def test_where_systemd_resolved_runs_the_client_routes_the_domain_to_the_relay_a
     finally:
         proc.stop()
     assert calls.read_text().splitlines()[-1] == "revert mnedc1"
+
+
+def test_where_dnsmasq_reads_the_servers_file_the_client_routes_the_domain_to_the_relay_and_takes_it_back(net, tmp_path):
+    """A real dnsmasq, as OpenWrt runs one for its LAN (its servers file as install.sh sets it),
+    in natC: a namespace with no MNEDC client of its own."""
+    servers = tmp_path / "dnsmasq.servers"
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text("port=53\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nuser=root\n"
+                    "servers-file=%s\n" % servers)
+    dnsmasq = net.topo.spawn("natC", ["dnsmasq", "-k", "-C", str(conf), "--pid-file=%s" % (tmp_path / "pid"),
+                                      "--log-facility=-"])
+    config = net.write_config("client-e", "client", {
+        "server": net.relay_host, "secret_file": net.secret_path, "device_id": "device-e", "interface": "mnedc1",
+        "server_pin": net.pin, "dnsmasq_servers": str(servers),
+        "control_socket": os.path.join(net.workdir, "client-e.sock")})
+    client = None
+    try:
+        dnsmasq.wait_for(r"started, version", timeout=10)
+        client = net.topo.spawn("natC", [net.python, "-u", CLIENT, "-c", config])
+        client.wait_for(r"dnsmasq \(pid %d\) sends \*\.mnedc to %s" % (dnsmasq.pid, re.escape(net.server_vip)), timeout=30)
+        assert servers.read_text() == "server=/mnedc/%s\n" % net.server_vip
+        asked = net.topo.run("natC", ["dig", "+time=2", "+tries=1", "+short", "@127.0.0.1", "device-a.mnedc"], timeout=20)
+        assert asked.stdout.split() == [net.vip["a"]], asked.stdout
+    finally:
+        if client is not None:
+            client.stop()
+    try:
+        assert servers.read_text() == "", "the client takes its line back at stop"
+        after = net.topo.run("natC", ["dig", "+time=2", "+tries=1", "@127.0.0.1", "device-a.mnedc"], timeout=20, check=False)
+        assert "ANSWER SECTION" not in after.stdout, after.stdout
+    finally:
+        dnsmasq.stop()

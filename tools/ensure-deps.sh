@@ -19,6 +19,7 @@ package_for() {
         avahi-browse|avahi-publish|avahi-resolve) echo avahi-utils ;;
         dbus-daemon) echo dbus ;;
         dig) echo dnsutils ;;
+        dnsmasq) echo dnsmasq-base ;;
         *) echo "$1" ;;
     esac
 }
