@@ -30,7 +30,7 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   multicast_groups  more groups to relay to everyone, e.g. 239.1.2.3, ff05::1:3 (default none)
   ipv6        yes (default): the network also has a unique-local IPv6 /64 (state_dir/ipv6_prefix,
               drawn at the first start); each device's host number is its interface id
-  dns, domain yes (default): answer DNS on the TUN's address for DEVICE_ID.DOMAIN (default mnedc)
+  dns, domain yes (default): answer DNS on the TUN's addresses for DEVICE_ID.DOMAIN (default mnedc)
   tls         yes (default): TLS with tls_cert and tls_key, or without them with the relay's own
               key and certificate, made in state_dir at the first start (clients pin it:
               server_pin); tls_client_ca requires client certificates whose commonName is the
@@ -2810,7 +2810,7 @@ class NameService:
 def dns_socket(kind, address, interface):
     """A socket on address:53 that hears only what arrives on interface: the virtual network's
     members reach it, the underlay cannot, even with a route to the address (SO_BINDTODEVICE)."""
-    sock = socket.socket(socket.AF_INET, kind)
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_BINDTODEVICE", 25), interface.encode("ascii"))
@@ -3073,23 +3073,28 @@ class RelayServer:
             " and %s/64" % ip_text(self.tun.addresses6[0]) if self.tun.addresses6 else "",
             interface, "offloads on" if offload else "no offloads"))
         if self.config.dns:
-            self._open_dns(address, interface)
+            self._open_dns([address] + [ip_text(self.tun.addresses6[0])] if self.tun.addresses6 else [address],
+                           interface)
 
-    def _open_dns(self, address, interface):
-        try:
-            self.dns_responders = [DnsUdpResponder(self, dns_socket(socket.SOCK_DGRAM, address, interface)),
-                                   DnsTcpListener(self, dns_socket(socket.SOCK_STREAM, address, interface))]
-        except OSError as error:
-            for responder in self.dns_responders:
-                responder.close("DNS failed")
-            self.dns_responders = []
-            self.log.warning("no DNS on %s:%d (%s): devices are not known by name; set dns = no to say "
-                             "nothing" % (address, DNS_PORT, describe_error(error)))
-            return
-        for responder in self.dns_responders:
-            self.loop.set_interest(responder, selectors.EVENT_READ)
-        self.log.info("answering DNS for %s on %s:%d (UDP and TCP, from interface %s only)"
-                      % (self.config.domain, address, DNS_PORT, interface))
+    def _open_dns(self, addresses, interface):
+        """UDP and TCP port 53 on each of the relay's own virtual addresses (IPv4, and its
+        address in the IPv6 /64)."""
+        for address in addresses:
+            pair = []
+            try:
+                pair.append(DnsUdpResponder(self, dns_socket(socket.SOCK_DGRAM, address, interface)))
+                pair.append(DnsTcpListener(self, dns_socket(socket.SOCK_STREAM, address, interface)))
+            except OSError as error:
+                for responder in pair:
+                    responder.close("DNS failed")
+                self.log.warning("no DNS on %s port %d (%s): devices are not known by name there; set dns = no "
+                                 "to say nothing" % (address, DNS_PORT, describe_error(error)))
+                continue
+            for responder in pair:
+                self.loop.set_interest(responder, selectors.EVENT_READ)
+            self.dns_responders += pair
+            self.log.info("answering DNS for %s on %s port %d (UDP and TCP, from interface %s only)"
+                          % (self.config.domain, address, DNS_PORT, interface))
 
     def run(self):
         self.loop.run()

@@ -105,6 +105,18 @@ def test_a_link_local_tcp_connection_works_too(net):
         sink.stop()
 
 
+def test_icmpv6_errors_come_back_across_the_relay(net):
+    """A datagram to a closed port: a's kernel answers with ICMPv6 port unreachable, which c's
+    socket reports as a refused connection."""
+    probe = ("import socket\n"
+             "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3)\n"
+             "s.connect(('%s', 5399)); s.send(b'anyone?')\n"
+             "try:\n    s.recv(100); print('answered')\n"
+             "except ConnectionRefusedError:\n    print('refused')\n"
+             "except socket.timeout:\n    print('silence')\n" % net.ula["a"])
+    assert net.topo.run("c", [sys.executable, "-c", probe], timeout=15).stdout.split() == ["refused"]
+
+
 def test_a_spoofed_ipv6_source_is_dropped_and_counted(net):
     before = server_status(net)["totals"]["drops"].get("spoofed source", 0)
     forged = net.ula["b"]            # a claims b's address
@@ -133,7 +145,10 @@ def test_ipv6_link_local_multicast_reaches_the_others_and_neighbour_chatter_stay
     finally:
         for proc in listeners.values():
             proc.stop()
+    before = server_status(net)["totals"]["drops"].get("multicast group not relayed (multicast_groups)", 0)
+    net.topo.run("c", [sys.executable, PEER, "send", "ff05::1:3", "mnedc0", "5353", "a site-local group"])
     drops = server_status(net)["totals"]["drops"]
+    assert drops.get("multicast group not relayed (multicast_groups)", 0) == before + 1, "only listed groups go out"
     assert drops.get("MLD (the relay copies groups to everyone: no membership needed)", 0) >= 1, drops
     assert net.client_status("a")["drops"].get("not addressed to this device", 0) == 0
 
@@ -157,3 +172,11 @@ def test_the_relay_answers_aaaa_and_ipv6_ptr(net):
     assert dig("device-a.mnedc", "AAAA") == [net.ula["a"]]
     assert sorted(dig("device-b.mnedc", "ANY")) == sorted([net.vip["b"], net.ula["b"]])
     assert dig("-x", net.ula["c"]) == ["device-c.mnedc."]
+
+
+def test_the_relay_answers_dns_on_its_ipv6_address_too_over_udp_and_tcp(net):
+    relay = str(ipaddress.ip_network(server_status(net)["server"]["ipv6_prefix"])[1])
+    for transport in ("+notcp", "+tcp"):
+        asked = net.topo.run("a", ["dig", "+time=2", "+tries=1", "+short", transport, "@" + relay, "device-c.mnedc", "AAAA"],
+                             timeout=20).stdout.split()
+        assert asked == [net.ula["c"]], (transport, asked)

@@ -66,3 +66,36 @@ def test_tun_interface_gets_address_mtu_and_up(topo, mode, env, expected_how):
     assert probe["offload"] == (mode != "no-offload")     # TUNSETOFFLOAD in the encoding that worked
     assert "198.18.7.9/24" in probe["addr"]
     assert "mnt-probe0" not in topo.run("c1", ["ip", "-o", "link"]).stdout   # gone with the fd
+
+
+PROBE6 = textwrap.dedent("""
+    import errno, io, json, subprocess, sys
+    sys.path.insert(0, %(root)r)
+    import mnedc_client as m
+    if sys.argv[1] == "ip":             # as in containers that refuse the IPv6 address ioctls
+        real_ioctl = m.fcntl.ioctl
+        def ioctl(fd, request, arg=0, *rest):
+            if isinstance(arg, bytes) and len(arg) == m.IN6_IFREQ.size:
+                raise PermissionError(errno.EPERM, "refused")
+            return real_ioctl(fd, request, arg, *rest)
+        m.fcntl.ioctl = ioctl
+    fd, name, offload = m.open_tun("mnt-probe6")
+    log = m.Log("error", io.StringIO())
+    prefix = bytes.fromhex("fd00000000000077")
+    m.configure_interface(name, "198.18.7.9", 24, 1400, log, m.ipv6_addresses(prefix, 9))
+    first = subprocess.run([sys.argv[2], "-o", "-6", "addr", "show", "dev", name], capture_output=True, text=True).stdout
+    m.configure_interface(name, "198.18.7.10", 24, 1400, log, m.ipv6_addresses(prefix, 10))    # moved: the old ones go
+    second = subprocess.run([sys.argv[2], "-o", "-6", "addr", "show", "dev", name], capture_output=True, text=True).stdout
+    print(json.dumps({"first": first, "second": second}))
+""") % {"root": ROOT}
+
+
+@pytest.mark.parametrize("mode, env", [("ioctl", {"PATH": "/nonexistent"}), ("ip", None)],
+                         ids=["in6_ifreq-ioctls-alone", "ip-where-the-ioctls-are-refused"])
+def test_the_tun_gets_exactly_its_two_ipv6_addresses_by_ioctl_or_by_ip(topo, mode, env):
+    prefix = ["env"] + ["%s=%s" % item for item in env.items()] if env else []
+    result = topo.run("c1", prefix + [sys.executable, "-c", PROBE6, mode, shutil.which("ip")], timeout=20)
+    probe = json.loads(result.stdout)
+    for key, number in (("first", 9), ("second", 10)):
+        found = sorted(word for line in probe[key].splitlines() for word in line.split()[3:4])
+        assert found == ["fd00:0:0:77::%x/64" % number, "fe80::%x/64" % number], probe
