@@ -954,11 +954,17 @@ restart_avahi() {
 # Names across the relay where dnsmasq resolves for this host (OpenWrt always; Debian with the
 # dnsmasq package): dnsmasq reads DNSMASQ_SERVERS as its servers file, in which the client writes
 # server=/DOMAIN/RELAY once it knows the relay's address, and SIGHUPs dnsmasq (emptied at stop).
-DNSMASQ_SERVERS=/var/run/mnedc/dnsmasq.servers
+# On flash, made here: OpenWrt's jailed dnsmasq mounts that one file when it starts, at boot
+# before the client, so it must be there already (the client rewrites it in place).
+DNSMASQ_SERVERS=/etc/mnedc/dnsmasq.servers
 DNSMASQ_DROPIN='# MNEDC install.sh: mnedc_client.py names its relay for the domain here (uninstall removes this file)'
 
 configure_dnsmasq() {
 	[ "$NAME" = mnedc-client ] || return 0
+	[ -f "$ROOT/etc/config/dhcp" ] || [ -d "$ROOT/etc/dnsmasq.d" ] || return 0
+	remember "file $DNSMASQ_SERVERS"
+	[ -f "$ROOT$DNSMASQ_SERVERS" ] || { : >"$ROOT$DNSMASQ_SERVERS" && chmod 644 "$ROOT$DNSMASQ_SERVERS"; } ||
+		die "cannot create $ROOT$DNSMASQ_SERVERS"
 	if [ -f "$ROOT/etc/config/dhcp" ] && command -v uci >/dev/null 2>&1; then
 		current=$(uci -q -c "$ROOT/etc/config" get 'dhcp.@dnsmasq[0].serversfile')
 		if [ "$current" = "$DNSMASQ_SERVERS" ]; then

@@ -25,7 +25,7 @@ else ./client-config.ini), then command-line flags.
   control_socket  where `status` finds the TUN client (default /var/run/mnedc/client.sock)
   dns, domain auto (default): where systemd-resolved runs, send names in DOMAIN (default mnedc)
               to the relay's DNS on the TUN (per link, undone at stop); where a dnsmasq reads
-              dnsmasq_servers (default /var/run/mnedc/dnsmasq.servers, its --servers-file), write
+              dnsmasq_servers (default /etc/mnedc/dnsmasq.servers, its --servers-file), write
               server=/DOMAIN/RELAY there and SIGHUP it (emptied at stop); no: leave the resolver be
   ipv6        yes (default): take the network's IPv6 addresses on the TUN, when it has them
   log_level   debug, info, warning or error                  (default info)
@@ -87,7 +87,7 @@ DEFAULT_CONTROL_SOCKET = "/var/run/mnedc/client.sock"
 DEFAULT_DOMAIN = "mnedc"        # the relay's DNS calls devices DEVICE_ID.mnedc
 RESOLVED_DIR = "/run/systemd/resolve"     # there while systemd-resolved runs
 RESOLVECTL_TIMEOUT_S = 5
-DEFAULT_DNSMASQ_SERVERS = "/var/run/mnedc/dnsmasq.servers"   # a dnsmasq --servers-file (install.sh)
+DEFAULT_DNSMASQ_SERVERS = "/etc/mnedc/dnsmasq.servers"   # a dnsmasq --servers-file (install.sh makes it)
 
 
 # ==== BEGIN MNEDC WIRE PROTOCOL ====
@@ -2026,10 +2026,9 @@ class TunClient(RelayClient):
         if not readers:
             return
         try:
-            temporary = path + ".tmp"
-            with open(temporary, "w") as sink:
+            # in place, not by rename: OpenWrt's jailed dnsmasq sees this one file, bind-mounted
+            with open(path, "w") as sink:
                 sink.write(text)
-            os.replace(temporary, path)
             for pid in readers:
                 os.kill(pid, signal.SIGHUP)
         except OSError as error:
@@ -2465,8 +2464,10 @@ STREAM_CLIENT_HANDLERS = {
 
 
 def dnsmasq_readers(path, proc="/proc"):
-    """PIDs of the dnsmasq processes whose command line or configuration files (-C, --conf-file,
-    else /etc/dnsmasq.conf) name path: those that take it as their servers file."""
+    """PIDs of the dnsmasq processes whose command line or configuration files name path:
+    those that take it as their servers file. Their files: -C/--conf-file (else
+    /etc/dnsmasq.conf), the directories of -7/--conf-dir (Debian: /etc/dnsmasq.d), and the
+    conf-file and conf-dir lines in those."""
     readers = []
     try:
         pids = [name for name in os.listdir(proc) if name.isdigit()]
@@ -2481,21 +2482,63 @@ def dnsmasq_readers(path, proc="/proc"):
                 words = source.read().decode("utf-8", "replace").split("\0")
         except OSError:
             continue
-        configs = [word[len("--conf-file="):] for word in words if word.startswith("--conf-file=")]
-        configs += [word[2:] for word in words if word.startswith("-C") and len(word) > 2]
-        configs += [after for before, after in zip(words, words[1:]) if before in ("-C", "--conf-file")]
-        if any(path in word for word in words) or any(file_names(config, path) for config in configs or ["/etc/dnsmasq.conf"]):
+        options = option_values(words, ("-C", "--conf-file"))
+        files = options or ["/etc/dnsmasq.conf"]
+        files += conf_dir_files(option_values(words, ("-7", "--conf-dir")))
+        if any(path in word for word in words) or any(mentions(name, path) for name in files):
             readers.append(int(pid))
     return readers
 
 
-def file_names(config, text):
-    """Whether the file config (its first 64 KB) mentions text."""
+def option_values(words, names):
+    """The values of a command line's options called names ("-C X", "-CX", "--conf-file=X")."""
+    values = []
+    for before, word in zip([""] + words, words):
+        for name in names:
+            if before == name:
+                values.append(word)
+            elif word.startswith(name + "=") or (len(name) == 2 and word.startswith(name) and len(word) > 2):
+                values.append(word[len(name) + (1 if word.startswith(name + "=") else 0):])
+    return values
+
+
+def conf_dir_files(specs):
+    """The files a dnsmasq conf-dir takes: "DIR[,.ext-to-skip ...][,*.ext-to-take ...]"."""
+    files = []
+    for spec in specs:
+        directory, *filters = spec.split(",")
+        take = [pattern[1:] for pattern in filters if pattern.startswith("*")]
+        skip = [pattern for pattern in filters if not pattern.startswith("*")]
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        files += [os.path.join(directory, name) for name in names
+                  if not name.startswith(".") and not name.endswith("~") and not any(name.endswith(s) for s in skip)
+                  and (not take or any(name.endswith(t) for t in take))][:64]
+    return files
+
+
+def mentions(config, text):
+    """Whether the file config (its first 64 KB), or a conf-file or conf-dir it names, mentions text."""
     try:
         with open(config, errors="replace") as source:
-            return text in source.read(65536)
+            content = source.read(65536)
     except OSError:
         return False
+    if text in content:
+        return True
+    lines = [line.strip() for line in content.splitlines()]
+    nested = [line.split("=", 1)[1] for line in lines if line.startswith("conf-file=")]
+    nested += conf_dir_files([line.split("=", 1)[1] for line in lines if line.startswith("conf-dir=")])
+    for name in nested[:64]:
+        try:
+            with open(name, errors="replace") as source:
+                if text in source.read(65536):
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def run_quietly(commands, log):

@@ -23,6 +23,8 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
   max_clients, max_connections_per_source, max_handshakes, max_frame_bytes, max_queue_bytes,
   max_streams_per_client, max_new_leases_per_minute   limits (default 1024, 256, 256, 65535,
               1048576, 64, 60 per source address; README)
+  reserve DEVICE_ID = ADDRESS   pins the device's address (its IPv6 follows), in the pool or
+              outside it; one line each; conflicts are reported with the file and line
   lease_trial seconds a new device must stay connected before its lease outlives it by days;
               one that leaves sooner loses it this long after it left (default 300)
   multicast_packets_per_second, multicast_bytes_per_second  what one member may broadcast:
@@ -1218,6 +1220,8 @@ class LeaseTable:
         self.unsynced = False       # lines written since the last fsync
         self.cursor = self.first_host
         self.given_back = []        # a heap of addresses (numbers) freed since
+        self.reserved = {}          # device_id -> the address (number) the operator pinned for it
+        self.reserved_numbers = {}  # ... and back: no other device gets these
         self.dirty = False
         self.save_failed = False    # a new lease is not on disk yet: save at the next tick
 
@@ -1352,14 +1356,39 @@ class LeaseTable:
         if self.journal_lines > max(JOURNAL_COMPACT_LINES, len(self.leases)):
             self.save()
 
+    def set_reservations(self, reservations):
+        """reservations: [(device_id, number, where)]. The problems, one line each, of those that
+        cannot hold yet (another device's lease has the address): they wait for it to go."""
+        self.reserved = {device_id: number for device_id, number, _ in reservations}
+        self.reserved_numbers = {number: device_id for device_id, number, _ in reservations}
+        problems = []
+        for device_id, number, where in reservations:
+            owner = self.owner_of.get(packed_address(number))
+            if owner is not None and owner != device_id:
+                problems.append("%s: %s is leased to %s: %s keeps its own address until that lease is gone "
+                                "(forget %s)" % (where, ipv4_text(packed_address(number)), owner, device_id, owner))
+        return problems
+
     def lease_for(self, device_id, online, now):
-        """The packed address of device_id, allocating and saving one if it has none.
+        """The packed address of device_id, allocating and saving one if it has none, or its
+        reserved one once that is free (a device with another lease moves there).
 
         online: device_ids connected now, whose addresses are never reclaimed. If the save
         fails (disk full, out of fds) the lease still holds and the table stays dirty, so the
         next housekeeping tick tries again: the device is not turned away for it.
         """
         lease = self.leases.get(device_id)
+        reserved = self.reserved.get(device_id)
+        if reserved is not None and packed_address(reserved) not in self.owner_of:
+            if lease is not None:
+                self.log.info("device %s moves from %s to %s, reserved for it" % (
+                    device_id, lease["address"], ipv4_text(packed_address(reserved))))
+                self._drop(device_id)
+            lease = {"address": ipv4_text(packed_address(reserved)), "last_seen": now}
+            self.leases[device_id] = lease
+            self.owner_of[packed_address(reserved)] = device_id
+            self.dirty = True
+            self.record(dict(lease, lease=device_id))
         if lease is None:
             number = self._free_address(online, now)
             lease = {"address": ipv4_text(packed_address(number)), "last_seen": now}
@@ -1426,12 +1455,12 @@ class LeaseTable:
     def _free_address(self, online, now):
         while self.given_back:
             number = heapq.heappop(self.given_back)
-            if packed_address(number) not in self.owner_of:
+            if packed_address(number) not in self.owner_of and number not in self.reserved_numbers:
                 return number
         for _ in range(self.capacity()):        # one lap from the cursor at most
             number = self.cursor
             self.cursor = number + 1 if number < self.last_host else self.first_host
-            if packed_address(number) not in self.owner_of:
+            if packed_address(number) not in self.owner_of and number not in self.reserved_numbers:
                 return number
         stale = [(self.leases[device_id]["last_seen"], device_id) for device_id in self.on_trial
                  if device_id not in online]       # on trial and gone: these go first, however fresh
@@ -1832,14 +1861,41 @@ class DeviceKeys:
         return sorted(d for d, secret in self.secrets.items() if secret == REVOKED)
 
 
+IPV6_EXTENSION_HEADERS = (0, 43, 60)   # hop-by-hop, routing, destination options: (n + 1) * 8 bytes
+IPV6_FRAGMENT, IPV6_AUTHENTICATION = 44, 51
+
+
+def ipv6_upper_layer(packet, offset):
+    """(protocol, its offset) past the extension headers of an IPv6 packet, as the receiving
+    stack finds it, so that no header in front hides a port from the policy; (None, None) for a
+    fragment after the first (no port, as in IPv4) or headers that run past the packet."""
+    next_header, at = packet[offset + 6], offset + IPV6_HEADER_BYTES
+    for _ in range(8):
+        if next_header not in IPV6_EXTENSION_HEADERS + (IPV6_FRAGMENT, IPV6_AUTHENTICATION):
+            return next_header, at
+        if len(packet) < at + 8:
+            return None, None
+        if next_header == IPV6_FRAGMENT:
+            if struct.unpack_from("!H", packet, at + 2)[0] & 0xFFF8:
+                return None, None
+            length = 8
+        elif next_header == IPV6_AUTHENTICATION:
+            length = (packet[at + 1] + 2) * 4
+        else:
+            length = (packet[at + 1] + 1) * 8
+        next_header, at = packet[at], at + length
+    return None, None
+
+
 def destination_port(packet, offset):
     """The TCP or UDP destination port of an IP packet, for port rules; None for other
     protocols and for fragments after the first, which carry no port header (IPv6: also when
     an extension header comes first)."""
     if packet[offset] >> 4 == 6:
-        if packet[offset + 6] not in (6, 17) or len(packet) < offset + IPV6_HEADER_BYTES + 4:
+        next_header, at = ipv6_upper_layer(packet, offset)
+        if next_header not in (6, 17) or len(packet) < at + 4:
             return None
-        return struct.unpack_from("!H", packet, offset + IPV6_HEADER_BYTES + 2)[0]
+        return struct.unpack_from("!H", packet, at + 2)[0]
     if len(packet) < offset + 20 or packet[offset + 9] not in (6, 17):
         return None
     if struct.unpack_from("!H", packet, offset + 6)[0] & 0x1FFF:
@@ -1864,9 +1920,7 @@ def link_chatter(packet, offset):
         if packet[offset + 9] == IGMP_PROTOCOL:
             return "IGMP (the relay copies groups to everyone: no membership needed)"
         return None
-    next_header, at = packet[offset + 6], offset + IPV6_HEADER_BYTES
-    if next_header == 0 and len(packet) >= at + 8:      # hop-by-hop options: MLD's router alert
-        next_header, at = packet[at], at + (packet[at + 1] + 1) * 8
+    next_header, at = ipv6_upper_layer(packet, offset)      # MLD comes after a hop-by-hop header
     if next_header == ICMPV6 and len(packet) > at:
         if packet[at] in MLD_TYPES:
             return "MLD (the relay copies groups to everyone: no membership needed)"
@@ -2574,7 +2628,7 @@ class ServerTun:
         self.offload = offload
         self.device_id = "(server)"
         self.address = server.leases.server_address
-        self.addresses6 = server.ipv6_of(self.address)
+        self.addresses6 = server.ipv6_of(self.address) if server.config.mtu >= IPV6_MIN_MTU else ()
         self.closed = False
         self.drops = {}
         self.multicast_budget = None
@@ -2767,12 +2821,10 @@ class NameService:
 
     def answer_address6(self, ident, flags, question, labels, qtype):
         """PTR for PREFIX::N: the device whose IPv4 host number is N."""
-        try:
-            host = int(b"".join(reversed(labels[:16])), 16)
-        except ValueError:
-            host = -1
+        nibbles = b"".join(reversed(labels[:16]))
+        host = int(nibbles, 16) if len(nibbles) == 16 and set(nibbles) <= set(b"0123456789abcdef") else -1
         leases = self.server.leases
-        if not 0 < host < (1 << (32 - leases.prefix_length)) or any(len(label) != 1 for label in labels[:16]):
+        if not 0 < host < (1 << (32 - leases.prefix_length)):
             return self.response(ident, flags, question, RCODE_NXDOMAIN, authority=self.soa_record())
         return self.answer_owner(ident, flags, question, packed_address(leases.network + host), qtype)
 
@@ -3006,6 +3058,7 @@ class RelayServer:
     def start(self):
         """Load leases, bind, open TUN; raises OSError with a clear message if it cannot."""
         self.leases.load()
+        self.apply_reservations(self.config.reservations)
         self.names.load()
         self.log.info("subnet %s: %d client addresses, %d leased; %d service names claimed"
                       % (self.leases.subnet_text(), self.leases.capacity(), len(self.leases.leases),
@@ -3334,6 +3387,8 @@ class RelayServer:
             "device_keys": len(config.keys.keys) if config.keys else 0,
             "revoked": config.keys.revoked() if config.keys else [],
             "policy_rules": len(config.policy.rules) + len(config.policy.name_rules) if config.policy else 0,
+            "reservations": {device_id: ipv4_text(packed_address(number))
+                             for device_id, number in sorted(self.leases.reserved.items())},
             "limits": {name: getattr(config, name) for name in LIMIT_KEYS},
         }, "devices": devices, "offline": offline, "totals": totals,
             "service_names": [{"name": name, "device_id": owner, "offered": name in self.switch.services}
@@ -3386,6 +3441,17 @@ class RelayServer:
         self.log.info("freed the service name %s of device %s on the operator's request" % (name, owner))
         return {"forgot_name": name, "device_id": owner}
 
+    def apply_reservations(self, reservations):
+        for problem in self.leases.set_reservations(reservations):
+            self.log.warning("reservation waits: %s" % problem)
+        for device_id, number, where in reservations:
+            member = self.routes.by_device.get(device_id)
+            if member is not None and member.address != packed_address(number) and \
+                    packed_address(number) not in self.leases.owner_of:
+                self.log.info("%s: device %s is online as %s: it moves to %s at its next join (kick it to "
+                              "move it now)" % (where, device_id, ipv4_text(member.address),
+                                                ipv4_text(packed_address(number))))
+
     def on_reload_signal(self, signum):
         """SIGHUP: take every key anew but RESTART_KEYS, which are only reported; keep every
         connection, but disconnect a device that may no longer join."""
@@ -3413,6 +3479,7 @@ class RelayServer:
         self.max_queue_bytes = fresh.max_queue_bytes
         self.switch.max_streams = fresh.max_streams_per_client
         self.leases.trial_s = fresh.lease_trial
+        self.apply_reservations(fresh.reservations)
         self.routes.groups = set(fresh.multicast_groups)
         self.dns.set_domain(fresh.domain)
         warn_of_unauthenticated_policy(fresh, self.log)
@@ -3525,6 +3592,10 @@ class RelayServer:
     def route_packet(self, frame_type, packet, sender):
         offset = VNET_HEADER.size if frame_type == FRAME_VNET_PACKET else 0
         target, reason = self.routes.decide(packet, sender, offset)
+        if target is not None and target is not EVERYONE and packet[offset] >> 4 == 6:
+            reason = link_chatter(packet, offset)       # a unicast RA or redirect: not for members
+            if reason:
+                target = None
         if target is EVERYONE:
             self.fan_out(frame_type, packet, sender, offset)
         elif target is None:
@@ -4848,6 +4919,7 @@ class ServerConfig:
         self.max_streams_per_client = MAX_STREAMS_PER_SESSION
         self.max_new_leases_per_minute = MAX_NEW_LEASES_PER_MINUTE
         self.lease_trial = DEFAULT_LEASE_TRIAL_S
+        self.reservations = []                  # [(device_id, address number, "FILE line N")]
         self.multicast_groups = ()              # packed groups relayed beside the link-local ones
         self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
         self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
@@ -4916,6 +4988,61 @@ LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "ma
               "max_queue_bytes", "max_streams_per_client", "max_new_leases_per_minute", "lease_trial",
               "multicast_packets_per_second", "multicast_bytes_per_second")
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
+
+
+RESERVE_PREFIX = "reserve "
+
+
+class ServerIniKeys(dict):
+    """SERVER_KEYS, and the 'reserve DEVICE_ID' keys beside them, for read_ini."""
+
+    def __contains__(self, key):
+        return key.startswith(RESERVE_PREFIX) or dict.__contains__(self, key)
+
+
+def read_reservations(path, subnet):
+    """[(device_id, address number, "FILE line N")] of the 'reserve DEVICE_ID = ADDRESS' lines
+    of [server] in path, read from the file itself: device_ids keep their case (configparser
+    folds it) and each problem names its line. ConfigError for one that can never hold."""
+    network, prefix_length = subnet
+    last = network + (1 << (32 - prefix_length)) - 1
+    reservations, section = [], None
+    by_device, by_number = {}, {}
+    with open(path) as source:
+        lines = source.read().splitlines()
+    for line_number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text.startswith("["):
+            section = text[1:].split("]", 1)[0].strip()
+            continue
+        if section != "server" or text.split()[:1] != ["reserve"]:
+            continue
+        where = "%s line %d" % (path, line_number)
+        key, equals, address = text.partition("=")
+        words, address = key.split(), address.strip()
+        if not equals or len(words) != 2 or not address or len(address.split()) != 1:
+            raise ConfigError("%s: want: reserve DEVICE_ID = ADDRESS" % where)
+        device_id = words[1]
+        try:
+            check_device_id(device_id)
+        except ValueError as error:
+            raise ConfigError("%s: reserve %s: %s" % (where, device_id, error))
+        what = "%s: reserve %s = %s: " % (where, device_id, address)
+        if not is_ipv4_literal(address):
+            raise ConfigError(what + "not an IPv4 address")
+        number = struct.unpack("!I", socket.inet_aton(address))[0]
+        if not network < number < last:
+            raise ConfigError(what + "outside %s, or its network or broadcast address"
+                              % "%s/%d" % (ipv4_text(packed_address(network)), prefix_length))
+        if number == network + 1:
+            raise ConfigError(what + "the relay's own address")
+        if device_id in by_device:
+            raise ConfigError(what + "%s is reserved already (%s)" % (device_id, by_device[device_id]))
+        if number in by_number:
+            raise ConfigError(what + "%s is reserved already for %s (%s)" % ((address,) + by_number[number]))
+        by_device[device_id], by_number[number] = where, (device_id, where)
+        reservations.append((device_id, number, where))
+    return reservations
 
 
 def parse_groups(text):
@@ -4987,8 +5114,9 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     network_salt: the running one (a reload keeps it, whatever state_dir now says). derive_keys:
     False for status, kick and --check, which need no keys (PBKDF2 costs a board a second each)."""
     config = ServerConfig()
-    values = read_ini(args.config, "server", SERVER_KEYS) if args.config else {}
+    values = read_ini(args.config, "server", ServerIniKeys(SERVER_KEYS)) if args.config else {}
     where = "%s: [server] " % args.config if args.config else "[server] "
+    values = {key: text for key, text in values.items() if not key.startswith(RESERVE_PREFIX)}
     if "secret" in values and "secret_file" in values:
         raise ConfigError(where + "secret_file: set secret or secret_file, not both")
     for key, text in values.items():
@@ -5015,6 +5143,8 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
                 SERVER_KEYS[key](config, text)
             except ValueError as error:
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
+    if args.config:
+        config.reservations = read_reservations(args.config, config.subnet)
     if network_salt is not None:
         config.network_salt = network_salt
     elif derive_keys or getattr(args, "command", "run") == "check":

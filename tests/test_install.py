@@ -688,13 +688,15 @@ def test_dnsmasq_reads_the_clients_servers_file_and_uninstall_takes_the_dropin_a
     os.makedirs(box.path("/etc/dnsmasq.d"))
     env = dict(os.environ, MNEDC_TUN_DEV="/dev/null")
     result = box.install("client", "--init", "sysv", "--config", client_ini(box), env=env)
-    assert "dnsmasq reads /var/run/mnedc/dnsmasq.servers (/etc/dnsmasq.d/mnedc)" in result.stdout, result.stdout
+    assert "dnsmasq reads /etc/mnedc/dnsmasq.servers (/etc/dnsmasq.d/mnedc)" in result.stdout, result.stdout
     dropin = box.path("/etc/dnsmasq.d/mnedc")
-    assert read_text(dropin).splitlines()[1:] == ["servers-file=/var/run/mnedc/dnsmasq.servers"]
+    assert read_text(dropin).splitlines()[1:] == ["servers-file=/etc/mnedc/dnsmasq.servers"]
     checked = run(["dnsmasq", "--test", "-C", "/dev/null", "--conf-dir=" + box.path("/etc/dnsmasq.d")])
     assert "syntax check OK" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    assert read_text(box.path("/etc/mnedc/dnsmasq.servers")) == "" and os.path.isfile(box.path("/etc/mnedc/dnsmasq.servers"))
     box.install("uninstall", "--purge")
     assert not os.path.exists(dropin) and os.path.isdir(box.path("/etc/dnsmasq.d"))
+    assert not os.path.exists(box.path("/etc/mnedc/dnsmasq.servers"))
 
 
 UCI = """#!/bin/sh
@@ -730,9 +732,9 @@ def test_on_openwrt_uci_points_dnsmasq_at_the_servers_file_and_uninstall_takes_i
         assert "dnsmasq already reads its servers from %s: add server=/mnedc/RELAY_VIRTUAL_IP there" % before in result.stdout
         assert sets == [] and read_text(value).strip() == before
     else:
-        assert sets == [config_dir + "set dhcp.@dnsmasq[0].serversfile=/var/run/mnedc/dnsmasq.servers"], read_text(calls)
+        assert sets == [config_dir + "set dhcp.@dnsmasq[0].serversfile=/etc/mnedc/dnsmasq.servers"], read_text(calls)
         assert config_dir + "commit dhcp" in read_text(calls).splitlines()
-        assert read_text(value).strip() == "/var/run/mnedc/dnsmasq.servers"
+        assert read_text(value).strip() == "/etc/mnedc/dnsmasq.servers"
     box.install("uninstall", "--purge", env=env)
     assert read_text(value).strip() == before, "uninstall gives back what was there"
 

@@ -28,7 +28,7 @@ PEER = os.path.join(ROOT, "tests", "ip6_peer.py")
 def net(tmp_path_factory):
     with Topology() as topo:
         network = RelayNetwork(topo, tmp_path_factory.mktemp("ipv6"), keepalive=6)
-        network.start_server()
+        network.start_server(options={"reserve device-c": "198.18.0.77"})     # issue #16: IPv6 follows it
         for name in ("a", "b", "c"):     # as distributions that give every new link IPv6 and a random link-local address
             topo.run(name, ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.default.addr_gen_mode=3"])
         # MTU 1500: the kernel hands 64 KB TCP segments to an offloading TUN (TSO), as it does
@@ -65,6 +65,7 @@ def test_every_device_has_the_networks_ula_and_a_link_local_address_by_its_host_
         assert net.client_status(name)["ipv6"] == expected
         shown = net.topo.run(name, ["ip", "-6", "-o", "addr", "show", "dev", "mnedc0"]).stdout
         assert sorted(re.findall(r"inet6 (\S+)", shown)) == sorted(expected), "no address the kernel made up: " + shown
+    assert net.vip["c"] == "198.18.0.77" and net.ula["c"].endswith("::4d"), "a reserved address, and its IPv6"
     devices = {device["device_id"]: device for device in server_status(net)["devices"]}
     assert devices["device-c"]["ipv6"] == [str(network[0] + host_number(net, "c")), "fe80::%x" % host_number(net, "c")]
 
@@ -165,6 +166,33 @@ def test_the_policy_judges_ipv6_as_it_judges_ipv4(net, tmp_path):
     assert ping6(net, "c", net.ula["a"]).returncode == 0
 
 
+DATAGRAM_SINK = ("import socket, sys\n"
+                 "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('::', 5400)); s.settimeout(15)\n"
+                 "print('listening', flush=True)\n"
+                 "while True: print('got', s.recv(100).decode(), flush=True)\n")
+WITH_OPTIONS = ("import socket, sys\n"
+                "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                "if sys.argv[2] == 'dstopts':   # a destination options header (PadN) in front of UDP\n"
+                "    s.setsockopt(socket.IPPROTO_IPV6, getattr(socket, 'IPV6_DSTOPTS', 59), bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n"
+                "s.sendto((sys.argv[2] + ' from ' + sys.argv[3]).encode(), (sys.argv[1], 5400))\n")
+
+
+def test_a_port_rule_sees_the_port_behind_ipv6_extension_headers(net, tmp_path):
+    policy = tmp_path / "policy"
+    policy.write_text("deny device-c -> device-a port 5400\n")
+    sink = net.topo.spawn("a", [sys.executable, "-u", "-c", DATAGRAM_SINK])
+    try:
+        sink.wait_for("listening")
+        with net.reloaded("policy_file = %s\n" % policy):
+            for kind in ("plain", "dstopts"):
+                net.topo.run("c", [sys.executable, "-c", WITH_OPTIONS, net.ula["a"], kind, "c"])
+            net.topo.run("b", [sys.executable, "-c", WITH_OPTIONS, net.ula["a"], "dstopts", "b"])   # b may
+            sink.wait_for(r"^got dstopts from b$", timeout=10)
+            assert [line for line in sink.lines() if line.startswith("got")] == ["got dstopts from b"], sink.tail()
+    finally:
+        sink.stop()
+
+
 def test_the_relay_answers_aaaa_and_ipv6_ptr(net):
     def dig(*query):
         return net.topo.run("c", ["dig", "+time=2", "+tries=1", "+short", "@" + net.server_vip] + list(query),
@@ -172,6 +200,10 @@ def test_the_relay_answers_aaaa_and_ipv6_ptr(net):
     assert dig("device-a.mnedc", "AAAA") == [net.ula["a"]]
     assert sorted(dig("device-b.mnedc", "ANY")) == sorted([net.vip["b"], net.ula["b"]])
     assert dig("-x", net.ula["c"]) == ["device-c.mnedc."]
+    reverse = ipaddress.ip_address(net.ula["c"]).reverse_pointer.split(".")
+    reverse[1] = "_"                                    # int("_4", 16) is 4 to Python: not a nibble
+    full = net.topo.run("c", ["dig", "+time=2", "+tries=1", "@" + net.server_vip, ".".join(reverse), "PTR"], timeout=20).stdout
+    assert "status: NXDOMAIN" in full, full
 
 
 def test_the_relay_answers_dns_on_its_ipv6_address_too_over_udp_and_tcp(net):

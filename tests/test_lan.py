@@ -323,15 +323,25 @@ def test_where_systemd_resolved_runs_the_client_routes_the_domain_to_the_relay_a
     assert calls.read_text().splitlines()[-1] == "revert mnedc1"
 
 
-def test_where_dnsmasq_reads_the_servers_file_the_client_routes_the_domain_to_the_relay_and_takes_it_back(net, tmp_path):
-    """A real dnsmasq, as OpenWrt runs one for its LAN (its servers file as install.sh sets it),
-    in natC: a namespace with no MNEDC client of its own."""
+@pytest.mark.parametrize("layout", ["conf-file", "conf-dir"])
+def test_where_dnsmasq_reads_the_servers_file_the_client_routes_the_domain_to_the_relay_and_takes_it_back(net, tmp_path, layout):
+    """A real dnsmasq in natC (a namespace with no MNEDC client of its own), its servers file
+    named as OpenWrt's generated -C file names it, or as Debian's does: a file in the conf-dir
+    its command line gives (-7 /etc/dnsmasq.d,.dpkg-dist,...), where install.sh puts it."""
     servers = tmp_path / "dnsmasq.servers"
+    servers.write_text("")                  # install.sh makes it
     conf = tmp_path / "dnsmasq.conf"
-    conf.write_text("port=53\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nuser=root\n"
-                    "servers-file=%s\n" % servers)
-    dnsmasq = net.topo.spawn("natC", ["dnsmasq", "-k", "-C", str(conf), "--pid-file=%s" % (tmp_path / "pid"),
-                                      "--log-facility=-"])
+    base = "port=53\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nuser=root\n"
+    if layout == "conf-file":
+        conf.write_text(base + "servers-file=%s\n" % servers)
+        where = ["-C", str(conf)]
+    else:
+        conf.write_text(base)
+        (tmp_path / "dnsmasq.d").mkdir()
+        (tmp_path / "dnsmasq.d" / "mnedc").write_text("servers-file=%s\n" % servers)
+        where = ["-C", str(conf), "-7", "%s,.dpkg-dist,.dpkg-old" % (tmp_path / "dnsmasq.d")]
+    dnsmasq = net.topo.spawn("natC", ["dnsmasq", "-k"] + where + ["--pid-file=%s" % (tmp_path / "pid"),
+                                                                 "--log-facility=-"])
     config = net.write_config("client-e", "client", {
         "server": net.relay_host, "secret_file": net.secret_path, "device_id": "device-e", "interface": "mnedc1",
         "server_pin": net.pin, "dnsmasq_servers": str(servers),

@@ -3,6 +3,7 @@
 import io
 import json
 import socket
+import struct
 
 import pytest
 
@@ -157,3 +158,19 @@ def test_the_journal_is_folded_into_the_table_once_long_and_a_repeated_line_chan
     reloaded.load()
     assert all(reloaded.lease_for("d%d" % n, set(), 3.0) == addresses[n] for n in range(3))
     assert len(reloaded.leases) == 3 and journal.read_text() == ""      # folded at load
+
+
+def test_the_policy_port_of_an_ipv6_packet_lies_past_its_extension_headers():
+    def packet(*headers, port=22):
+        """IPv6 + headers [(type, body of 6 bytes)] + TCP header to port."""
+        chain = [kind for kind, _ in headers] + [6]
+        body = b"".join(bytes([chain[n + 1], 0]) + extra for n, (_, extra) in enumerate(headers))
+        tcp = struct.pack("!HH", 40000, port) + bytes(16)
+        return bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(body) + len(tcp), chain[0], 64) + bytes(32) + body + tcp
+    pad = bytes([1, 4, 0, 0, 0, 0])
+    assert server.destination_port(packet(), 0) == 22
+    assert server.destination_port(packet((0, pad)), 0) == 22                     # hop-by-hop
+    assert server.destination_port(packet((60, pad), (43, pad)), 0) == 22          # destination options, routing
+    assert server.destination_port(packet((44, bytes(6))), 0) == 22                # the first fragment
+    assert server.destination_port(packet((44, b"\x00\x08" + bytes(4))), 0) is None    # a later one: no port
+    assert server.destination_port(packet((60, pad))[:-20], 0) is None               # cut short
