@@ -28,6 +28,8 @@ else ./client-config.ini), then command-line flags.
               dnsmasq_servers (default /etc/mnedc/dnsmasq.servers, its --servers-file), write
               server=/DOMAIN/RELAY there and SIGHUP it (emptied at stop); no: leave the resolver be
   ipv6        yes (default): take the network's IPv6 addresses on the TUN, when it has them
+  accept_routes  yes (default): route the networks the relay's operator granted to gateways
+              (devices with a LAN behind them) into the TUN; no: only the virtual network
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
 in order: server = 192.0.2.10:3334, relay.example.org:3334.
@@ -123,6 +125,9 @@ DEFAULT_DNSMASQ_SERVERS = "/etc/mnedc/dnsmasq.servers"   # a dnsmasq --servers-f
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
 # Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
 # at a random moment within it, so that a restart brings no storm of reconnects.
+# ROUTES (relay -> TUN member, after WELCOME and whenever the operator changes them): the
+# networks the operator granted to gateways (devices with a LAN behind them), each flagged when
+# this device is its gateway; the member sends those it is not the gateway for into the tunnel.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #
@@ -190,6 +195,7 @@ FRAME_SERVICE_LIST = 18
 FRAME_RESTARTING = 19
 FRAME_VNET_PACKET = 20
 FRAME_LISTEN_REFUSED = 21
+FRAME_ROUTES = 22
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
@@ -197,7 +203,7 @@ FRAME_NAMES = {
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
     FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
-    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED",
+    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED", FRAME_ROUTES: "ROUTES",
 }
 HELLO_STREAMS = 0x0001
 
@@ -265,6 +271,8 @@ VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso s
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
 VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_ECN = 1, 4, 0x80     # segmentation offload types
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
+ROUTE = struct.Struct("!BBB")            # IP version, prefix length, 1 if this device is the gateway
+MAX_ROUTES = 256
 
 
 class ProtocolError(Exception):
@@ -686,6 +694,40 @@ def decode_reset(payload):
         raise ProtocolError("RESET of %d bytes" % len(payload))
     stream_id, code = RESET.unpack_from(payload)
     return stream_id, code, log_safe_text(payload[RESET.size:])
+
+
+def prefix_problem(network, prefix_length):
+    """Why a packed network/prefix length is not a network (host bits set), or None."""
+    bits = len(network) * 8
+    if not 0 < prefix_length <= bits:
+        return "prefix length /%d is not usable for IPv%d" % (prefix_length, 4 if bits == 32 else 6)
+    if int.from_bytes(network, "big") & ((1 << (bits - prefix_length)) - 1):
+        return "host bits are set"
+    return None
+
+
+def encode_routes(routes):
+    """routes: [(packed network, prefix length, whether this device is its gateway)]."""
+    return b"".join(ROUTE.pack(4 if len(network) == 4 else 6, prefix_length, 1 if ours else 0) + bytes(network)
+                    for network, prefix_length, ours in routes)
+
+
+def decode_routes(payload):
+    routes, at = [], 0
+    while at < len(payload):
+        if len(payload) < at + ROUTE.size or len(routes) >= MAX_ROUTES:
+            raise ProtocolError("ROUTES of %d bytes is malformed" % len(payload))
+        version, prefix_length, ours = ROUTE.unpack_from(payload, at)
+        size = {4: 4, 6: 16}.get(version)
+        if size is None or len(payload) < at + ROUTE.size + size or ours > 1:
+            raise ProtocolError("ROUTES holds a route of IP version %d" % version)
+        network = bytes(payload[at + ROUTE.size:at + ROUTE.size + size])
+        problem = prefix_problem(network, prefix_length)
+        if problem:
+            raise ProtocolError("ROUTES holds a bad network: %s" % problem)
+        routes.append((network, prefix_length, bool(ours)))
+        at += ROUTE.size + size
+    return routes
 
 
 def encode_restarting(window_s):
@@ -1919,6 +1961,8 @@ class TunClient(RelayClient):
         self.server_address = None
         self.resolver_set = None        # (DNS address, domain) systemd-resolved has for our link
         self.dnsmasq_set = None         # (DNS address, domain) in the dnsmasq servers file
+        self.own_networks = []          # granted networks this device is the gateway for
+        self.routed = []                # others' granted networks routed into our TUN
         self.control = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
@@ -1958,6 +2002,8 @@ class TunClient(RelayClient):
                 "interface": self.tun.interface, "mtu": self.mtu or self.config.mtu, "offload": self.tun.offload, "tso": self.tun.tso,
                 "address": "%s/%d" % self.configured[:2] if self.configured else None,
                 "ipv6": ["%s/64" % ip_text(address) for address in self.own_addresses6],
+                "routes": ["%s/%d" % (ip_text(network), length) for network, length in self.routed],
+                "gateway_for": ["%s/%d" % (ip_text(network), length) for network, length in self.own_networks],
                 "server_address": self.server_address, "state": self.state, "since": self.state_since,
                 "rtt_ms": link.rtt_ms if link else None, "reconnects": self.reconnects,
                 "tls": link.sock.summary() if link and isinstance(link.sock, TlsTransport) else None,
@@ -2112,7 +2158,43 @@ class TunClient(RelayClient):
             self.log.error("cannot turn TSO %s: %s%s" % ("on" if wanted else "off", describe_error(error),
                            "" if wanted else "; segments larger than the server's frames will be dropped"))
 
+    def on_routes(self, routes):
+        """The relay's granted networks: ours to forward to, others' into the TUN (unless
+        accept_routes = no, or one overlaps a route of this host's: the relay may not pull a LAN
+        of ours into the tunnel)."""
+        self.own_networks = [(network, length) for network, length, ours in routes if ours]
+        wanted = []
+        for network, length, ours in routes:
+            if ours or not self.config.accept_routes:
+                continue
+            clash = local_route_overlapping(self.tun.interface, network, length)
+            if clash:
+                self.log.warning("not routing %s/%d into %s: it overlaps %s" % (ip_text(network), length,
+                                                                                self.tun.interface, clash))
+                continue
+            wanted.append((network, length))
+        for network, length in [route for route in self.routed if route not in wanted]:
+            run_quietly([ip_route_command("del", network, length, self.tun.interface)], self.log)
+        for network, length in [route for route in wanted if route not in self.routed]:
+            if run_quietly([ip_route_command("replace", network, length, self.tun.interface)], self.log):
+                self.log.info("routing %s/%d into %s (granted to a gateway by the relay)"
+                              % (ip_text(network), length, self.tun.interface))
+        self.routed = wanted
+        for network, length in self.own_networks:
+            switch = "/proc/sys/net/ipv4/ip_forward" if len(network) == 4 else "/proc/sys/net/ipv6/conf/all/forwarding"
+            try:
+                with open(switch) as source:
+                    forwarding = source.read().strip() == "1"
+            except OSError:
+                forwarding = False
+            self.log.info("this device is the gateway for %s/%d%s" % (
+                ip_text(network), length, "" if forwarding else ": turn forwarding on (sysctl -w %s=1) so that it "
+                "passes the traffic on" % switch[len("/proc/sys/"):].replace("/", ".")))
+
     def on_frame(self, frame_type, payload):
+        if frame_type == FRAME_ROUTES:
+            self.on_routes(decode_routes(payload))
+            return
         if frame_type not in (FRAME_PACKET, FRAME_VNET_PACKET):
             raise ProtocolError("%s is not for a TUN member" % FRAME_NAMES.get(frame_type, frame_type))
         offloaded = frame_type == FRAME_VNET_PACKET
@@ -2136,10 +2218,11 @@ class TunClient(RelayClient):
             return self.foreign_packet6(payload, offset)
         destination = payload[offset + IPV4_DESTINATION_AT:offset + IPV4_DESTINATION_AT + 4]
         if destination != self.own_address and destination != self.broadcast and \
-                destination != LIMITED_BROADCAST and not is_ipv4_multicast(destination):
+                destination != LIMITED_BROADCAST and not is_ipv4_multicast(destination) and \
+                not in_networks(destination, self.own_networks):
             return "not addressed to this device"
         source = payload[offset + IPV4_SOURCE_AT:offset + IPV4_SOURCE_AT + 4]
-        if prefix_of(source, self.network[1]) != self.network:
+        if prefix_of(source, self.network[1]) != self.network and not in_networks(source, self.routed):
             return "source outside the virtual network"
         return None
 
@@ -2147,9 +2230,10 @@ class TunClient(RelayClient):
         """foreign_packet for IPv6: to one of our two addresses or a group, from the network's
         /64 or a link-local address (the relay lets each member use only its own)."""
         source, destination = ip_addresses(payload, offset)
-        if destination not in self.own_addresses6 and (destination[0] != 0xFF or not self.own_addresses6):
+        if destination not in self.own_addresses6 and (destination[0] != 0xFF or not self.own_addresses6) and \
+                not in_networks(destination, self.own_networks):
             return "not addressed to this device"
-        if source[:8] != self.ipv6_prefix and source[:8] != LINK_LOCAL_PREFIX:
+        if source[:8] != self.ipv6_prefix and source[:8] != LINK_LOCAL_PREFIX and not in_networks(source, self.routed):
             return "source outside the virtual network"
         return None
 
@@ -2585,6 +2669,36 @@ def routes_other_than(interface, path=ROUTES_FILE, byteorder=sys.byteorder):
         if prefix_length:
             routes.append((row[0], (network, prefix_length)))
     return routes
+
+
+def in_networks(address, networks):
+    """Whether the packed address lies in one of [(packed network, prefix length)]."""
+    if not networks:
+        return False
+    number, bits = int.from_bytes(address, "big"), len(address) * 8
+    return any(len(network) * 8 == bits and number >> (bits - length) == int.from_bytes(network, "big") >> (bits - length)
+               for network, length in networks)
+
+
+def local_route_overlapping(interface, network, length):
+    """A description of a route of this host's (on another interface than ours) that overlaps
+    the packed network/length, or None. IPv4: every route but the default ones; IPv6: the
+    unique-local ones and any other the network falls in."""
+    if len(network) == 4:
+        for other, route in routes_other_than(interface):
+            if networks_overlap((network, length), route):
+                return "%s/%d on %s" % (ipv4_text(route[0]), route[1], other)
+        return None
+    for other, route, route_length in ipv6_routes_other_than(interface):
+        if in_networks(route, [(network, length)]) or in_networks(network, [(route, route_length)]):
+            return "%s/%d on %s" % (ip_text(route), route_length, other)
+    return None
+
+
+def ip_route_command(verb, network, length, interface):
+    import shutil
+    return [shutil.which("ip") or "/sbin/ip"] + (["-6"] if len(network) == 16 else []) + [
+        "route", verb, "%s/%d" % (ip_text(network), length), "dev", interface]
 
 
 def ipv6_routes_other_than(interface, path=IPV6_ROUTES_FILE):
@@ -3670,6 +3784,7 @@ class ClientConfig:
         self.dns = "auto"                       # auto: per-link DNS through systemd-resolved
         self.domain = DEFAULT_DOMAIN
         self.ipv6 = True                        # take the network's IPv6 addresses, if it has some
+        self.accept_routes = True               # route gateways' granted networks into the TUN
         self.dnsmasq_servers = DEFAULT_DNSMASQ_SERVERS
 
 
@@ -3694,6 +3809,7 @@ CLIENT_KEYS = {
     "dnsmasq_servers": lambda config, path: setattr(config, "dnsmasq_servers", path),
     "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
     "ipv6": lambda config, text: setattr(config, "ipv6", parse_choice(text, ("yes", "no")) == "yes"),
+    "accept_routes": lambda config, text: setattr(config, "accept_routes", parse_choice(text, ("yes", "no")) == "yes"),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 

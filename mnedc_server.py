@@ -25,6 +25,8 @@ Configuration: an INI file with a [server] section (-c), then command-line flags
               1048576, 64, 60 per source address; README)
   reserve DEVICE_ID = ADDRESS   pins the device's address (its IPv6 follows), in the pool or
               outside it; one line each; conflicts are reported with the file and line
+  route NETWORK = DEVICE_ID     grants the device the LAN behind it (IPv4 or IPv6): the relay
+              routes it there, and every TUN member learns it (SIGHUP reloads both kinds)
   lease_trial seconds a new device must stay connected before its lease outlives it by days;
               one that leaves sooner loses it this long after it left (default 300)
   multicast_packets_per_second, multicast_bytes_per_second  what one member may broadcast:
@@ -165,6 +167,9 @@ MAX_DNS_MESSAGE_BYTES = 512     # a query larger than this is no question for us
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
 # Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
 # at a random moment within it, so that a restart brings no storm of reconnects.
+# ROUTES (relay -> TUN member, after WELCOME and whenever the operator changes them): the
+# networks the operator granted to gateways (devices with a LAN behind them), each flagged when
+# this device is its gateway; the member sends those it is not the gateway for into the tunnel.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #
@@ -232,6 +237,7 @@ FRAME_SERVICE_LIST = 18
 FRAME_RESTARTING = 19
 FRAME_VNET_PACKET = 20
 FRAME_LISTEN_REFUSED = 21
+FRAME_ROUTES = 22
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_CHALLENGE: "CHALLENGE", FRAME_AUTH: "AUTH",
     FRAME_WELCOME: "WELCOME", FRAME_ERROR: "ERROR", FRAME_PACKET: "PACKET",
@@ -239,7 +245,7 @@ FRAME_NAMES = {
     FRAME_LISTENING: "LISTENING", FRAME_OPEN: "OPEN", FRAME_ACCEPT: "ACCEPT",
     FRAME_DATA: "DATA", FRAME_WINDOW: "WINDOW", FRAME_EOF: "EOF", FRAME_RESET: "RESET",
     FRAME_SERVICES: "SERVICES", FRAME_SERVICE_LIST: "SERVICE_LIST", FRAME_RESTARTING: "RESTARTING",
-    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED",
+    FRAME_VNET_PACKET: "VNET_PACKET", FRAME_LISTEN_REFUSED: "LISTEN_REFUSED", FRAME_ROUTES: "ROUTES",
 }
 HELLO_STREAMS = 0x0001
 
@@ -307,6 +313,8 @@ VNET_HEADER = struct.Struct("<BBHHHH")   # flags, gso type, header length, gso s
 VNET_NEEDS_CSUM = 0x01                   # linux/virtio_net.h: the checksum is still to compute
 VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_ECN = 1, 4, 0x80     # segmentation offload types
 RESTARTING = struct.Struct("!H")         # seconds within which to reconnect
+ROUTE = struct.Struct("!BBB")            # IP version, prefix length, 1 if this device is the gateway
+MAX_ROUTES = 256
 
 
 class ProtocolError(Exception):
@@ -728,6 +736,40 @@ def decode_reset(payload):
         raise ProtocolError("RESET of %d bytes" % len(payload))
     stream_id, code = RESET.unpack_from(payload)
     return stream_id, code, log_safe_text(payload[RESET.size:])
+
+
+def prefix_problem(network, prefix_length):
+    """Why a packed network/prefix length is not a network (host bits set), or None."""
+    bits = len(network) * 8
+    if not 0 < prefix_length <= bits:
+        return "prefix length /%d is not usable for IPv%d" % (prefix_length, 4 if bits == 32 else 6)
+    if int.from_bytes(network, "big") & ((1 << (bits - prefix_length)) - 1):
+        return "host bits are set"
+    return None
+
+
+def encode_routes(routes):
+    """routes: [(packed network, prefix length, whether this device is its gateway)]."""
+    return b"".join(ROUTE.pack(4 if len(network) == 4 else 6, prefix_length, 1 if ours else 0) + bytes(network)
+                    for network, prefix_length, ours in routes)
+
+
+def decode_routes(payload):
+    routes, at = [], 0
+    while at < len(payload):
+        if len(payload) < at + ROUTE.size or len(routes) >= MAX_ROUTES:
+            raise ProtocolError("ROUTES of %d bytes is malformed" % len(payload))
+        version, prefix_length, ours = ROUTE.unpack_from(payload, at)
+        size = {4: 4, 6: 16}.get(version)
+        if size is None or len(payload) < at + ROUTE.size + size or ours > 1:
+            raise ProtocolError("ROUTES holds a route of IP version %d" % version)
+        network = bytes(payload[at + ROUTE.size:at + ROUTE.size + size])
+        problem = prefix_problem(network, prefix_length)
+        if problem:
+            raise ProtocolError("ROUTES holds a bad network: %s" % problem)
+        routes.append((network, prefix_length, bool(ours)))
+        at += ROUTE.size + size
+    return routes
 
 
 def encode_restarting(window_s):
@@ -1527,6 +1569,7 @@ class RouteTable:
         self.by_device = {}         # device_id -> member
         self.broadcasts = {LIMITED_BROADCAST, broadcast}
         self.groups = set(groups)   # operator's multicast_groups, beside the link-local ones
+        self.prefixes = []          # granted routes: [(network number, prefix length, bits, device_id)]
 
     def add(self, member):
         for address in (member.address,) + member.addresses6:
@@ -1544,13 +1587,37 @@ class RouteTable:
     def members(self):
         return self.by_device.values()
 
+    def set_prefixes(self, routes):
+        """routes: [(packed network, prefix length, gateway device_id, ...)]; longest first."""
+        self.prefixes = sorted(((int.from_bytes(network, "big"), length, len(network) * 8, device_id)
+                                for network, length, device_id, *_ in routes), key=lambda route: -route[1])
+
+    def gateway_for(self, address):
+        """The device_id of the gateway whose granted network holds the packed address, or None."""
+        number, bits = int.from_bytes(address, "big"), len(address) * 8
+        for network, length, width, device_id in self.prefixes:
+            if width == bits and number >> (bits - length) == network >> (bits - length):
+                return device_id
+        return None
+
+    def via_gateway(self, destination, sender):
+        gateway = self.gateway_for(destination) if self.prefixes else None
+        if gateway is None:
+            return None, "unknown destination"
+        target = self.by_device.get(gateway)
+        if target is None:
+            return None, "its gateway is offline"
+        if target is sender:
+            return None, "to its own routed network"
+        return target, None
+
     def decide(self, packet, sender, offset=0):
         """(member to deliver to, None) or (None, drop reason) for a well-formed IP packet
         that starts at packet[offset]."""
         if packet[offset] >> 4 == 6:
             return self.decide6(packet, sender, offset)
         source, destination = packet[offset + 12:offset + 16], bytes(packet[offset + 16:offset + 20])
-        if source != sender.address:
+        if source != sender.address and not (self.prefixes and self.gateway_for(bytes(source)) == sender.device_id):
             return None, "spoofed source"
         target = self.by_address.get(destination)
         if target is None:
@@ -1558,7 +1625,7 @@ class RouteTable:
                 return EVERYONE, None
             if is_ipv4_multicast(destination):
                 return None, "multicast group not relayed (multicast_groups)"
-            return None, "unknown destination"
+            return self.via_gateway(destination, sender)
         return target, None
 
     def decide6(self, packet, sender, offset):
@@ -1566,7 +1633,7 @@ class RouteTable:
         if not sender.addresses6:
             return None, "IPv6 is off in this network (ipv6 = no)"
         source, destination = bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
-        if source not in sender.addresses6:
+        if source not in sender.addresses6 and not (self.prefixes and self.gateway_for(source) == sender.device_id):
             return None, "spoofed source"
         target = self.by_address.get(destination)
         if target is None:
@@ -1574,7 +1641,7 @@ class RouteTable:
                 return EVERYONE, None
             if destination[0] == 0xFF:
                 return None, "multicast group not relayed (multicast_groups)"
-            return None, "unknown destination"
+            return self.via_gateway(destination, sender)
         return target, None
 
 
@@ -2397,6 +2464,8 @@ class ClientConnection(FrameTransport):
         self.send_frame(FRAME_WELCOME, encode_welcome(
             (self.key, self.client_nonce, self.server_nonce), self.address, self.server.leases.prefix_length, self.server.leases.server_address,
             self.server.config.max_frame_bytes, self.server.ipv6_prefix))
+        if not self.streams_session and self.server.config.routes:
+            self.send_frame(FRAME_ROUTES, encode_routes(self.server.routes_for(self.device_id)))
 
     def on_packet(self, frame_type, payload):
         offloaded = frame_type == FRAME_VNET_PACKET
@@ -3059,6 +3128,7 @@ class RelayServer:
         """Load leases, bind, open TUN; raises OSError with a clear message if it cannot."""
         self.leases.load()
         self.apply_reservations(self.config.reservations)
+        self.apply_routes(self.config.routes)
         self.names.load()
         self.log.info("subnet %s: %d client addresses, %d leased; %d service names claimed"
                       % (self.leases.subnet_text(), self.leases.capacity(), len(self.leases.leases),
@@ -3359,6 +3429,8 @@ class RelayServer:
         devices = [{
             "device_id": c.device_id, "address": None if c.address == NO_ADDRESS else ipv4_text(c.address),
             "ipv6": [ip_text(address) for address in c.addresses6], "remote": c.remote,
+            "routes": ["%s/%d" % (ip_text(network), length) for network, length, gateway, _ in config.routes
+                       if gateway == c.device_id],
             "kind": "streams" if c.streams_session else "tun", "connected_since": c.connected_since,
             "bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "packets_in": c.packets_in,
             "packets_out": c.packets_out, "drops": c.drops, "open_streams": self.switch.open_counts.get(c, 0),
@@ -3387,6 +3459,7 @@ class RelayServer:
             "device_keys": len(config.keys.keys) if config.keys else 0,
             "revoked": config.keys.revoked() if config.keys else [],
             "policy_rules": len(config.policy.rules) + len(config.policy.name_rules) if config.policy else 0,
+            "routes": {"%s/%d" % (ip_text(network), length): gateway for network, length, gateway, _ in config.routes},
             "reservations": {device_id: ipv4_text(packed_address(number))
                              for device_id, number in sorted(self.leases.reserved.items())},
             "limits": {name: getattr(config, name) for name in LIMIT_KEYS},
@@ -3441,6 +3514,26 @@ class RelayServer:
         self.log.info("freed the service name %s of device %s on the operator's request" % (name, owner))
         return {"forgot_name": name, "device_id": owner}
 
+    def routes_for(self, device_id):
+        return [(network, length, gateway == device_id) for network, length, gateway, _ in self.config.routes]
+
+    def apply_routes(self, routes, previous=None):
+        """Route granted networks to their gateways; tell every TUN member when they changed."""
+        if self.ipv6_prefix:
+            ula = (self.ipv6_prefix + bytes(8), 64)
+            for route in [route for route in routes if prefixes_overlap(route[:2], ula)]:
+                self.log.error("%s: route %s/%d overlaps the network's IPv6 %s/64: not routed"
+                               % (route[3], ip_text(route[0]), route[1], ip_text(ula[0])))
+                routes.remove(route)
+        self.routes.set_prefixes(routes)
+        if previous is None or [route[:3] for route in routes] == [route[:3] for route in previous]:
+            return
+        for connection in self.connections:
+            if connection.stage == "established" and not connection.streams_session:
+                connection.send_frame(FRAME_ROUTES, encode_routes(self.routes_for(connection.device_id)))
+        self.log.info("granted routes now: %s" % (", ".join("%s/%d to %s" % (ip_text(network), length, gateway)
+                                                           for network, length, gateway, _ in routes) or "none"))
+
     def apply_reservations(self, reservations):
         for problem in self.leases.set_reservations(reservations):
             self.log.warning("reservation waits: %s" % problem)
@@ -3474,12 +3567,14 @@ class RelayServer:
         self.key = network_key(fresh.secret, fresh.network_salt) if fresh.secret != self.config.secret else self.key
         self.keepalive_s = fresh.keepalive
         self.log.set_level(fresh.log_level)
+        previous_routes = self.config.routes
         self.config = fresh
         self.hooks.config = fresh
         self.max_queue_bytes = fresh.max_queue_bytes
         self.switch.max_streams = fresh.max_streams_per_client
         self.leases.trial_s = fresh.lease_trial
         self.apply_reservations(fresh.reservations)
+        self.apply_routes(fresh.routes, previous_routes)
         self.routes.groups = set(fresh.multicast_groups)
         self.dns.set_domain(fresh.domain)
         warn_of_unauthenticated_policy(fresh, self.log)
@@ -4920,6 +5015,7 @@ class ServerConfig:
         self.max_new_leases_per_minute = MAX_NEW_LEASES_PER_MINUTE
         self.lease_trial = DEFAULT_LEASE_TRIAL_S
         self.reservations = []                  # [(device_id, address number, "FILE line N")]
+        self.routes = []                        # [(packed network, prefix length, gateway device_id, where)]
         self.multicast_groups = ()              # packed groups relayed beside the link-local ones
         self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
         self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
@@ -4990,14 +5086,82 @@ LIMIT_KEYS = ("max_clients", "max_connections_per_source", "max_handshakes", "ma
 PATH_KEYS = ("secret_file", "keys_file", "policy_file", "tls_cert", "tls_key", "tls_client_ca")  # relative to the INI file
 
 
-RESERVE_PREFIX = "reserve "
+RESERVE_PREFIX, ROUTE_PREFIX = "reserve ", "route "
 
 
 class ServerIniKeys(dict):
     """SERVER_KEYS, and the 'reserve DEVICE_ID' keys beside them, for read_ini."""
 
     def __contains__(self, key):
-        return key.startswith(RESERVE_PREFIX) or dict.__contains__(self, key)
+        return key.startswith((RESERVE_PREFIX, ROUTE_PREFIX)) or dict.__contains__(self, key)
+
+
+def parse_prefix(text):
+    """(packed network, prefix length) of "192.0.2.0/24" or "fd00:1::/64"; ValueError."""
+    address, slash, length = text.partition("/")
+    try:
+        network = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    except (OSError, ValueError):
+        raise ValueError("%r is not a network such as 192.0.2.0/24 or fd00:1::/64" % text)
+    if not slash or not length.isdigit():
+        raise ValueError("%r needs a prefix length, as in 192.0.2.0/24" % text)
+    problem = prefix_problem(network, int(length))
+    if problem:
+        raise ValueError("%s: %s" % (text, problem))
+    return network, int(length)
+
+
+def prefixes_overlap(one, other):
+    """Whether two (packed network, prefix length) of the same IP version share an address."""
+    if len(one[0]) != len(other[0]):
+        return False
+    bits, shorter = len(one[0]) * 8, min(one[1], other[1])
+    return int.from_bytes(one[0], "big") >> (bits - shorter) == int.from_bytes(other[0], "big") >> (bits - shorter)
+
+
+def read_routes(path, subnet):
+    """[(packed network, prefix length, gateway device_id, "FILE line N")] of the 'route
+    NETWORK = DEVICE_ID' lines of [server]: the operator grants DEVICE_ID the network behind it.
+    ConfigError for one that overlaps the virtual network or another route."""
+    routes = []
+    virtual = (packed_address(subnet[0]), subnet[1])
+    for where, words, device_id in server_lines(path, "route", "route NETWORK = DEVICE_ID"):
+        if len(words) != 2 or len(device_id.split()) != 1:
+            raise ConfigError("%s: want: route NETWORK = DEVICE_ID" % where)
+        try:
+            network = parse_prefix(words[1])
+            check_device_id(device_id)
+        except ValueError as error:
+            raise ConfigError("%s: route %s: %s" % (where, words[1], error))
+        what = "%s: route %s = %s: " % (where, words[1], device_id)
+        if prefixes_overlap(network, virtual):
+            raise ConfigError(what + "overlaps the virtual network %s/%d" % (ipv4_text(virtual[0]), virtual[1]))
+        for other in routes:
+            if prefixes_overlap(network, other[:2]):
+                raise ConfigError(what + "overlaps %s/%d, granted to %s (%s)" % (ip_text(other[0]), other[1], other[2], other[3]))
+        routes.append(network + (device_id, where))
+    return routes
+
+
+def server_lines(path, word, form):
+    """(where, the words before '=', what follows it) of each line of [server] in path that
+    starts with word, read from the file itself: values keep their case (configparser folds
+    keys) and each problem can name its line."""
+    section = None
+    with open(path) as source:
+        lines = source.read().splitlines()
+    for line_number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text.startswith("["):
+            section = text[1:].split("]", 1)[0].strip()
+            continue
+        if section != "server" or text.split()[:1] != [word]:
+            continue
+        where = "%s line %d" % (path, line_number)
+        key, equals, value = text.partition("=")
+        if not equals or not value.strip():
+            raise ConfigError("%s: want: %s" % (where, form))
+        yield where, key.split(), value.strip()
 
 
 def read_reservations(path, subnet):
@@ -5006,21 +5170,10 @@ def read_reservations(path, subnet):
     folds it) and each problem names its line. ConfigError for one that can never hold."""
     network, prefix_length = subnet
     last = network + (1 << (32 - prefix_length)) - 1
-    reservations, section = [], None
+    reservations = []
     by_device, by_number = {}, {}
-    with open(path) as source:
-        lines = source.read().splitlines()
-    for line_number, line in enumerate(lines, 1):
-        text = line.strip()
-        if text.startswith("["):
-            section = text[1:].split("]", 1)[0].strip()
-            continue
-        if section != "server" or text.split()[:1] != ["reserve"]:
-            continue
-        where = "%s line %d" % (path, line_number)
-        key, equals, address = text.partition("=")
-        words, address = key.split(), address.strip()
-        if not equals or len(words) != 2 or not address or len(address.split()) != 1:
+    for where, words, address in server_lines(path, "reserve", "reserve DEVICE_ID = ADDRESS"):
+        if len(words) != 2 or len(address.split()) != 1:
             raise ConfigError("%s: want: reserve DEVICE_ID = ADDRESS" % where)
         device_id = words[1]
         try:
@@ -5116,7 +5269,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     config = ServerConfig()
     values = read_ini(args.config, "server", ServerIniKeys(SERVER_KEYS)) if args.config else {}
     where = "%s: [server] " % args.config if args.config else "[server] "
-    values = {key: text for key, text in values.items() if not key.startswith(RESERVE_PREFIX)}
+    values = {key: text for key, text in values.items() if not key.startswith((RESERVE_PREFIX, ROUTE_PREFIX))}
     if "secret" in values and "secret_file" in values:
         raise ConfigError(where + "secret_file: set secret or secret_file, not both")
     for key, text in values.items():
@@ -5145,6 +5298,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
                 raise ConfigError("--%s: %s" % (key.replace("_", "-"), error))
     if args.config:
         config.reservations = read_reservations(args.config, config.subnet)
+        config.routes = read_routes(args.config, config.subnet)
     if network_salt is not None:
         config.network_salt = network_salt
     elif derive_keys or getattr(args, "command", "run") == "check":

@@ -209,6 +209,8 @@ def test_the_relay_answers_aaaa_and_ipv6_ptr(net):
 def test_the_relay_answers_dns_on_its_ipv6_address_too_over_udp_and_tcp(net):
     relay = str(ipaddress.ip_network(server_status(net)["server"]["ipv6_prefix"])[1])
     for transport in ("+notcp", "+tcp"):
-        asked = net.topo.run("a", ["dig", "+time=2", "+tries=1", "+short", transport, "@" + relay, "device-c.mnedc", "AAAA"],
-                             timeout=20).stdout.split()
-        assert asked == [net.ula["c"]], (transport, asked)
+        # two tries, as any resolver makes: this failed once in some 20 runs, cause not found yet
+        asked = net.topo.run("a", ["dig", "+time=2", "+tries=2", transport, "@" + relay, "device-c.mnedc", "AAAA"],
+                             timeout=20, check=False)
+        answers = [line.split()[-1] for line in asked.stdout.splitlines() if "\tAAAA\t" in line and not line.startswith(";")]
+        assert answers == [net.ula["c"]], (transport, asked.stdout, asked.stderr, net.server.tail())

@@ -180,6 +180,17 @@ def test_challenge_welcome_error_round_trips():
     assert wire.decode_error(bytes([9]) + b"\x1b[31mred\xff")[1] == "?[31mred\ufffd"
 
 
+def test_routes_round_trip_and_bad_ones_are_refused():
+    routes = [(bytes([192, 0, 2, 0]), 24, True), (bytes.fromhex("fd000000000000010000000000000000"), 64, False)]
+    assert wire.decode_routes(wire.encode_routes(routes)) == routes
+    assert wire.decode_routes(b"") == []
+    for bad in (wire.ROUTE.pack(4, 24, 0) + bytes([192, 0, 2, 1]),     # host bits
+                wire.ROUTE.pack(5, 24, 0) + bytes(4), wire.ROUTE.pack(4, 33, 0) + bytes(4),
+                wire.ROUTE.pack(4, 24, 2) + bytes(4), wire.ROUTE.pack(6, 64, 0) + bytes(8)):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_routes(bad)
+
+
 def test_ipv4_problem_accepts_real_packets_only():
     header = bytearray(20)
     header[0], header[2:4] = 0x45, struct.pack("!H", 20)
@@ -217,7 +228,7 @@ DECODERS = (wire.decode_hello, wire.decode_challenge, wire.decode_auth,
             lambda payload: wire.decode_welcome(FUZZ_SESSION, payload),
             wire.decode_error, wire.check_ping, wire.decode_listen, wire.decode_open,
             wire.decode_accept, wire.decode_data, wire.decode_window, wire.decode_eof,
-            wire.decode_reset)
+            wire.decode_reset, wire.decode_routes)
 
 
 def test_fuzzed_decoders_only_ever_raise_protocol_error():

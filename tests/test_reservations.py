@@ -105,3 +105,22 @@ def test_a_reservation_that_can_never_hold_is_refused_with_its_file_line_and_why
         assert result.returncode == 2 and complaint in result.stderr, (lines, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert check(tmp_path, "reserve cam = 198.18.0.9", "reserve door = 198.18.0.8").returncode == 0
+
+
+def test_a_route_that_overlaps_the_network_or_another_is_refused_with_its_file_line_and_why(tmp_path):
+    """Issue #16: only the operator grants a network to a gateway, and never one that would
+    shadow the virtual network or another grant."""
+    path = tmp_path / "server.ini"
+    cases = [
+        (["route 198.18.0.0/16 = gw"], "line 3: route 198.18.0.0/16 = gw: overlaps the virtual network 198.18.0.0/24"),
+        (["route 192.0.2.0/24 = gw", "route 192.0.2.128/25 = other"],
+         "line 4: route 192.0.2.128/25 = other: overlaps 192.0.2.0/24, granted to gw (%s line 3)" % path),
+        (["route 192.0.2.1/24 = gw"], "line 3: route 192.0.2.1/24: 192.0.2.1/24: host bits are set"),
+        (["route 192.0.2.0 = gw"], "needs a prefix length"),
+        (["route kitchen = gw"], "is not a network"),
+        (["route 192.0.2.0/24 = two words"], "line 3: want: route NETWORK = DEVICE_ID"),
+    ]
+    for lines, complaint in cases:
+        result = check(tmp_path, *lines)
+        assert result.returncode == 2 and complaint in result.stderr, (lines, result.stderr)
+    assert check(tmp_path, "route 192.0.2.0/24 = gw", "route fd00:1::/64 = Gw-Two").returncode == 0

@@ -1,0 +1,111 @@
+"""Issue #16, end to end as root: the LAN behind a device, reached by its own addresses.
+
+    srv (relay)  <-  natA  <-  a  --  lan (198.51.100.128/26, no MNEDC on it: 198.51.100.130)
+                 <-  natB  <-  b
+                          <-  natC  <-  c      (c is behind two NATs)
+
+The operator grants a the LAN (`route 198.51.100.128/26 = device-a`, by SIGHUP); c and b reach
+the LAN host through the relay and a, which forwards.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.nettopo import Topology, have_netns_support
+from tests.relaynet import SERVER, RelayNetwork
+
+SUPPORTED, WHY_NOT = have_netns_support()
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
+PEER = os.path.join(ROOT, "tests", "ip6_peer.py")
+LAN, LAN_HOST, GATEWAY_SIDE = "198.51.100.128/26", "198.51.100.130", "198.51.100.129"
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    with Topology() as topo:
+        # the LAN behind a: a namespace of the topology's prefix, so its teardown sweeps it too
+        lan = topo.prefix + "lanA"
+        for command in (["ip", "netns", "add", lan],
+                        ["ip", "-n", topo.ns("a"), "link", "add", "lan1", "type", "veth", "peer", "name", "eth0", "netns", lan],
+                        ["ip", "-n", topo.ns("a"), "addr", "add", GATEWAY_SIDE + "/26", "dev", "lan1"],
+                        ["ip", "-n", topo.ns("a"), "link", "set", "lan1", "up"],
+                        ["ip", "-n", lan, "addr", "add", LAN_HOST + "/26", "dev", "eth0"],
+                        ["ip", "-n", lan, "link", "set", "eth0", "up"],
+                        ["ip", "-n", lan, "link", "set", "lo", "up"],
+                        ["ip", "-n", lan, "route", "add", "default", "via", GATEWAY_SIDE]):
+            subprocess.run(command, check=True, timeout=10)
+        topo.run("a", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        network = RelayNetwork(topo, tmp_path_factory.mktemp("gateways"), keepalive=6)
+        network.start_server()
+        for name in topo.clients:
+            network.start_client(name)
+        network.lan = lan
+        yield network
+
+
+def server_status(net):
+    return json.loads(net.topo.run("srv", [net.python, SERVER, "--control", net.control_socket, "status", "--json"]).stdout)
+
+
+def in_lan(net, argv, **kw):
+    return subprocess.run(["ip", "netns", "exec", net.lan] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, **kw)
+
+
+def drops(net, reason):
+    return server_status(net)["totals"]["drops"].get(reason, 0)
+
+
+def test_without_a_grant_packets_for_the_lan_are_dropped_and_counted(net):
+    before = drops(net, "unknown destination")
+    net.topo.run("c", ["ip", "route", "add", LAN, "dev", "mnedc0"])        # c sends them in anyway
+    try:
+        assert not net.topo.ping("c", LAN_HOST, count=2)
+    finally:
+        net.topo.run("c", ["ip", "route", "del", LAN, "dev", "mnedc0"])
+    assert drops(net, "unknown destination") - before >= 2
+
+
+def test_a_granted_lan_is_reached_across_the_nats_byte_exact_and_only_its_gateway_may_speak_for_it(net):
+    mark = {name: len(net.clients[name].lines()) for name in ("a", "b", "c")}
+    with net.reloaded("route %s = device-a\nroute 203.0.113.0/24 = device-b\n" % LAN):
+        net.clients["c"].wait_for(r"routing 198\.51\.100\.128/26 into mnedc0", start=mark["c"])
+        net.clients["c"].wait_for(r"not routing 203\.0\.113\.0/24 into mnedc0: it overlaps 203\.0\.113\.0/24 on up0",
+                                  start=mark["c"])     # c's own LAN stays out of the tunnel
+        net.clients["a"].wait_for(r"this device is the gateway for 198\.51\.100\.128/26$", start=mark["a"])
+        assert net.topo.ping("c", LAN_HOST, count=2) and net.topo.ping("b", LAN_HOST, count=2)
+        assert in_lan(net, ["ping", "-n", "-q", "-c", "2", "-W", "2", net.vip["c"]], timeout=15).returncode == 0, \
+            "the LAN host reaches c too: its source lies in a's granted network"
+        sink = subprocess.Popen(["ip", "netns", "exec", net.lan, sys.executable, "-u", PEER, "sink", "5310"],
+                                stdout=subprocess.PIPE, universal_newlines=True)
+        try:
+            assert sink.stdout.readline().startswith("listening")
+            sent = net.topo.run("c", [sys.executable, PEER, "source", LAN_HOST, "5310", str(4 << 20)], timeout=60).stdout.split()
+            assert sink.stdout.readline().split() == ["got"] + sent[1:]
+        finally:
+            sink.kill()
+            sink.wait(5)
+        status = server_status(net)
+        assert status["server"]["routes"] == {LAN: "device-a", "203.0.113.0/24": "device-b"}
+        assert {d["device_id"]: d["routes"] for d in status["devices"]}["device-a"] == [LAN]
+        assert net.client_status("c")["routes"] == [LAN] and net.client_status("a")["gateway_for"] == [LAN]
+        before = drops(net, "spoofed source")
+        net.topo.run("b", ["ip", "addr", "add", "198.51.100.140/32", "dev", "mnedc0"])     # b speaks for a's LAN
+        try:
+            assert not net.topo.run("b", ["ping", "-n", "-q", "-c", "2", "-W", "1", "-I", "198.51.100.140", net.vip["c"]],
+                                    check=False, timeout=15).returncode == 0
+        finally:
+            net.topo.run("b", ["ip", "addr", "del", "198.51.100.140/32", "dev", "mnedc0"])
+        assert drops(net, "spoofed source") - before >= 2
+    for _ in range(50):             # the grant is gone: c takes the route out again (5 s at most)
+        if not net.topo.run("c", ["ip", "route", "show", LAN]).stdout.strip():
+            break
+        time.sleep(0.1)
+    assert net.topo.run("c", ["ip", "route", "show", LAN]).stdout.strip() == ""
+    assert not net.topo.ping("c", LAN_HOST, count=1)
