@@ -30,6 +30,8 @@ else ./client-config.ini), then command-line flags.
   ipv6        yes (default): take the network's IPv6 addresses on the TUN, when it has them
   accept_routes  yes (default): route the networks the relay's operator granted to gateways
               (devices with a LAN behind them) into the TUN; no: only the virtual network
+  gateway_nat yes: on a gateway, masquerade the virtual network onto its granted IPv4 LANs
+              (iptables), so their hosts need no route back; removed at stop (default no)
   log_level   debug, info, warning or error                  (default info)
 server may list several addresses of the same relay (its LAN and its public address), tried
 in order: server = 192.0.2.10:3334, relay.example.org:3334.
@@ -1963,6 +1965,7 @@ class TunClient(RelayClient):
         self.dnsmasq_set = None         # (DNS address, domain) in the dnsmasq servers file
         self.own_networks = []          # granted networks this device is the gateway for
         self.routed = []                # others' granted networks routed into our TUN
+        self.masqueraded = []           # iptables rules we added (gateway_nat), to take out at stop
         self.control = None
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.drops = {}
@@ -2180,6 +2183,7 @@ class TunClient(RelayClient):
                 self.log.info("routing %s/%d into %s (granted to a gateway by the relay)"
                               % (ip_text(network), length, self.tun.interface))
         self.routed = wanted
+        self.set_gateway_nat()
         for network, length in self.own_networks:
             switch = "/proc/sys/net/ipv4/ip_forward" if len(network) == 4 else "/proc/sys/net/ipv6/conf/all/forwarding"
             try:
@@ -2190,6 +2194,34 @@ class TunClient(RelayClient):
             self.log.info("this device is the gateway for %s/%d%s" % (
                 ip_text(network), length, "" if forwarding else ": turn forwarding on (sysctl -w %s=1) so that it "
                 "passes the traffic on" % switch[len("/proc/sys/"):].replace("/", ".")))
+
+    def set_gateway_nat(self):
+        """gateway_nat = yes: what comes from the virtual network into our granted IPv4 LANs
+        leaves with this device's LAN address (iptables MASQUERADE), so LAN hosts answer
+        without a route back. Each rule carries a comment naming us; stale ones go."""
+        import shutil
+        wanted = []
+        if self.config.gateway_nat and self.network:
+            source = "%s/%d" % (ipv4_text(self.network[0]), self.network[1])
+            wanted = [["-s", source, "-d", "%s/%d" % (ipv4_text(network), length), "-j", "MASQUERADE",
+                       "-m", "comment", "--comment", "mnedc %s" % self.tun.interface]
+                      for network, length in self.own_networks if len(network) == 4]
+        iptables = shutil.which("iptables") or "iptables"
+        for rule in [rule for rule in self.masqueraded if rule not in wanted]:
+            run_quietly([[iptables, "-t", "nat", "-D", "POSTROUTING"] + rule], self.log)
+        for rule in [rule for rule in wanted if rule not in self.masqueraded]:
+            import subprocess
+            try:                        # there already: left by a client that was killed
+                there = subprocess.run([iptables, "-t", "nat", "-C", "POSTROUTING"] + rule, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       timeout=RESOLVECTL_TIMEOUT_S).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                there = False
+            if there or run_quietly([[iptables, "-t", "nat", "-A", "POSTROUTING"] + rule], self.log):
+                self.log.info("masquerading %s onto %s (gateway_nat)" % (rule[1], rule[3]))
+            else:
+                wanted.remove(rule)
+        self.masqueraded = wanted
 
     def on_frame(self, frame_type, payload):
         if frame_type == FRAME_ROUTES:
@@ -2266,6 +2298,8 @@ class TunClient(RelayClient):
             self.control.close(reason)
         if self.tun is not None:
             self.revert_link_dns()
+            self.own_networks = []
+            self.set_gateway_nat()              # our iptables rules go with us
             if self.dnsmasq_set is not None:
                 self.set_dnsmasq_servers("")
             self.tun.close(reason)
@@ -3785,6 +3819,7 @@ class ClientConfig:
         self.domain = DEFAULT_DOMAIN
         self.ipv6 = True                        # take the network's IPv6 addresses, if it has some
         self.accept_routes = True               # route gateways' granted networks into the TUN
+        self.gateway_nat = False                # masquerade the virtual network onto our granted LANs
         self.dnsmasq_servers = DEFAULT_DNSMASQ_SERVERS
 
 
@@ -3810,6 +3845,7 @@ CLIENT_KEYS = {
     "domain": lambda config, text: setattr(config, "domain", check_domain(text)),
     "ipv6": lambda config, text: setattr(config, "ipv6", parse_choice(text, ("yes", "no")) == "yes"),
     "accept_routes": lambda config, text: setattr(config, "accept_routes", parse_choice(text, ("yes", "no")) == "yes"),
+    "gateway_nat": lambda config, text: setattr(config, "gateway_nat", parse_choice(text, ("yes", "no")) == "yes"),
 }
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key")      # relative to the INI file
 

@@ -2001,7 +2001,8 @@ class Policy:
     decides; with no rule matching, traffic is allowed.
 
         group NAME = DEVICE_ID ...              name a set of devices (use it as @NAME)
-        allow|deny FROM -> TO [port N[,M...]]   FROM and TO: a device_id, @NAME, or *
+        allow|deny FROM -> TO [port N[,M...]]   FROM and TO: a device_id, @NAME, *, or a
+                                                network (192.0.2.0/24: a packet's address)
         name SERVICE[,SERVICE...] by WHO        only WHO (a device_id, @NAME or *) may offer
                                                 these service names; SERVICE * is every name
 
@@ -2019,6 +2020,7 @@ class Policy:
         self.name_rules = []        # (service names or None for all, who)
         self.verdicts = {}          # (from, to, port) -> allowed, for the packet path
         self.port_rules = False
+        self.networks = {}          # a FROM or TO that names a network -> (number, prefix length, bits)
         with open(path, encoding="utf-8") as source:
             for number, line in enumerate(source, 1):
                 words = line.split("#", 1)[0].split()
@@ -2054,6 +2056,10 @@ class Policy:
         self.port_rules = self.port_rules or ports is not None
 
     def check_pattern(self, pattern):
+        if "/" in pattern:              # a network: judged by the packet's own addresses
+            network, length = parse_prefix(pattern)
+            self.networks[pattern] = (int.from_bytes(network, "big"), length, len(network) * 8)
+            return
         if pattern.startswith("@") and pattern[1:] not in self.groups:
             raise ValueError("group %s is not defined above" % pattern[1:])
         if pattern != "*" and not pattern.startswith("@") and pattern != "(server)":
@@ -2075,14 +2081,34 @@ class Policy:
             for pattern in pair:
                 if pattern.startswith("@"):
                     names |= self.groups[pattern[1:]]
-                elif pattern not in ("*", "(server)"):
+                elif pattern not in ("*", "(server)") and pattern not in self.networks:
                     names.add(pattern)
         return names
 
     def matches(self, pattern, device_id):
+        if pattern in self.networks:    # a stream has no addresses to match a network
+            return False
         if pattern.startswith("@"):
             return device_id in self.groups[pattern[1:]]
         return pattern == "*" or pattern == device_id
+
+    def permits_packet(self, source, target, port, addresses):
+        """permits for a packet, when rules name networks: FROM and TO may match its source and
+        destination addresses (packed) as well as the devices. Not cached: addresses are many."""
+        for allow, from_pattern, to_pattern, ports in self.rules:
+            if ports is not None and port not in ports:
+                continue
+            if self.matches_address(from_pattern, source, addresses[0]) and \
+                    self.matches_address(to_pattern, target, addresses[1]):
+                return allow
+        return True
+
+    def matches_address(self, pattern, device_id, address):
+        network = self.networks.get(pattern)
+        if network is None:
+            return self.matches(pattern, device_id)
+        number, length, bits = network
+        return len(address) * 8 == bits and int.from_bytes(address, "big") >> (bits - length) == number >> (bits - length)
 
     def permits(self, source, target, port=None):
         """Whether source may reach target (a stream or a TCP/UDP packet to port; port None: a
@@ -3695,8 +3721,10 @@ class RelayServer:
             self.fan_out(frame_type, packet, sender, offset)
         elif target is None:
             self.count_drop(reason, sender, frame_type, packet)
-        elif self.config.policy is not None and not self.config.policy.permits(
-                sender.device_id, target.device_id, destination_port(packet, offset)):
+        elif self.config.policy is not None and not (self.config.policy.permits_packet(
+                sender.device_id, target.device_id, destination_port(packet, offset), ip_addresses(packet, offset))
+                if self.config.policy.networks else self.config.policy.permits(
+                sender.device_id, target.device_id, destination_port(packet, offset))):
             self.count_drop("denied by policy", sender, frame_type, packet)
         else:
             target.send_packet(frame_type, packet)
@@ -3723,7 +3751,9 @@ class RelayServer:
         policy = self.config.policy
         port = destination_port(packet, offset) if policy is not None else None
         for target in receivers:
-            if policy is not None and not policy.permits(sender.device_id, target.device_id, port):
+            if policy is not None and not (policy.permits_packet(sender.device_id, target.device_id, port,
+                                                                 ip_addresses(packet, offset))
+                                           if policy.networks else policy.permits(sender.device_id, target.device_id, port)):
                 self.count_drop("denied by policy", sender, frame_type, packet)
             else:
                 self.multicast_copied += 1

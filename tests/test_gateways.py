@@ -24,6 +24,7 @@ SUPPORTED, WHY_NOT = have_netns_support()
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns, iptables and /dev/net/tun: %s" % WHY_NOT)
 PEER = os.path.join(ROOT, "tests", "ip6_peer.py")
 LAN, LAN_HOST, GATEWAY_SIDE = "198.51.100.128/26", "198.51.100.130", "198.51.100.129"
+LAN6, LAN6_HOST, GATEWAY6_SIDE = "fd00:5e:1::/64", "fd00:5e:1::130", "fd00:5e:1::1"
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,15 @@ def net(tmp_path_factory):
                         ["ip", "-n", lan, "addr", "add", LAN_HOST + "/26", "dev", "eth0"],
                         ["ip", "-n", lan, "link", "set", "eth0", "up"],
                         ["ip", "-n", lan, "link", "set", "lo", "up"],
-                        ["ip", "-n", lan, "route", "add", "default", "via", GATEWAY_SIDE]):
+                        ["ip", "-n", lan, "route", "add", "default", "via", GATEWAY_SIDE],
+                        # and IPv6 on that LAN (the topology turns it off in every namespace)
+                        ["ip", "netns", "exec", lan, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"],
+                        ["ip", "netns", "exec", topo.ns("a"), "sysctl", "-qw", "net.ipv6.conf.lan1.disable_ipv6=0",
+                         "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1"],
+                        ["ip", "-n", lan, "-6", "addr", "add", LAN6_HOST + "/64", "dev", "eth0", "nodad"],
+                        ["ip", "-n", topo.ns("a"), "-6", "addr", "add", GATEWAY6_SIDE + "/64", "dev", "lan1", "nodad"],
+                        ["ip", "-n", lan, "-6", "route", "add", "default", "via", GATEWAY6_SIDE]):
             subprocess.run(command, check=True, timeout=10)
-        topo.run("a", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         network = RelayNetwork(topo, tmp_path_factory.mktemp("gateways"), keepalive=6)
         network.start_server()
         for name in topo.clients:
@@ -56,6 +63,19 @@ def server_status(net):
 def in_lan(net, argv, **kw):
     return subprocess.run(["ip", "netns", "exec", net.lan] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, **kw)
+
+
+def assert_byte_exact(net, source, host, port, size):
+    """size random bytes from source to a TCP sink on the LAN host, compared by SHA-256."""
+    sink = subprocess.Popen(["ip", "netns", "exec", net.lan, sys.executable, "-u", PEER, "sink", str(port)],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert sink.stdout.readline().startswith("listening")
+        sent = net.topo.run(source, [sys.executable, PEER, "source", host, str(port), str(size)], timeout=60).stdout.split()
+        assert sink.stdout.readline().split() == ["got"] + sent[1:]
+    finally:
+        sink.kill()
+        sink.wait(5)
 
 
 def drops(net, reason):
@@ -82,15 +102,7 @@ def test_a_granted_lan_is_reached_across_the_nats_byte_exact_and_only_its_gatewa
         assert net.topo.ping("c", LAN_HOST, count=2) and net.topo.ping("b", LAN_HOST, count=2)
         assert in_lan(net, ["ping", "-n", "-q", "-c", "2", "-W", "2", net.vip["c"]], timeout=15).returncode == 0, \
             "the LAN host reaches c too: its source lies in a's granted network"
-        sink = subprocess.Popen(["ip", "netns", "exec", net.lan, sys.executable, "-u", PEER, "sink", "5310"],
-                                stdout=subprocess.PIPE, universal_newlines=True)
-        try:
-            assert sink.stdout.readline().startswith("listening")
-            sent = net.topo.run("c", [sys.executable, PEER, "source", LAN_HOST, "5310", str(4 << 20)], timeout=60).stdout.split()
-            assert sink.stdout.readline().split() == ["got"] + sent[1:]
-        finally:
-            sink.kill()
-            sink.wait(5)
+        assert_byte_exact(net, "c", LAN_HOST, 5310, 4 << 20)
         status = server_status(net)
         assert status["server"]["routes"] == {LAN: "device-a", "203.0.113.0/24": "device-b"}
         assert {d["device_id"]: d["routes"] for d in status["devices"]}["device-a"] == [LAN]
@@ -109,3 +121,57 @@ def test_a_granted_lan_is_reached_across_the_nats_byte_exact_and_only_its_gatewa
         time.sleep(0.1)
     assert net.topo.run("c", ["ip", "route", "show", LAN]).stdout.strip() == ""
     assert not net.topo.ping("c", LAN_HOST, count=1)
+
+
+def test_with_gateway_nat_lan_hosts_without_a_route_back_answer_and_the_rule_goes_at_stop(net):
+    in_lan(net, ["ip", "route", "del", "default"], timeout=10)     # the LAN knows no way to 198.18.0.0/24
+    mark = len(net.clients["c"].lines())
+    try:
+        with net.reloaded("route %s = device-a\n" % LAN):
+            net.clients["c"].wait_for(r"routing 198\.51\.100\.128/26 into mnedc0", timeout=15, start=mark)
+            assert not net.topo.ping("c", LAN_HOST, count=1), "without gateway_nat the answers have no way back"
+            net.clients["a"].stop()
+            net.start_client("a", options={"gateway_nat": "yes"})
+            net.clients["a"].wait_for(r"masquerading 198\.18\.0\.0/24 onto 198\.51\.100\.128/26 \(gateway_nat\)")
+            assert net.topo.ping("c", LAN_HOST, count=2)
+            assert_byte_exact(net, "c", LAN_HOST, 5312, 4 << 20)
+            rules = net.topo.run("a", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).stdout
+            assert "-s 198.18.0.0/24 -d 198.51.100.128/26" in rules and "MASQUERADE" in rules, rules
+            net.clients["a"].stop()
+            assert "MASQUERADE" not in net.topo.run("a", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).stdout
+            net.start_client("a")
+    finally:
+        in_lan(net, ["ip", "route", "add", "default", "via", GATEWAY_SIDE], timeout=10)
+
+
+def test_an_ipv6_lan_is_granted_and_reached_the_same_way(net):
+    mark = len(net.clients["c"].lines())
+    with net.reloaded("route %s = device-a\n" % LAN6):
+        net.clients["c"].wait_for(r"routing fd00:5e:1::/64 into mnedc0", timeout=15, start=mark)
+        ping = net.topo.run("c", ["ping", "-6", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", LAN6_HOST], check=False, timeout=15)
+        assert ping.returncode == 0, ping.stdout
+        assert_byte_exact(net, "c", LAN6_HOST, 5311, 2 << 20)
+
+
+def test_a_member_with_accept_routes_no_keeps_to_the_virtual_network(net):
+    with net.reloaded("route %s = device-a\n" % LAN):
+        net.clients["b"].stop()
+        net.start_client("b", options={"accept_routes": "no"})
+        try:
+            assert net.topo.run("b", ["ip", "route", "show", LAN]).stdout.strip() == ""
+            assert net.topo.ping("b", net.vip["a"], count=1) and not net.topo.ping("b", LAN_HOST, count=1)
+        finally:
+            net.clients["b"].stop()
+            net.start_client("b")
+
+
+def test_a_policy_rule_can_name_the_lan_instead_of_its_gateway(net, tmp_path):
+    policy = tmp_path / "policy"
+    policy.write_text("deny device-c -> %s\n" % LAN)
+    before, mark = drops(net, "denied by policy"), len(net.clients["b"].lines())
+    with net.reloaded("route %s = device-a\npolicy_file = %s\n" % (LAN, policy)):
+        net.clients["b"].wait_for(r"routing 198\.51\.100\.128/26 into mnedc0", timeout=15, start=mark)
+        assert not net.topo.ping("c", LAN_HOST, count=2), "c may not reach the LAN"
+        assert net.topo.ping("c", net.vip["a"], count=1), "but still its gateway"
+        assert net.topo.ping("b", LAN_HOST, count=1), "and b the LAN"
+    assert drops(net, "denied by policy") - before >= 2
