@@ -175,3 +175,15 @@ def test_a_policy_rule_can_name_the_lan_instead_of_its_gateway(net, tmp_path):
         assert net.topo.ping("c", net.vip["a"], count=1), "but still its gateway"
         assert net.topo.ping("b", LAN_HOST, count=1), "and b the LAN"
     assert drops(net, "denied by policy") - before >= 2
+
+
+def test_a_gateway_without_forwarding_says_what_to_turn_on(net):
+    net.topo.run("a", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+    try:
+        with net.reloaded("route %s = device-a\n" % LAN):
+            net.clients["a"].stop()
+            net.start_client("a")
+            net.clients["a"].wait_for(r"this device is the gateway for 198\.51\.100\.128/26: turn forwarding on "
+                                      r"\(sysctl -w net\.ipv4\.ip_forward=1\)", timeout=15)
+    finally:
+        net.topo.run("a", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
