@@ -5565,6 +5565,12 @@ def cmd_run(args):
             write_network_salt(config)
         if config.ipv6:
             config.ipv6_prefix = ensure_ipv6_prefix(config.state_dir)
+            ula = (config.ipv6_prefix + bytes(8), 64)
+            for network, length, gateway, where in config.routes:
+                if prefixes_overlap((network, length), ula):
+                    raise ConfigError("%s: route %s/%d = %s: overlaps the network's IPv6 %s/64 (%s)" % (
+                        where, ip_text(network), length, gateway, ip_text(ula[0]),
+                        os.path.join(config.state_dir, IPV6_PREFIX_NAME)))
         certificate_made = config.tls_generate and ensure_tls_identity(config.state_dir, "mnedc-relay")[2]
         if config.tls_generate:
             build_tls_context(config, "%s: [server] " % args.config)

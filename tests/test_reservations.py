@@ -124,3 +124,16 @@ def test_a_route_that_overlaps_the_network_or_another_is_refused_with_its_file_l
         result = check(tmp_path, *lines)
         assert result.returncode == 2 and complaint in result.stderr, (lines, result.stderr)
     assert check(tmp_path, "route 192.0.2.0/24 = gw", "route fd00:1::/64 = Gw-Two").returncode == 0
+
+
+def test_an_ipv6_route_over_the_networks_own_64_stops_the_start(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "ipv6_prefix").write_text("fd00:5e:2::/64\n")
+    config = write_config(tmp_path / "server.ini", "route fd00:5e:2::/64 = gw")
+    result = subprocess.run([sys.executable, SERVER, "-c", config, "--no-tun", "--no-tls", "--listen", "127.0.0.1:0",
+                             "--subnet", "198.18.0.0/24", "--state-dir", str(state),
+                             "--control", str(tmp_path / "server.sock")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "line 3: route fd00:5e:2::/64 = gw: overlaps the network's IPv6 fd00:5e:2::/64" in result.stderr, result.stderr
