@@ -76,6 +76,7 @@ MIN_PREFIX_LENGTH, MAX_PREFIX_LENGTH = 16, 29   # the subnets a relay may offer 
 IPV4_SOURCE_AT, IPV4_DESTINATION_AT = 12, 16    # offsets in the IPv4 header (RFC 791)
 ROUTES_FILE = "/proc/net/route"
 IPV6_ROUTES_FILE = "/proc/net/ipv6_route"
+MIN_ROUTE_V4, MIN_ROUTE_V6 = 8, 16      # a granted network no shorter: no relay pulls half the Internet in
 REPLACED_BACKOFF_STEPS = 5      # after losing our device_id to another connection: wait ~30 s
 LISTEN_RETRY_S = 10             # a taken virtual port may be a stale session: ask again this late
 RECV_BYTES = 256 * 1024
@@ -1777,6 +1778,7 @@ class RelayClient:
             self.attempt_failed("cannot connect to %s: %s" % (self.server_label(), os.strerror(failure).lower()))
             return
         self.link = RelayLink(self, sock, self.server_label())
+        self.link.relay_ip = socket.inet_aton(address[0])      # no granted route may cover it
         self.loop.set_interest(self.link, selectors.EVENT_WRITE)
 
     def attempt_failed(self, reason):
@@ -2036,6 +2038,7 @@ class TunClient(RelayClient):
                 self.fatal(str(error))
                 return
             self.configured, self.mtu = wanted, mtu
+            self.routed = []            # a new address takes the kernel's routes on the TUN with it
             self.ipv6_prefix = ipv6_prefix
             self.own_addresses6 = addresses6 if mtu >= IPV6_MIN_MTU else ()
         self.failures = 0
@@ -2165,15 +2168,29 @@ class TunClient(RelayClient):
         """The relay's granted networks: ours to forward to, others' into the TUN (unless
         accept_routes = no, or one overlaps a route of this host's: the relay may not pull a LAN
         of ours into the tunnel)."""
-        self.own_networks = [(network, length) for network, length, ours in routes if ours]
+        self.own_networks = []
+        for network, length, ours in routes:
+            behind = ours and local_route_containing(self.tun.interface, network, length)
+            if behind:
+                self.own_networks.append((network, length))
+            elif ours:
+                self.log.warning("not serving %s/%d as its gateway: no LAN of this host's (a route on another "
+                                 "interface than %s) holds it" % (ip_text(network), length, self.tun.interface))
         wanted = []
+        relay = getattr(self.link, "relay_ip", None)
         for network, length, ours in routes:
             if ours or not self.config.accept_routes:
                 continue
+            shortest = MIN_ROUTE_V4 if len(network) == 4 else MIN_ROUTE_V6
             clash = local_route_overlapping(self.tun.interface, network, length)
+            if length < shortest:
+                clash = "it is wider than a /%d" % shortest
+            elif relay and len(relay) == len(network) and in_networks(relay, [(network, length)]):
+                clash = "it holds the relay's own address %s" % ip_text(relay)
+            elif clash:
+                clash = "it overlaps " + clash
             if clash:
-                self.log.warning("not routing %s/%d into %s: it overlaps %s" % (ip_text(network), length,
-                                                                                self.tun.interface, clash))
+                self.log.warning("not routing %s/%d into %s: %s" % (ip_text(network), length, self.tun.interface, clash))
                 continue
             wanted.append((network, length))
         for network, length in [route for route in self.routed if route not in wanted]:
@@ -2714,6 +2731,20 @@ def in_networks(address, networks):
                for network, length in networks)
 
 
+def local_route_containing(interface, network, length):
+    """A route of this host's on another interface than ours that holds all of network/length
+    (the LAN a gateway serves), as text, or None. Default routes do not count."""
+    if len(network) == 4:
+        for other, route in routes_other_than(interface):
+            if route[1] <= length and networks_overlap((network, length), route):
+                return "%s/%d on %s" % (ipv4_text(route[0]), route[1], other)
+        return None
+    for other, route, route_length in ipv6_routes_other_than(interface, unique_local_only=False):
+        if route_length <= length and in_networks(network, [(route, route_length)]):
+            return "%s/%d on %s" % (ip_text(route), route_length, other)
+    return None
+
+
 def local_route_overlapping(interface, network, length):
     """A description of a route of this host's (on another interface than ours) that overlaps
     the packed network/length, or None. IPv4: every route but the default ones; IPv6: the
@@ -2735,9 +2766,10 @@ def ip_route_command(verb, network, length, interface):
         "route", verb, "%s/%d" % (ip_text(network), length), "dev", interface]
 
 
-def ipv6_routes_other_than(interface, path=IPV6_ROUTES_FILE):
+def ipv6_routes_other_than(interface, path=IPV6_ROUTES_FILE, unique_local_only=True):
     """[(interface, packed network, prefix length)] of this host's unique-local IPv6 routes
-    (fc00::/7) on other interfaces, from /proc/net/ipv6_route."""
+    (fc00::/7; all but the default and link-local ones with unique_local_only False) on other
+    interfaces, from /proc/net/ipv6_route."""
     try:
         with open(path) as source:
             rows = [line.split() for line in source]
@@ -2747,7 +2779,8 @@ def ipv6_routes_other_than(interface, path=IPV6_ROUTES_FILE):
     for row in rows:
         if len(row) >= 10 and row[9] != interface and row[9] != "lo":
             network, length = bytes.fromhex(row[0]), int(row[1], 16)
-            if length and network[0] & 0xFE == 0xFC:
+            if length and (network[0] & 0xFE == 0xFC or not unique_local_only and network[:2] != b"\xfe\x80"
+                           and network[0] != 0xFF):
                 routes.append((row[9], network, length))
     return routes
 

@@ -1507,7 +1507,8 @@ class LeaseTable:
         stale = [(self.leases[device_id]["last_seen"], device_id) for device_id in self.on_trial
                  if device_id not in online]       # on trial and gone: these go first, however fresh
         stale = stale or [(lease["last_seen"], device_id) for device_id, lease in self.leases.items()
-                          if device_id not in online and now - lease["last_seen"] > LEASE_RECLAIM_AFTER_S]
+                          if device_id not in online and now - lease["last_seen"] > LEASE_RECLAIM_AFTER_S
+                          and device_id not in self.reserved]     # a reserved address stays its device's
         if not stale:
             raise PoolExhausted("address pool %s is full: all %d client addresses are leased"
                                 % (self.subnet_text(), self.capacity()))
@@ -3588,6 +3589,13 @@ class RelayServer:
             if getattr(fresh, name) != getattr(self.config, name):
                 self.log.warning("%s changed: takes effect at the next restart" % name)
                 setattr(fresh, name, getattr(self.config, name))
+        if fresh.path:                  # reserve and route lines hold against the running subnet
+            try:
+                fresh.reservations = read_reservations(fresh.path, fresh.subnet)
+                fresh.routes = read_routes(fresh.path, fresh.subnet)
+            except (ConfigError, OSError) as error:
+                self.log.error("reload failed, keeping the running configuration: %s" % error)
+                return
         if fresh.secret is None:
             fresh.secret, fresh.secret_source = self.config.secret, self.config.secret_source
         self.key = network_key(fresh.secret, fresh.network_salt) if fresh.secret != self.config.secret else self.key
@@ -5046,6 +5054,7 @@ class ServerConfig:
         self.lease_trial = DEFAULT_LEASE_TRIAL_S
         self.reservations = []                  # [(device_id, address number, "FILE line N")]
         self.routes = []                        # [(packed network, prefix length, gateway device_id, where)]
+        self.path = None                        # the INI file these came from
         self.multicast_groups = ()              # packed groups relayed beside the link-local ones
         self.multicast_packets_per_second = MULTICAST_PACKETS_PER_S
         self.multicast_bytes_per_second = MULTICAST_BYTES_PER_S
@@ -5297,6 +5306,7 @@ def load_server_config(args, key_cache=None, reloading=False, network_salt=None,
     network_salt: the running one (a reload keeps it, whatever state_dir now says). derive_keys:
     False for status, kick and --check, which need no keys (PBKDF2 costs a board a second each)."""
     config = ServerConfig()
+    config.path = args.config
     values = read_ini(args.config, "server", ServerIniKeys(SERVER_KEYS)) if args.config else {}
     where = "%s: [server] " % args.config if args.config else "[server] "
     values = {key: text for key, text in values.items() if not key.startswith((RESERVE_PREFIX, ROUTE_PREFIX))}

@@ -6,7 +6,8 @@ someone with the secret, can send a TUN client. Run as a script inside a test's 
 It accepts one client at a time, completes the real handshake, sends WELCOME with WELCOME_CIDR
 (the client's address and prefix, whatever they are; IPV6_PREFIX, e.g. fd00:0:0:1::, as the
 network's IPv6 /64), then every packet in PACKETS_FILE (one hex
-string a line; "vnet:" before it sends it as a VNET_PACKET, with a header asking for nothing), answers pings, and prints what it did, for the test to wait on.
+string a line; "vnet:" before it sends it as a VNET_PACKET, with a header asking for nothing;
+"routes:" before a ROUTES payload sends that), answers pings, and prints what it did, for the test to wait on.
 Bounded: it serves at most 5 clients and exits after 60 s.
 """
 
@@ -49,6 +50,8 @@ def serve(sock, key, salt, welcome, server_address, packets, deadline, ipv6_pref
     for packet in packets:
         if packet.startswith(b"vnet:"):
             sock.sendall(wire.encode_frame(wire.FRAME_VNET_PACKET, bytes(wire.VNET_HEADER.size) + packet[5:]))
+        elif packet.startswith(b"routes:"):
+            sock.sendall(wire.encode_frame(wire.FRAME_ROUTES, packet[7:]))
         else:
             sock.sendall(wire.encode_frame(wire.FRAME_PACKET, packet))
     print("sent %d packets" % len(packets), flush=True)
@@ -64,8 +67,8 @@ def main():
     ipv6_prefix = socket.inet_pton(socket.AF_INET6, sys.argv[6])[:8] if len(sys.argv) > 6 else None
     salt = os.urandom(16)                               # a liar picks its own
     key = wire.network_key(open(secret_file).read().strip().encode(), salt)
-    packets = [b"vnet:" + bytes.fromhex(line[5:]) if line.startswith("vnet:") else bytes.fromhex(line)
-               for line in open(packets_file).read().split()]
+    packets = [line.split(":")[0].encode() + b":" + bytes.fromhex(line.split(":", 1)[1]) if ":" in line
+               else bytes.fromhex(line) for line in open(packets_file).read().split()]
     deadline = time.monotonic() + 60
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

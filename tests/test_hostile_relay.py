@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.nettopo import Topology, have_netns_support
 from tests.relaynet import RelayNetwork
+import mnedc_client
 
 SUPPORTED, WHY_NOT = have_netns_support()
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs root, ip netns and /dev/net/tun: %s" % WHY_NOT)
@@ -121,6 +122,26 @@ def test_the_client_writes_to_its_tun_only_ipv6_packets_for_it_from_the_virtual_
         assert drops == {"not addressed to this device": 2, "source outside the virtual network": 2}
         assert [line for line in sink.lines() if line.startswith("got")] == [
             "got 'legit' from fd00:0:0:1::1", "got 'legit link-local' from fe80::1"]
+
+
+def test_a_relay_cannot_make_the_client_route_or_serve_networks_that_are_no_lans(tmp_path):
+    """Issue #16's ROUTES from a lying relay: half the Internet as ours to forward, or into the
+    tunnel, or a network holding the relay itself; only a plain LAN grant is taken."""
+    routes = [(socket.inet_aton("0.0.0.0"), 1, True), (socket.inet_aton("128.0.0.0"), 1, False),
+              (socket.inet_aton("192.0.2.96"), 28, False), (socket.inet_aton("198.51.100.0"), 24, False)]
+    with Topology(layout="flat", clients=1) as topo:
+        net = RelayNetwork(topo, tmp_path, tls=False)     # the liar speaks plaintext
+        relay = hostile_relay(topo, net, CLIENT_ADDRESS + "/24", ["routes:" + mnedc_client.encode_routes(routes).hex()])
+        client = net.start_client("c1")
+        relay.wait_for("sent 1 packets", timeout=15)
+        client.wait_for(r"routing 198\.51\.100\.0/24 into mnedc0", timeout=10)
+        for complaint in (r"not serving 0\.0\.0\.0/1 as its gateway: no LAN of this host's",
+                          r"not routing 128\.0\.0\.0/1 into mnedc0: it is wider than a /8",
+                          r"not routing 192\.0\.2\.96/28 into mnedc0: it holds the relay's own address 192\.0\.2\.100"):
+            client.wait_for(complaint, timeout=5)
+        routes_now = topo.run("c1", ["ip", "-o", "route", "show", "dev", "mnedc0"]).stdout
+        assert "198.51.100.0/24" in routes_now and "128.0.0.0" not in routes_now and "192.0.2.96" not in routes_now, routes_now
+        assert net.client_status("c1")["gateway_for"] == []
 
 
 @pytest.mark.parametrize("welcome, ipv6_prefix, complaint", [
