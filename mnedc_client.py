@@ -55,8 +55,8 @@ import socket
 import stat
 import sys
 import time
-# struct and sha256 are imported by the wire protocol block below; json, syslog, traceback,
-# subprocess and shutil where they are used, since a client's RSS matters on a small board.
+# struct and sha256 are imported by the wire protocol block below; json, syslog, traceback and
+# subprocess where they are used, since a client's RSS matters on a small board.
 
 DEFAULT_PORT = 3334
 DEFAULT_CONFIG_PATHS = ("/etc/mnedc/client-config.ini", "client-config.ini")
@@ -2058,8 +2058,7 @@ class TunClient(RelayClient):
     def set_link_dns(self):
         """Where systemd-resolved runs: names in the domain go to the relay's DNS over this
         link, and only those (a ~domain is a routing domain, not a search domain)."""
-        import shutil
-        resolvectl = shutil.which("resolvectl")
+        resolvectl = find_program("resolvectl")
         if resolvectl is None or not os.path.isdir(RESOLVED_DIR):
             return
         commands = ([resolvectl, "dns", self.tun.interface, self.server_address],
@@ -2093,8 +2092,7 @@ class TunClient(RelayClient):
 
     def revert_link_dns(self):
         if self.resolver_set is not None:
-            import shutil
-            run_quietly([[shutil.which("resolvectl") or "resolvectl", "revert", self.tun.interface]], self.log)
+            run_quietly([[find_program("resolvectl") or "resolvectl", "revert", self.tun.interface]], self.log)
             self.resolver_set = None
 
     def welcome_problem(self, address, prefix_length):
@@ -2216,14 +2214,13 @@ class TunClient(RelayClient):
         """gateway_nat = yes: what comes from the virtual network into our granted IPv4 LANs
         leaves with this device's LAN address (iptables MASQUERADE), so LAN hosts answer
         without a route back. Each rule carries a comment naming us; stale ones go."""
-        import shutil
         wanted = []
         if self.config.gateway_nat and self.network:
             source = "%s/%d" % (ipv4_text(self.network[0]), self.network[1])
             wanted = [["-s", source, "-d", "%s/%d" % (ipv4_text(network), length), "-j", "MASQUERADE",
                        "-m", "comment", "--comment", "mnedc %s" % self.tun.interface]
                       for network, length in self.own_networks if len(network) == 4]
-        iptables = shutil.which("iptables") or "iptables"
+        iptables = find_program("iptables") or "iptables"
         for rule in [rule for rule in self.masqueraded if rule not in wanted]:
             run_quietly([[iptables, "-t", "nat", "-D", "POSTROUTING"] + rule], self.log)
         for rule in [rule for rule in wanted if rule not in self.masqueraded]:
@@ -2761,8 +2758,7 @@ def local_route_overlapping(interface, network, length):
 
 
 def ip_route_command(verb, network, length, interface):
-    import shutil
-    return [shutil.which("ip") or "/sbin/ip"] + (["-6"] if len(network) == 16 else []) + [
+    return [find_program("ip") or "/sbin/ip"] + (["-6"] if len(network) == 16 else []) + [
         "route", verb, "%s/%d" % (ip_text(network), length), "dev", interface]
 
 
@@ -2814,8 +2810,8 @@ def format_services(listing):
 # ==== BEGIN MNEDC RUNTIME ====
 # The log, the event loop and the TUN glue. Byte-identical in both scripts, like the wire
 # protocol block, because each script is copied alone onto a board. Modules that only some runs
-# need (json, syslog, traceback, subprocess, shutil) are imported where they are used: each costs
-# a board 0.3 to 2.6 MB of RSS.
+# need (json, syslog, traceback, subprocess) are imported where they are used: each costs
+# a board 0.3 to 2.6 MB of RSS. Not shutil at all: find_program does its which().
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITIES = {"debug": "LOG_DEBUG", "info": "LOG_INFO", "warning": "LOG_WARNING", "error": "LOG_ERR"}
@@ -3281,7 +3277,7 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
 # --check: what the daemon will import, checked before install.sh starts it. OpenWrt splits
 # these out of python3-light (../shared/PLATFORMS.md); Debian's python3-minimal lacks several,
 # which its python3 package brings.
-RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "shutil", "threading")
+RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "threading")
 OPKG_PACKAGES = {"ssl": "python3-openssl", "logging": "python3-logging", "unicodedata": "python3-codecs"}
 
 
@@ -3595,10 +3591,29 @@ def configure_with_ioctls(name, address, prefix_length, mtu):
         fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sh22x", raw_name, flags | IFF_UP))
 
 
+def help_formatter(formatter_class):
+    """argparse's formatter_class, as wide as the terminal: argparse would ask shutil, whose
+    import pulls in bz2 and lzma (0.4 MB of a board's RSS, for a daemon that prints no help)."""
+    def sized(prog):
+        try:
+            columns = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.__stdout__.fileno()).columns)
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+        return formatter_class(prog, width=max(columns, 40) - 2)
+    return sized
+
+def find_program(name):
+    """The path of the program name on PATH, or None: shutil.which without shutil, whose
+    import pulls in bz2 and lzma (0.3 MB of a board's RSS, for one lookup)."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or os.curdir, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
 def configure_with_ip(name, address, prefix_length, mtu):
-    import shutil
     import subprocess
-    ip = shutil.which("ip") or "/sbin/ip"
+    ip = find_program("ip") or "/sbin/ip"
     commands = (
         [ip, "addr", "flush", "dev", name],
         [ip, "addr", "add", "%s/%d" % (address, prefix_length), "dev", name],
@@ -3653,9 +3668,8 @@ def set_ipv6_addresses(name, wanted, log):
         return
     except OSError as error:
         log.debug("IPv6 address ioctls failed (%s); trying ip" % describe_error(error))
-    import shutil
     import subprocess
-    ip = shutil.which("ip") or "/sbin/ip"
+    ip = find_program("ip") or "/sbin/ip"
     for request, address, length in changes:
         verb = ["del"] if request == SIOCDIFADDR else ["add"]
         command = [ip, "-6", "addr"] + verb + ["%s/%d" % (socket.inet_ntop(socket.AF_INET6, address), length),
@@ -4056,7 +4070,8 @@ def load_client_config(args):
 # ==== CLI ====
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    plain = help_formatter(argparse.HelpFormatter)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=plain)
     common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="INI file with a [client] section")
     common.add_argument("--server", metavar="HOST[:PORT]", default=argparse.SUPPRESS,
@@ -4078,7 +4093,7 @@ def build_parser():
                         help="the TUN client's control socket (default %s)" % DEFAULT_CONTROL_SOCKET)
     parser = argparse.ArgumentParser(
         prog="mnedc_client.py", description=__doc__, parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=help_formatter(argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--interface", metavar="NAME", help="TUN interface name (default %s)" % DEFAULT_INTERFACE)
     parser.add_argument("--check", action="store_true",
                         help="check that this Python and the configuration can run the client "
@@ -4086,7 +4101,7 @@ def build_parser():
                              "module (with the package to install), 2 a bad configuration")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     listen = commands.add_parser(
-        "listen", parents=[common], help="offer a virtual port (stream mode, no root)",
+        "listen", parents=[common], formatter_class=plain, help="offer a virtual port (stream mode, no root)",
         description="Offer virtual PORT of this device. Each stream that arrives is joined to "
                     "127.0.0.1:TCPPORT (--forward), or, without --forward, one stream is joined "
                     "to stdin/stdout.")
@@ -4096,7 +4111,7 @@ def build_parser():
                         help="register NAME so peers can find this port")
     listen.add_argument("port", metavar="PORT", type=port_number, help="the virtual port to offer")
     connect = commands.add_parser(
-        "connect", parents=[common], help="reach a peer's virtual port (stream mode, no root)",
+        "connect", parents=[common], formatter_class=plain, help="reach a peer's virtual port (stream mode, no root)",
         description="Reach PORT of PEER (a virtual IP, a device_id, or a service NAME; PORT may be "
                     "omitted for a service). With --forward, each connection to 127.0.0.1:TCPPORT "
                     "becomes a stream; without, one stream is joined to stdin/stdout, e.g. "
@@ -4107,13 +4122,13 @@ def build_parser():
                          help="virtual IP, device_id or service name; DEVICE/SERVICE takes that service only "
                               "if it is that device's")
     connect.add_argument("port", metavar="PORT", type=port_number, nargs="?", default=0, help="the peer's virtual port")
-    services = commands.add_parser("services", parents=[common], help="list devices and named services")
+    services = commands.add_parser("services", parents=[common], formatter_class=plain, help="list devices and named services")
     services.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser("hosts", parents=[common], help="print /etc/hosts lines for every device (ID.DOMAIN)",
+    commands.add_parser("hosts", parents=[common], formatter_class=plain, help="print /etc/hosts lines for every device (ID.DOMAIN)",
                         description="Print one /etc/hosts line per device with a virtual address: "
                                     "ADDRESS DEVICE_ID.DOMAIN DEVICE_ID, from the relay's listing. "
                                     "For scripts, and for hosts whose resolver cannot ask the relay.")
-    status = commands.add_parser("status", parents=[common], help="show the running TUN client's state")
+    status = commands.add_parser("status", parents=[common], formatter_class=plain, help="show the running TUN client's state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -3850,8 +3850,8 @@ class RelayServer:
 # ==== BEGIN MNEDC RUNTIME ====
 # The log, the event loop and the TUN glue. Byte-identical in both scripts, like the wire
 # protocol block, because each script is copied alone onto a board. Modules that only some runs
-# need (json, syslog, traceback, subprocess, shutil) are imported where they are used: each costs
-# a board 0.3 to 2.6 MB of RSS.
+# need (json, syslog, traceback, subprocess) are imported where they are used: each costs
+# a board 0.3 to 2.6 MB of RSS. Not shutil at all: find_program does its which().
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITIES = {"debug": "LOG_DEBUG", "info": "LOG_INFO", "warning": "LOG_WARNING", "error": "LOG_ERR"}
@@ -4317,7 +4317,7 @@ def control_request(path, request, timeout_s=CONTROL_TIMEOUT_S):
 # --check: what the daemon will import, checked before install.sh starts it. OpenWrt splits
 # these out of python3-light (../shared/PLATFORMS.md); Debian's python3-minimal lacks several,
 # which its python3 package brings.
-RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "shutil", "threading")
+RUN_MODULES = ("json", "syslog", "traceback", "subprocess", "threading")
 OPKG_PACKAGES = {"ssl": "python3-openssl", "logging": "python3-logging", "unicodedata": "python3-codecs"}
 
 
@@ -4631,10 +4631,29 @@ def configure_with_ioctls(name, address, prefix_length, mtu):
         fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sh22x", raw_name, flags | IFF_UP))
 
 
+def help_formatter(formatter_class):
+    """argparse's formatter_class, as wide as the terminal: argparse would ask shutil, whose
+    import pulls in bz2 and lzma (0.4 MB of a board's RSS, for a daemon that prints no help)."""
+    def sized(prog):
+        try:
+            columns = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.__stdout__.fileno()).columns)
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+        return formatter_class(prog, width=max(columns, 40) - 2)
+    return sized
+
+def find_program(name):
+    """The path of the program name on PATH, or None: shutil.which without shutil, whose
+    import pulls in bz2 and lzma (0.3 MB of a board's RSS, for one lookup)."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or os.curdir, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
 def configure_with_ip(name, address, prefix_length, mtu):
-    import shutil
     import subprocess
-    ip = shutil.which("ip") or "/sbin/ip"
+    ip = find_program("ip") or "/sbin/ip"
     commands = (
         [ip, "addr", "flush", "dev", name],
         [ip, "addr", "add", "%s/%d" % (address, prefix_length), "dev", name],
@@ -4689,9 +4708,8 @@ def set_ipv6_addresses(name, wanted, log):
         return
     except OSError as error:
         log.debug("IPv6 address ioctls failed (%s); trying ip" % describe_error(error))
-    import shutil
     import subprocess
-    ip = shutil.which("ip") or "/sbin/ip"
+    ip = find_program("ip") or "/sbin/ip"
     for request, address, length in changes:
         verb = ["del"] if request == SIOCDIFADDR else ["add"]
         command = [ip, "-6", "addr"] + verb + ["%s/%d" % (socket.inet_ntop(socket.AF_INET6, address), length),
@@ -5497,14 +5515,15 @@ def reachable_address(listen_host):
 # ==== CLI ====
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    plain = help_formatter(argparse.HelpFormatter)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=plain)
     common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="INI file with a [server] section")
     common.add_argument("--control", metavar="SOCKET", default=argparse.SUPPRESS,
                         help="the control socket (default %s)" % DEFAULT_CONTROL_SOCKET)
     parser = argparse.ArgumentParser(
         prog="mnedc_server.py", description=__doc__, parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=help_formatter(argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--listen", metavar="HOST:PORT", help="accept clients here (default %s)" % DEFAULT_LISTEN)
     parser.add_argument("--subnet", metavar="CIDR", help="virtual network (default %s)" % DEFAULT_SUBNET)
     parser.add_argument("--no-tun", action="store_true", help="do not join the network as .1 through TUN")
@@ -5520,14 +5539,14 @@ def build_parser():
                              "(modules, config, listen address, state_dir), then exit: 0 ok, 1 a "
                              "missing module (with the package to install), 2 a bad configuration")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = commands.add_parser("status", parents=[common], help="show the running server's devices and counters")
+    status = commands.add_parser("status", parents=[common], formatter_class=plain, help="show the running server's devices and counters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    kick = commands.add_parser("kick", parents=[common], help="disconnect a device (it may rejoin)")
+    kick = commands.add_parser("kick", parents=[common], formatter_class=plain, help="disconnect a device (it may rejoin)")
     kick.add_argument("device_id", metavar="DEVICE_ID")
-    forget = commands.add_parser("forget", parents=[common],
+    forget = commands.add_parser("forget", parents=[common], formatter_class=plain,
                                  help="free an offline device's lease, address and service names")
     forget.add_argument("device_id", metavar="DEVICE_ID")
-    forget_name = commands.add_parser("forget-name", parents=[common],
+    forget_name = commands.add_parser("forget-name", parents=[common], formatter_class=plain,
                                       help="free a service name for the next device that offers it")
     forget_name.add_argument("name", metavar="NAME")
     return parser

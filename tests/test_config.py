@@ -145,3 +145,40 @@ def test_check_of_a_relative_state_dir_ends(tmp_path):
     config.write_text("[server]\nstate_dir = %s\n" % (tmp_path / "file-state"))
     result = run(SERVER, "-c", str(config), "--check")
     assert result.returncode == 2 and "not a directory" in result.stderr
+
+
+# ---- no shutil in a running script: argparse and which() cost a board 0.4 MB (issue #13) -------
+
+@pytest.mark.parametrize("script", [SERVER, CLIENT])
+def test_help_wraps_to_the_terminal_without_importing_shutil(script):
+    """-X importtime lists every module the real process imported, so a later use of shutil
+    (or argparse's own width lookup, which imports it) shows here. -S: without site, since a
+    .pth file in some interpreters' site-packages imports shutil before the script runs."""
+    env = dict(os.environ, COLUMNS="60")
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", script, "--help"], capture_output=True,
+                            text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert "argparse" in imported and not [name for name in imported if name in ("shutil", "bz2", "lzma")]
+    options = result.stdout[result.stdout.index("options:" if "options:" in result.stdout else "arguments:"):]
+    assert 40 < max(len(line) for line in options.splitlines()) <= 58, result.stdout
+    wide = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, COLUMNS="150"))
+    wide_options = wide.stdout[wide.stdout.index("options:" if "options:" in wide.stdout else "arguments:"):]
+    assert max(len(line) for line in wide_options.splitlines()) > 60
+
+
+@pytest.mark.parametrize("module", [mnedc_server, mnedc_client])
+def test_find_program_takes_the_first_executable_file_on_path(tmp_path, monkeypatch, module):
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    for directory in (first, second, third):
+        directory.mkdir()
+    (first / "tool").mkdir()                               # a directory is not a program
+    (second / "tool").write_text("#!/bin/sh\n")             # nor a file without the x bit
+    (third / "tool").write_text("#!/bin/sh\n")
+    (third / "tool").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in (first, second, third)))
+    assert module.find_program("tool") == str(third / "tool")
+    assert module.find_program("absent-tool") is None
+    (second / "tool").chmod(0o755)
+    assert module.find_program("tool") == str(second / "tool")
