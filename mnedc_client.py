@@ -128,9 +128,9 @@ DEFAULT_DNSMASQ_SERVERS = "/etc/mnedc/dnsmasq.servers"   # a dnsmasq --servers-f
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
 # Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
 # at a random moment within it, so that a restart brings no storm of reconnects.
-# ROUTES (relay -> TUN member, after WELCOME and whenever the operator changes them): the
-# networks the operator granted to gateways (devices with a LAN behind them), each flagged when
-# this device is its gateway; the member sends those it is not the gateway for into the tunnel.
+# ROUTES (relay -> TUN member, after every WELCOME, an empty one too, and whenever the operator
+# changes them): the networks granted to gateways (devices with a LAN behind them), each flagged
+# when this device is its gateway; the member sends those it is not the gateway for into the tunnel.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #

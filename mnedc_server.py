@@ -167,9 +167,9 @@ MAX_DNS_MESSAGE_BYTES = 512     # a query larger than this is no question for us
 # IFF_VNET_HDR and TSO hands it over; a TUN without offload finishes it (finished_packet).
 # Before a planned restart the server sends RESTARTING (a window in seconds): clients come back
 # at a random moment within it, so that a restart brings no storm of reconnects.
-# ROUTES (relay -> TUN member, after WELCOME and whenever the operator changes them): the
-# networks the operator granted to gateways (devices with a LAN behind them), each flagged when
-# this device is its gateway; the member sends those it is not the gateway for into the tunnel.
+# ROUTES (relay -> TUN member, after every WELCOME, an empty one too, and whenever the operator
+# changes them): the networks granted to gateways (devices with a LAN behind them), each flagged
+# when this device is its gateway; the member sends those it is not the gateway for into the tunnel.
 # HELLO's flags say what the session is for: a TUN member (0) or a stream session (HELLO_STREAMS),
 # which never takes over the device's address, so one device may run many of them.
 #
@@ -2491,7 +2491,7 @@ class ClientConnection(FrameTransport):
         self.send_frame(FRAME_WELCOME, encode_welcome(
             (self.key, self.client_nonce, self.server_nonce), self.address, self.server.leases.prefix_length, self.server.leases.server_address,
             self.server.config.max_frame_bytes, self.server.ipv6_prefix))
-        if not self.streams_session and self.server.config.routes:
+        if not self.streams_session:        # none too: a relay restarted without its grants says so
             self.send_frame(FRAME_ROUTES, encode_routes(self.server.routes_for(self.device_id)))
 
     def on_packet(self, frame_type, payload):

@@ -187,3 +187,35 @@ def test_a_gateway_without_forwarding_says_what_to_turn_on(net):
                                       r"\(sysctl -w net\.ipv4\.ip_forward=1\)", timeout=15)
     finally:
         net.topo.run("a", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+
+def test_a_relay_restarted_without_its_grants_takes_the_routes_out_of_every_member(net):
+    """Grants live in the relay's configuration: an operator's edit or a reinstall can bring the
+    relay back with none, and every member hears so at its rejoin (an empty ROUTES), so no LAN
+    stays routed into a tunnel that no longer leads to it."""
+    marks = {name: len(net.clients[name].lines()) for name in ("a", "c")}
+    net.server.stop()
+    try:
+        net.start_server(options={"route " + LAN: "device-a", "restart_window": 1})
+        net.clients["c"].wait_for(r"routing 198\.51\.100\.128/26 into mnedc0", timeout=30, start=marks["c"])
+        net.clients["a"].wait_for(r"this device is the gateway for 198\.51\.100\.128/26$", timeout=30, start=marks["a"])
+        assert net.topo.ping("c", LAN_HOST, count=2)
+        marks = {name: len(net.clients[name].lines()) for name in ("a", "c")}
+        net.server.stop()
+        net.start_server(options={"restart_window": 1})         # back without the grant
+        for name in ("a", "c"):
+            net.clients[name].wait_for(r"connected to relay", timeout=15, start=marks[name])
+        for _ in range(50):
+            if not net.topo.run("c", ["ip", "route", "show", LAN]).stdout.strip():
+                break
+            time.sleep(0.1)
+        assert net.topo.run("c", ["ip", "route", "show", LAN]).stdout.strip() == ""
+        assert net.client_status("c")["routes"] == [] and net.client_status("a")["gateway_for"] == []
+        assert not net.topo.ping("c", LAN_HOST, count=1)
+        assert net.topo.ping("c", net.vip["a"], count=1), "the virtual network itself is untouched"
+    finally:
+        net.server.stop()
+        marks = {name: len(net.clients[name].lines()) for name in net.topo.clients}
+        net.start_server()
+        for name in net.topo.clients:
+            net.clients[name].wait_for(r"connected to relay", timeout=15, start=marks[name])

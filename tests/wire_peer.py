@@ -123,6 +123,10 @@ class WirePeer:
             raise Refused(*wire.decode_error(payload))
         assert frame_type == wire.FRAME_WELCOME
         self.address = wire.decode_welcome((key, nonce, server_nonce), payload)[0]
+        if not flags & wire.HELLO_STREAMS:      # a TUN member hears the granted routes, none too
+            frame_type, payload = self.recv_frame()
+            assert frame_type == wire.FRAME_ROUTES, wire.FRAME_NAMES.get(frame_type, frame_type)
+            self.routes = wire.decode_routes(payload)
         return self.address
 
     def send_packet(self, packet):
