@@ -405,8 +405,10 @@ def report(measurements, args):
                       fleet.median("server_cpu_percent_probed"), None))
     lines = ["# MNEDC benchmark", "",
              "%s, %d run(s) of %d s each, medians; %s. MNEDC runs as install.sh runs it: %s -m, from "
-             "bytecode (Python %s)." % (time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
-                                        "nested-NAT namespaces (tests/nettopo.py)", BOARD_PYTHON, PYTHON_VERSION),
+             "bytecode (Python %s). %d CPU(s) here, shared by every tunnel process and both iperf3 "
+             "ends, so throughput follows CPU per GB." % (
+                 time.strftime("%Y-%m-%d %H:%M"), args.runs, args.duration,
+                 "nested-NAT namespaces (tests/nettopo.py)", BOARD_PYTHON, PYTHON_VERSION, os.cpu_count() or 1),
              ""] + rows + [
         "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for name, value, target in goals:
