@@ -3602,6 +3602,7 @@ def help_formatter(formatter_class):
         return formatter_class(prog, width=max(columns, 40) - 2)
     return sized
 
+
 def find_program(name):
     """The path of the program name on PATH, or None: shutil.which without shutil, whose
     import pulls in bz2 and lzma (0.3 MB of a board's RSS, for one lookup)."""
@@ -3610,6 +3611,7 @@ def find_program(name):
         if os.access(path, os.X_OK) and not os.path.isdir(path):
             return path
     return None
+
 
 def configure_with_ip(name, address, prefix_length, mtu):
     import subprocess
